@@ -1,0 +1,37 @@
+"""Flower ClientApp: receive the global adapter, train it locally, reply with the result.
+
+Thin glue over :mod:`clients.local`: parse the message, call the local job, wrap the
+answer in records. Nothing here keeps state between messages except process caches
+(base model, tokenised partition), which are safe to lose.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.local import LocalJob
+from fedlora import protocol
+from fedlora.adapters import to_arrayrecord
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Fine-tune the received adapter on this node's data."""
+    job = LocalJob.from_message(msg, context)
+    tensors, metrics = job.train()
+    content = RecordDict(
+        {protocol.ARRAYS: to_arrayrecord(tensors), protocol.METRICS: MetricRecord(metrics)}
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global adapter on this node's held-out data."""
+    job = LocalJob.from_message(msg, context)
+    metrics = job.evaluate()
+    content = RecordDict({protocol.METRICS: MetricRecord(metrics)})
+    return Message(content, reply_to=msg)

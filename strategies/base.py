@@ -1,0 +1,596 @@
+"""The public strategy API: :class:`LoraStrategy` and the data it works on.
+
+A strategy plugin subclasses :class:`LoraStrategy` and implements one method,
+:meth:`LoraStrategy.aggregate`, a pure function of the decoded client updates. The
+Flower hooks (``configure_train``, ``aggregate_train``, ...) are written once here:
+they sample nodes with a seeded generator, build one message per node, decode and
+validate every reply (a bad reply is dropped with a logged reason and the round goes
+on with the rest), call ``aggregate``, check its output, and measure the relative
+aggregation error
+
+    e = ||sum_k p_k s_k B_k A_k - s B A||_F / ||sum_k p_k s_k B_k A_k||_F
+
+every round (ALGORITHMS.md). Optional hooks let a strategy send per-node payloads and
+instructions, tell clients to freeze or re-initialise factors, and checkpoint state.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any, ClassVar
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from fedlora import protocol
+from fedlora.adapters import (
+    AdapterError,
+    AdapterState,
+    LoraFactors,
+    from_arrayrecord,
+    resize_rank,
+    state_from_dict,
+    to_arrayrecord,
+)
+from fedlora.delta import LowRankTerm, relative_error
+from fedlora.model import LoraSpec
+
+__all__ = [
+    "AdapterError",
+    "AdapterState",
+    "ClientPlan",
+    "ClientUpdate",
+    "LoraFactors",
+    "LoraSpec",
+    "LoraStrategy",
+    "NodeOutcome",
+    "RoundReport",
+    "StrategyOptions",
+    "aggregation_error",
+    "resize_rank",
+    "weighted_average",
+]
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """Settings every strategy receives; strategy-specific ones go in ``extra``.
+
+    Parameters
+    ----------
+    lora : LoraSpec
+        Rank, alpha, target modules and scaling rule of the global adapter.
+    clients_per_round : int (default: 3)
+        Nodes sampled for training each round.
+    min_replies : int (default: 2)
+        Fewest valid replies a round needs; below it the round is skipped and the
+        global adapter is left unchanged.
+    weighting : str (default: "num-examples")
+        ``"num-examples"`` for p_k = n_k / sum n_j, ``"uniform"`` for p_k = 1/K.
+    seed : int (default: 0)
+        Seeds node sampling and anything random the strategy does.
+    fraction_evaluate : float (default: 0.0)
+        Fraction of nodes asked to evaluate the global adapter each round.
+    node_wait_timeout : float (default: 900.0)
+        Seconds to wait for ``clients_per_round`` nodes to connect before sampling
+        from those that are there.
+    extra : Mapping[str, Any]
+        Strategy-specific settings (from the run config).
+
+    """
+
+    lora: LoraSpec
+    clients_per_round: int = 3
+    min_replies: int = 2
+    weighting: str = "num-examples"
+    seed: int = 0
+    fraction_evaluate: float = 0.0
+    node_wait_timeout: float = 900.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """What one node is asked to do this round (sent in its ConfigRecord).
+
+    ``freeze_a`` keeps lora_A fixed during local training; ``reinit`` makes the client
+    start a fresh adapter (A from ``init_seed``, B = 0) instead of loading the payload.
+    ``config`` carries any further strategy-specific instructions.
+    """
+
+    rank: int
+    freeze_a: bool = False
+    reinit: bool = False
+    init_seed: int = 0
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One node's decoded, validated reply: its trained adapter at its own rank.
+
+    ``state.scaling`` is the node's s_k (alpha / r_k), set by the server from the rank,
+    never trusted from the reply.
+    """
+
+    node_id: int
+    num_examples: int
+    state: AdapterState
+    metrics: Mapping[str, float]
+    plan: ClientPlan
+
+
+@dataclass(frozen=True)
+class NodeOutcome:
+    """What happened to one node in one round (for the results)."""
+
+    node_id: int
+    status: str  # "ok", "dropped" (bad reply), "error" (node failed), "missing" (no reply)
+    reason: str = ""
+    num_examples: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RoundReport:
+    """Everything the server records about one training round."""
+
+    server_round: int
+    sampled: list[int] = field(default_factory=list)
+    outcomes: list[NodeOutcome] = field(default_factory=list)
+    skipped: bool = False
+    skip_reason: str = ""
+    strategy_error: str = ""
+    aggregation_error: float = float("nan")
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def num_ok(self) -> int:
+        """Number of replies that were aggregated."""
+        return sum(o.status == "ok" for o in self.outcomes)
+
+    @property
+    def bytes_up(self) -> int:
+        """Payload bytes received from the nodes."""
+        return sum(o.bytes_up for o in self.outcomes)
+
+    @property
+    def bytes_down(self) -> int:
+        """Payload bytes sent to the nodes."""
+        return sum(o.bytes_down for o in self.outcomes)
+
+
+def weighted_average(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """sum_k w_k x_k in float64, returned as float32."""
+    out = np.zeros_like(arrays[0], dtype=np.float64)
+    for x, w in zip(arrays, weights, strict=True):
+        out += float(w) * np.asarray(x, dtype=np.float64)
+    return out.astype(np.float32)
+
+
+def aggregation_error(
+    updates: Sequence[ClientUpdate], weights: Sequence[float], state: AdapterState
+) -> float:
+    """Relative error of ``state`` against the exact average of the clients' products."""
+    modules = sorted(state.factors)
+    target: list[list[LowRankTerm]] = []
+    approx: list[list[LowRankTerm]] = []
+    for m in modules:
+        target.append(
+            [
+                (float(w) * u.state.scaling, u.state.factors[m].b, u.state.factors[m].a)
+                for u, w in zip(updates, weights, strict=True)
+            ]
+        )
+        approx.append([(state.scaling, state.factors[m].b, state.factors[m].a)])
+    return relative_error(target, approx)
+
+
+class LoraStrategy(Strategy):
+    """Base class of every fedlora strategy (built-in or plugin).
+
+    Subclasses set ``name`` and ``description`` and implement :meth:`aggregate`.
+    Class attributes declare what the conformance kit and the docs may claim:
+    ``exact`` (aggregation error is zero up to float error) and
+    ``heterogeneous_ranks`` (clients may train at different ranks).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    exact: ClassVar[bool] = False
+    heterogeneous_ranks: ClassVar[bool] = False
+
+    def __init__(self, options: StrategyOptions) -> None:
+        self.options = options
+        self._rng = np.random.default_rng(options.seed)
+        self._plans: dict[int, ClientPlan] = {}
+        self._sent_bytes: dict[int, int] = {}
+        self._current: AdapterState | None = None
+        self._round_started = 0.0
+        self.last_report: RoundReport | None = None
+        self.excluded_nodes: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ #
+    # The one required method                                            #
+    # ------------------------------------------------------------------ #
+    @abstractmethod
+    def aggregate(
+        self,
+        server_round: int,
+        updates: Sequence[ClientUpdate],
+        weights: np.ndarray,
+        current: AdapterState,
+    ) -> AdapterState:
+        """Combine the clients' adapters into the next global adapter.
+
+        ``weights`` are the p_k (non-negative, summing to 1). ``current`` is the global
+        adapter the clients started from. Must not modify its inputs. The result must
+        adapt the same modules as ``current``.
+        """
+
+    # ------------------------------------------------------------------ #
+    # Optional hooks                                                     #
+    # ------------------------------------------------------------------ #
+    def initial_state(self, state: AdapterState) -> AdapterState:
+        """Adjust the freshly initialised global adapter before round 1 (default: as is)."""
+        return state
+
+    def client_plan(self, server_round: int, node_id: int) -> ClientPlan:
+        """Instructions for ``node_id`` this round (default: train A and B at the run's rank)."""
+        return ClientPlan(rank=self.options.lora.rank, init_seed=self.options.seed)
+
+    def payload(
+        self, server_round: int, node_id: int, plan: ClientPlan, current: AdapterState
+    ) -> dict[str, np.ndarray]:
+        """Tensors sent to ``node_id`` (default: the global adapter resized to its rank)."""
+        factors = {m: resize_rank(f, plan.rank) for m, f in current.factors.items()}
+        return AdapterState(factors, current.dense, current.scaling).to_state_dict()
+
+    def decode_update(
+        self, server_round: int, plan: ClientPlan, tensors: Mapping[str, np.ndarray]
+    ) -> AdapterState:
+        """Turn a reply's tensors into the node's full adapter (default: as sent).
+
+        A strategy that does not ship some tensors (FFA-LoRA's frozen A) rebuilds them
+        here. Scaling is the node's own s_k.
+        """
+        return state_from_dict(tensors, self.options.lora.with_rank(plan.rank).scaling)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Strategy state to checkpoint (JSON-serialisable values or numpy arrays)."""
+        return {"rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if "rng" in state:
+            self._rng.bit_generator.state = state["rng"]
+
+    def extra_round_metrics(
+        self,
+        updates: Sequence[ClientUpdate],
+        weights: np.ndarray,
+        current: AdapterState,
+        result: AdapterState,
+    ) -> dict[str, float]:
+        """Further per-round numbers to record (default: none)."""
+        return {}
+
+    # ------------------------------------------------------------------ #
+    # Helpers for the server                                             #
+    # ------------------------------------------------------------------ #
+    def global_state(self, arrays: ArrayRecord) -> AdapterState:
+        """Decode the global ArrayRecord (the strategy's own rank and scaling)."""
+        tensors = from_arrayrecord(arrays)
+        state = state_from_dict(tensors, 1.0)
+        return AdapterState(
+            state.factors, state.dense, self.options.lora.with_rank(state.rank).scaling
+        )
+
+    def exclude_node(self, node_id: int, reason: str) -> None:
+        """Stop sampling ``node_id`` (for example: its privacy budget is spent)."""
+        if node_id not in self.excluded_nodes:
+            log(WARNING, "Node %s excluded from sampling: %s", node_id, reason)
+        self.excluded_nodes[node_id] = reason
+
+    def sample_nodes(self, grid: Grid, count: int) -> list[int]:
+        """Sample ``count`` connected nodes with the strategy's own seeded generator.
+
+        Waits up to ``node_wait_timeout`` seconds for enough nodes to connect, then
+        samples from those present.
+        """
+        deadline = time.monotonic() + self.options.node_wait_timeout
+        while True:
+            nodes = sorted(n for n in grid.get_node_ids() if n not in self.excluded_nodes)
+            if len(nodes) >= count or time.monotonic() >= deadline:
+                break
+            log(INFO, "Waiting for nodes: %d connected, %d wanted", len(nodes), count)
+            time.sleep(1.0)
+        if not nodes:
+            return []
+        chosen = self._rng.choice(len(nodes), size=min(count, len(nodes)), replace=False)
+        return [nodes[i] for i in sorted(chosen)]
+
+    # ------------------------------------------------------------------ #
+    # Flower Strategy hooks, written once                                #
+    # ------------------------------------------------------------------ #
+    def summary(self) -> None:
+        """Log the configuration."""
+        o = self.options
+        log(INFO, "\t├──> Strategy: %s (%s)", self.name or type(self).__name__, self.description)
+        log(
+            INFO,
+            "\t│\t├── LoRA: r=%d alpha=%s targets=%s",
+            o.lora.rank,
+            o.lora.alpha,
+            ",".join(o.lora.target_modules),
+        )
+        log(
+            INFO,
+            "\t│\t├── clients per round: %d, min replies: %d",
+            o.clients_per_round,
+            o.min_replies,
+        )
+        log(INFO, "\t│\t└── weighting: %s, exact: %s", o.weighting, self.exact)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes and build one message per node with its payload and plan."""
+        self._round_started = time.monotonic()
+        current = self.global_state(arrays)
+        self._current = current
+        nodes = self.sample_nodes(grid, self.options.clients_per_round)
+        self.last_report = RoundReport(server_round=server_round, sampled=list(nodes))
+        self._plans.clear()
+        self._sent_bytes.clear()
+        messages = []
+        for node_id in nodes:
+            plan = self.client_plan(server_round, node_id)
+            record = to_arrayrecord(self.payload(server_round, node_id, plan, current))
+            node_config = ConfigRecord(dict(config))
+            node_config[protocol.SERVER_ROUND] = server_round
+            node_config[protocol.RANK] = plan.rank
+            node_config[protocol.FREEZE_A] = plan.freeze_a
+            node_config[protocol.REINIT] = plan.reinit
+            node_config[protocol.INIT_SEED] = plan.init_seed
+            for key, value in plan.config.items():
+                node_config[key] = value
+            self._plans[node_id] = plan
+            self._sent_bytes[node_id] = record.count_bytes()
+            content = RecordDict({protocol.ARRAYS: record, protocol.CONFIG: node_config})
+            messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
+        log(INFO, "configure_train: round %d, sampled nodes %s", server_round, nodes)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate replies, aggregate the valid ones, measure and report."""
+        report = self.last_report or RoundReport(server_round=server_round)
+        current = self._current
+        if current is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        updates: list[ClientUpdate] = []
+        seen: set[int] = set()
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            seen.add(node_id)
+            outcome, update = self._decode_reply(server_round, node_id, msg, current)
+            report.outcomes.append(outcome)
+            if update is not None:
+                updates.append(update)
+        for node_id in report.sampled:
+            if node_id not in seen:
+                report.outcomes.append(
+                    NodeOutcome(
+                        node_id,
+                        "missing",
+                        "no reply before the round timeout",
+                        bytes_down=self._sent_bytes.get(node_id, 0),
+                    )
+                )
+        result = self._aggregate_valid(server_round, updates, current, report)
+        report.seconds = time.monotonic() - self._round_started
+        self.last_report = report
+        metrics = MetricRecord(
+            {
+                "num-ok": report.num_ok,
+                "num-failed": len(report.outcomes) - report.num_ok,
+                "bytes-up": report.bytes_up,
+                "bytes-down": report.bytes_down,
+                **({} if report.skipped else {"aggregation-error": report.aggregation_error}),
+                **report.metrics,
+            }
+        )
+        if result is None:
+            return None, metrics
+        return to_arrayrecord(result.to_state_dict()), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Ask a fraction of the nodes to evaluate the global adapter on their own data."""
+        if self.options.fraction_evaluate <= 0.0:
+            return []
+        available = [n for n in grid.get_node_ids() if n not in self.excluded_nodes]
+        count = max(1, round(len(available) * self.options.fraction_evaluate))
+        nodes = self.sample_nodes(grid, count)
+        current = self.global_state(arrays)
+        eval_config = ConfigRecord(dict(config))
+        eval_config[protocol.SERVER_ROUND] = server_round
+        eval_config[protocol.RANK] = current.rank
+        record = RecordDict(
+            {protocol.ARRAYS: to_arrayrecord(current.to_state_dict()), protocol.CONFIG: eval_config}
+        )
+        return [Message(record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Example-weighted mean of the nodes' evaluation metrics."""
+        totals: dict[str, float] = {}
+        count = 0
+        for msg in replies:
+            if msg.has_error() or protocol.METRICS not in msg.content.metric_records:
+                reason = msg.error.reason if msg.has_error() else "no metrics in reply"
+                log(
+                    WARNING,
+                    "Evaluation reply from node %s ignored: %s",
+                    msg.metadata.src_node_id,
+                    reason,
+                )
+                continue
+            m = msg.content.metric_records[protocol.METRICS]
+            n = int(m.get(protocol.NUM_EXAMPLES, 0))
+            if n <= 0:
+                continue
+            count += n
+            for key in (protocol.EVAL_LOSS, protocol.EVAL_ACCURACY):
+                value = float(m.get(key, float("nan")))
+                if np.isfinite(value):
+                    totals[key] = totals.get(key, 0.0) + n * value
+        if count == 0:
+            return None
+        return MetricRecord({k: v / count for k, v in totals.items()} | {"num-examples": count})
+
+    # ------------------------------------------------------------------ #
+    # Internals                                                          #
+    # ------------------------------------------------------------------ #
+    def _decode_reply(
+        self, server_round: int, node_id: int, msg: Message, current: AdapterState
+    ) -> tuple[NodeOutcome, ClientUpdate | None]:
+        down = self._sent_bytes.get(node_id, 0)
+        if msg.has_error():
+            return NodeOutcome(node_id, "error", msg.error.reason, bytes_down=down), None
+        plan = self._plans.get(node_id)
+        if plan is None:
+            return NodeOutcome(node_id, "dropped", "reply from a node that was not sampled"), None
+        content = msg.content
+        up = sum(r.count_bytes() for r in content.array_records.values())
+        try:
+            if protocol.ARRAYS not in content.array_records:
+                raise AdapterError(f"reply has no '{protocol.ARRAYS}' ArrayRecord")
+            if protocol.METRICS not in content.metric_records:
+                raise AdapterError(f"reply has no '{protocol.METRICS}' MetricRecord")
+            metrics = {
+                k: float(v)
+                for k, v in content.metric_records[protocol.METRICS].items()
+                if isinstance(v, int | float)
+            }
+            if protocol.NUM_EXAMPLES not in metrics:
+                raise AdapterError(f"reply metrics lack '{protocol.NUM_EXAMPLES}'")
+            n = metrics[protocol.NUM_EXAMPLES]
+            if not np.isfinite(n) or n < 0:
+                raise AdapterError(f"'{protocol.NUM_EXAMPLES}' is {n}")
+            tensors = from_arrayrecord(content.array_records[protocol.ARRAYS])
+            state = self.decode_update(server_round, plan, tensors)
+            _check_against(state, current, plan.rank)
+            state.check_finite()
+        except (AdapterError, ValueError, KeyError, TypeError) as err:
+            log(WARNING, "Round %d: reply from node %s dropped: %s", server_round, node_id, err)
+            return NodeOutcome(node_id, "dropped", str(err), bytes_down=down, bytes_up=up), None
+        outcome = NodeOutcome(node_id, "ok", "", int(n), down, up, metrics)
+        return outcome, ClientUpdate(node_id, int(n), state, metrics, plan)
+
+    def _weights(self, updates: Sequence[ClientUpdate]) -> np.ndarray | None:
+        if self.options.weighting == "uniform":
+            raw = np.ones(len(updates))
+        else:
+            raw = np.array([u.num_examples for u in updates], dtype=np.float64)
+        total = raw.sum()
+        return None if total <= 0 else raw / total
+
+    def _aggregate_valid(
+        self,
+        server_round: int,
+        updates: list[ClientUpdate],
+        current: AdapterState,
+        report: RoundReport,
+    ) -> AdapterState | None:
+        weights = self._weights(updates) if updates else None
+        if len(updates) < self.options.min_replies or weights is None:
+            report.skipped = True
+            report.skip_reason = (
+                f"{len(updates)} valid replies, fewer than min-replies={self.options.min_replies}"
+                if weights is not None or not updates
+                else "all valid replies carry zero examples"
+            )
+            log(
+                WARNING,
+                "Round %d skipped: %s; global adapter unchanged",
+                server_round,
+                report.skip_reason,
+            )
+            return None
+        try:
+            result = self.aggregate(server_round, updates, weights, current)
+            _check_against(result, current, None)
+            result.check_finite()
+        except Exception as err:  # a plugin's bug must not corrupt the global adapter
+            name = self.name or type(self).__name__
+            report.skipped = True
+            report.strategy_error = f"{type(err).__name__}: {err}"
+            report.skip_reason = f"strategy '{name}' failed: {report.strategy_error}"
+            log(WARNING, "Round %d: %s; global adapter unchanged", server_round, report.skip_reason)
+            return None
+        report.aggregation_error = aggregation_error(updates, weights, result)
+        report.metrics.update(_weighted_client_metrics(updates, weights))
+        report.metrics.update(self.extra_round_metrics(updates, weights, current, result))
+        log(
+            INFO,
+            "Round %d aggregated %d replies, aggregation error %.3e",
+            server_round,
+            len(updates),
+            report.aggregation_error,
+        )
+        return result
+
+
+def _weighted_client_metrics(updates: Sequence[ClientUpdate], weights: np.ndarray) -> dict:
+    out: dict[str, float] = {}
+    for key in (protocol.TRAIN_LOSS, protocol.TRAIN_LOSS_FIRST):
+        values = [(w, u.metrics.get(key)) for u, w in zip(updates, weights, strict=True)]
+        if all(v is not None and np.isfinite(v) for _, v in values):
+            out[key] = float(sum(w * v for w, v in values))
+    seconds = [u.metrics.get(protocol.TRAIN_SECONDS, 0.0) for u in updates]
+    out["max-train-seconds"] = float(max(seconds))
+    return out
+
+
+def _check_against(state: AdapterState, reference: AdapterState, rank: int | None) -> None:
+    """Same modules and dense keys as ``reference``, compatible shapes, rank as asked."""
+    if set(state.factors) != set(reference.factors):
+        missing = sorted(set(reference.factors) - set(state.factors))
+        extra = sorted(set(state.factors) - set(reference.factors))
+        raise AdapterError(f"LoRA modules differ: missing {missing[:2]}, unexpected {extra[:2]}")
+    if set(state.dense) != set(reference.dense):
+        raise AdapterError(
+            f"dense tensors differ: expected {sorted(reference.dense)[:3]}, got "
+            f"{sorted(state.dense)[:3]}"
+        )
+    for module, ref in reference.factors.items():
+        got = state.factors[module]
+        if rank is not None and got.rank != rank:
+            raise AdapterError(
+                f"module '{module}' has rank {got.rank}, the node was asked for {rank}"
+            )
+        if got.a.shape[1] != ref.a.shape[1] or got.b.shape[0] != ref.b.shape[0]:
+            raise AdapterError(
+                f"module '{module}': lora_A {got.a.shape} / lora_B {got.b.shape} do not fit "
+                f"the model ({ref.b.shape[0]} x {ref.a.shape[1]})"
+            )
+    for key, ref_value in reference.dense.items():
+        if state.dense[key].shape != ref_value.shape:
+            raise AdapterError(
+                f"tensor '{key}' has shape {state.dense[key].shape}, expected {ref_value.shape}"
+            )

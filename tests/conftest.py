@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny random BERT on disk, message builders, Flower env isolation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+
+from tests.helpers import make_tiny_bert
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 BERT classifier (20 labels) saved as a local model folder."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Flower needs a task identity before a Message can be built outside a runtime."""
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 0

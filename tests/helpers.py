@@ -1,0 +1,108 @@
+"""Shared builders for tests: a tiny random BERT saved as a local model folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from fedlora.model import EMBEDDED_PACKAGE, package_dir
+
+TOKENIZER_FILES = (
+    "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def make_tiny_bert(folder: Path, num_labels: int = 20, seed: int = 0) -> Path:
+    """A 2-layer, hidden-32 BERT with the embedded model's tokenizer, saved to ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    source = package_dir(EMBEDDED_PACKAGE) / "model"
+    for name in TOKENIZER_FILES:
+        shutil.copy(source / name, folder / name)
+    return folder
+
+
+# --------------------------------------------------------------------------- #
+# Random adapters and replies for strategy tests                               #
+# --------------------------------------------------------------------------- #
+import numpy as np  # noqa: E402
+from flwr.app import (  # noqa: E402
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from fedlora import protocol  # noqa: E402
+from fedlora.adapters import AdapterState, LoraFactors, to_arrayrecord  # noqa: E402
+
+MODULES = {"m.q": (6, 5), "m.v": (4, 7)}  # module -> (d_out, d_in)
+HEAD = {"m.head.weight": (3, 4)}
+
+
+def random_state(rng: np.random.Generator, rank: int, scaling: float = 2.0) -> AdapterState:
+    """A random adapter over MODULES/HEAD at ``rank``."""
+    factors = {
+        m: LoraFactors(
+            a=rng.standard_normal((rank, d_in)).astype(np.float32),
+            b=rng.standard_normal((d_out, rank)).astype(np.float32),
+        )
+        for m, (d_out, d_in) in MODULES.items()
+    }
+    dense = {k: rng.standard_normal(s).astype(np.float32) for k, s in HEAD.items()}
+    return AdapterState(factors, dense, scaling)
+
+
+class FakeGrid:
+    """Only the node listing of a Grid, for calling configure_train in unit tests."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
+def reply(instruction: Message, tensors: dict, num_examples: float, **metrics: float) -> Message:
+    """A client's train reply to ``instruction``."""
+    content = RecordDict(
+        {
+            protocol.ARRAYS: to_arrayrecord(tensors),
+            protocol.METRICS: MetricRecord(
+                {protocol.NUM_EXAMPLES: num_examples, protocol.TRAIN_LOSS: 1.0, **metrics}
+            ),
+        }
+    )
+    return Message(content, reply_to=instruction)
+
+
+def error_reply(instruction: Message, reason: str) -> Message:
+    """A failed node's error reply."""
+    return Message(Error(code=1, reason=reason), reply_to=instruction)
+
+
+def instruction(node_id: int) -> Message:
+    """A bare train instruction to ``node_id`` (for replies built without a strategy)."""
+    return Message(
+        RecordDict({protocol.CONFIG: ConfigRecord()}),
+        dst_node_id=node_id,
+        message_type=MessageType.TRAIN,
+    )

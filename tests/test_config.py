@@ -1,0 +1,117 @@
+"""Invalid configuration fails before any training, naming the key and the value."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedlora.cli import main as cli_main
+from fedlora.config import ConfigError, NodeConfig, RunConfig
+from fedlora.data import load_table, partition
+from fedlora.model import LoraSpec, build_lora_model
+from server.federation import build_strategy, check_partitions
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_pyproject_defaults_match_runconfig():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == RunConfig().to_mapping()
+
+
+def test_round_trip_through_mapping():
+    cfg = RunConfig.from_mapping({"lora-rank": 16, "lr": "0.01", "use-rslora": "true"})
+    assert (cfg.lora_rank, cfg.lr, cfg.use_rslora) == (16, 0.01, True)
+    assert RunConfig.from_mapping(cfg.to_mapping()) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, key, value",
+    [
+        ({"lora-rank": 0}, "lora-rank", "0"),
+        ({"lora-rank": -3}, "lora-rank", "-3"),
+        ({"lr": 0.0}, "lr", "0.0"),
+        ({"lr": -1e-3}, "lr", "-0.001"),
+        ({"dirichlet-alpha": 0}, "dirichlet-alpha", "0"),
+        ({"dirichlet-alpha": -0.5}, "dirichlet-alpha", "-0.5"),
+        ({"num-server-rounds": 0}, "num-server-rounds", "0"),
+        ({"partitioner": "random"}, "partitioner", "'random'"),
+        ({"min-replies": 5, "clients-per-round": 3}, "min-replies", "5"),
+        ({"dataset": "/no/such/file.csv"}, "dataset", "'/no/such/file.csv'"),
+        ({"lora-rank": "eight"}, "lora-rank", "'eight'"),
+        ({"lora-rank": 2.5}, "lora-rank", "2.5"),
+        ({"partitioner": "natural"}, "partition-column", "''"),
+    ],
+)
+def test_bad_values_name_key_and_value(overrides, key, value):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_mapping(overrides)
+    assert f"'{key}'" in str(info.value) and value in str(info.value)
+
+
+def test_unknown_key_lists_known_keys():
+    with pytest.raises(ConfigError, match="Unknown run-config key 'lora-rnak'.*lora-rank"):
+        RunConfig.from_mapping({"lora-rnak": 8})
+
+
+def test_unknown_strategy_lists_known_ones():
+    with pytest.raises(ConfigError, match="'strategy': 'fedprox' is not a known strategy.*fedavg"):
+        build_strategy(RunConfig(strategy="fedprox"))
+
+
+def test_unimportable_strategy_path_names_module():
+    with pytest.raises(ConfigError, match="cannot be imported from 'no_such_pkg.mod'"):
+        build_strategy(RunConfig(strategy="no_such_pkg.mod:Thing"))
+
+
+def test_unknown_model_names_the_value(tmp_path):
+    with pytest.raises(ConfigError, match="'model': .*no config.json"):
+        build_lora_model(str(tmp_path), 20, LoraSpec(8, 16.0, ("query",)), 0)
+
+
+def test_bad_target_modules_named(tiny_model):
+    with pytest.raises(ConfigError, match="'lora-targets': 'nonexistent'"):
+        build_lora_model(str(tiny_model), 20, LoraSpec(8, 16.0, ("nonexistent",)), 0)
+
+
+def test_more_partitions_than_examples(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(10)))
+    cfg = RunConfig(dataset=str(path), num_partitions=50, partitioner="iid")
+    with pytest.raises(ConfigError, match="'num-partitions': 50 exceeds the 8 training examples"):
+        check_partitions(cfg, load_table(cfg))
+
+
+def test_missing_column_named(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("body,label\nhello,1\n")
+    with pytest.raises(ConfigError, match="'text-column': 'text' is not a column"):
+        load_table(RunConfig(dataset=str(path)))
+
+
+def test_node_config_errors():
+    with pytest.raises(ConfigError, match="'partition-id': 5"):
+        NodeConfig.from_mapping({"partition-id": 5, "num-partitions": 2})
+    with pytest.raises(ConfigError, match="'data-path': '/missing.csv' file does not exist"):
+        NodeConfig.from_mapping({"data-path": "/missing.csv"})
+    with pytest.raises(ConfigError, match="Unknown node-config key 'partition'"):
+        NodeConfig.from_mapping({"partition": 1})
+    with pytest.raises(ConfigError, match="needs either 'partition-id'"):
+        NodeConfig.from_mapping({})
+
+
+def test_cli_reports_bad_config_before_starting_anything(capsys):
+    assert cli_main(["simulate", "-c", "lora-rank=0"]) == 2
+    assert "'lora-rank': 0 must be > 0" in capsys.readouterr().err
+
+
+def test_natural_partition_count_must_match(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label,site\n" + "".join(f"t{i},{i % 2},s{i % 3}\n" for i in range(30)))
+    cfg = RunConfig(
+        dataset=str(path), partitioner="natural", partition_column="site", num_partitions=4
+    )
+    with pytest.raises(ConfigError, match="'num-partitions': 4, but column 'site' has 3"):
+        partition(load_table(cfg).train, cfg, 0, 4)

@@ -1,0 +1,183 @@
+"""A bad client reply is dropped with a logged reason; the round goes on with the rest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedlora import protocol
+from fedlora.adapters import from_arrayrecord, to_arrayrecord
+from fedlora.model import LoraSpec
+from strategies.base import StrategyOptions
+from strategies.fedavg import FedAvg
+from tests.helpers import FakeGrid, error_reply, random_state, reply
+
+SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q", "v"))
+
+
+def _setup(min_replies=2, nodes=(11, 22, 33)):
+    rng = np.random.default_rng(0)
+    strategy = FedAvg(
+        StrategyOptions(lora=SPEC, clients_per_round=len(nodes), min_replies=min_replies)
+    )
+    current = random_state(rng, rank=4, scaling=SPEC.scaling)
+    arrays = to_arrayrecord(current.to_state_dict())
+    messages = list(strategy.configure_train(1, arrays, _config(), FakeGrid(list(nodes))))
+    assert sorted(m.metadata.dst_node_id for m in messages) == sorted(nodes)
+    return strategy, current, arrays, {m.metadata.dst_node_id: m for m in messages}, rng
+
+
+def _config():
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({protocol.RUN_CONFIG: "{}"})
+
+
+def _good(rng):
+    return random_state(rng, rank=4, scaling=SPEC.scaling).to_state_dict()
+
+
+def test_configure_train_sends_rank_and_round():
+    _strategy, current, _, messages, _ = _setup()
+    cfg = next(iter(messages.values())).content.config_records[protocol.CONFIG]
+    assert cfg[protocol.RANK] == 4 and cfg[protocol.SERVER_ROUND] == 1
+    sent = from_arrayrecord(next(iter(messages.values())).content.array_records[protocol.ARRAYS])
+    for k, v in current.to_state_dict().items():
+        np.testing.assert_array_equal(sent[k], v)
+
+
+@pytest.mark.parametrize(
+    "corrupt, reason",
+    [
+        (
+            lambda t: {k: v for k, v in t.items() if not k.endswith("lora_B.weight")},
+            "lora_A / lora_B",
+        ),
+        (
+            lambda t: {**t, "m.q.lora_A.weight": np.zeros((4, 99), np.float32)},
+            "do not fit the model",
+        ),
+        (lambda t: {**t, "m.v.lora_B.weight": np.full((4, 4), np.nan, np.float32)}, "NaN or Inf"),
+        (
+            lambda t: {
+                **t,
+                "m.q.lora_A.weight": np.zeros((3, 5), np.float32),
+                "m.q.lora_B.weight": np.zeros((6, 3), np.float32),
+            },
+            "asked for 4",
+        ),
+        (lambda t: {**t, "m.head.weight": np.zeros((2, 2), np.float32)}, "expected (3, 4)"),
+        (lambda t: {k: v for k, v in t.items() if k != "m.head.weight"}, "dense tensors differ"),
+    ],
+    ids=["missing-key", "wrong-shape", "nan", "wrong-rank", "wrong-dense-shape", "missing-dense"],
+)
+def test_bad_reply_is_dropped_and_round_aggregates_the_rest(corrupt, reason, caplog):
+    strategy, _current, _, messages, rng = _setup()
+    n1, n2, n3 = sorted(messages)
+    good1, good2 = _good(rng), _good(rng)
+    replies = [
+        reply(messages[n1], good1, 10),
+        reply(messages[n2], good2, 30),
+        reply(messages[n3], corrupt(_good(rng)), 20),
+    ]
+    arrays, _metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    report = strategy.last_report
+    bad = next(o for o in report.outcomes if o.node_id == n3)
+    assert bad.status == "dropped" and reason in bad.reason
+    assert report.num_ok == 2
+    got = from_arrayrecord(arrays)
+    want = 0.25 * good1["m.q.lora_A.weight"] + 0.75 * good2["m.q.lora_A.weight"]
+    np.testing.assert_allclose(got["m.q.lora_A.weight"], want, rtol=1e-6, atol=1e-6)
+    assert reason.split()[0] in caplog.text or "dropped" in caplog.text
+
+
+def test_missing_metrics_and_examples_are_dropped():
+    strategy, _, _, messages, rng = _setup()
+    n1, n2, n3 = sorted(messages)
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    no_metrics = Message(
+        RecordDict({protocol.ARRAYS: to_arrayrecord(_good(rng))}), reply_to=messages[n1]
+    )
+    no_examples = Message(
+        RecordDict(
+            {
+                protocol.ARRAYS: to_arrayrecord(_good(rng)),
+                protocol.METRICS: MetricRecord({"train-loss": 1.0}),
+            }
+        ),
+        reply_to=messages[n2],
+    )
+    replies = [no_metrics, no_examples, reply(messages[n3], _good(rng), 5)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is None  # 1 valid < min_replies=2
+    reasons = {o.node_id: o.reason for o in strategy.last_report.outcomes}
+    assert "MetricRecord" in reasons[n1] and protocol.NUM_EXAMPLES in reasons[n2]
+
+
+def test_too_few_valid_replies_skips_round_and_keeps_global():
+    strategy, _, _, messages, rng = _setup(min_replies=2)
+    n1, n2, n3 = sorted(messages)
+    replies = [
+        reply(messages[n1], _good(rng), 10),
+        error_reply(messages[n2], "node crashed"),
+    ]  # n3 never replies
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is None
+    report = strategy.last_report
+    assert report.skipped and "fewer than min-replies=2" in report.skip_reason
+    status = {o.node_id: (o.status, o.reason) for o in report.outcomes}
+    assert status[n2] == ("error", "node crashed")
+    assert status[n3][0] == "missing"
+    assert metrics["num-ok"] == 1
+
+
+def test_round_survives_loss_of_some_clients():
+    strategy, _, _, messages, rng = _setup(min_replies=1)
+    n1, n2, _ = sorted(messages)
+    good = _good(rng)
+    arrays, _ = strategy.aggregate_train(
+        1, [reply(messages[n1], good, 10), error_reply(messages[n2], "killed")]
+    )
+    assert arrays is not None
+    for k, v in from_arrayrecord(arrays).items():
+        np.testing.assert_allclose(v, good[k], rtol=1e-6)
+    assert strategy.last_report.aggregation_error < 1e-6
+
+
+def test_reply_from_unsampled_node_is_dropped():
+    strategy, _, _, messages, rng = _setup(nodes=(1, 2))
+    from tests.helpers import instruction
+
+    stranger = reply(instruction(999), _good(rng), 10)
+    arrays, _ = strategy.aggregate_train(
+        1, [stranger, *(reply(m, _good(rng), 5) for m in messages.values())]
+    )
+    assert arrays is not None
+    assert [o.status for o in strategy.last_report.outcomes if o.node_id == 999] == ["dropped"]
+
+
+def test_failing_strategy_keeps_global_and_reports(caplog):
+    class Broken(FedAvg):
+        name = "broken"
+
+        def aggregate(self, server_round, updates, weights, current):
+            raise RuntimeError("boom")
+
+    strategy = Broken(StrategyOptions(lora=SPEC, clients_per_round=2, min_replies=1))
+    rng = np.random.default_rng(0)
+    arrays = to_arrayrecord(random_state(rng, rank=4).to_state_dict())
+    messages = list(strategy.configure_train(1, arrays, _config(), FakeGrid([1, 2])))
+    out, _ = strategy.aggregate_train(1, [reply(m, _good(rng), 5) for m in messages])
+    assert out is None
+    assert "strategy 'broken' failed: RuntimeError: boom" in strategy.last_report.skip_reason
+
+
+def test_sampling_is_seeded_and_skips_excluded_nodes():
+    a = FedAvg(StrategyOptions(lora=SPEC, clients_per_round=3, seed=7))
+    b = FedAvg(StrategyOptions(lora=SPEC, clients_per_round=3, seed=7))
+    grid = FakeGrid(list(range(100, 120)))
+    assert a.sample_nodes(grid, 3) == b.sample_nodes(grid, 3)
+    a.exclude_node(100, "budget spent")
+    assert all(100 not in a.sample_nodes(grid, 19) for _ in range(3))
