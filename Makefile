@@ -5,7 +5,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup run test test-slow lint format baseline clean
+.PHONY: setup run test test-slow lint format baseline clean docs
 
 setup:
 	@bash scripts/setup.sh
@@ -36,3 +36,7 @@ baseline: setup
 
 clean:
 	rm -rf results .pytest_cache .ruff_cache
+
+## Regenerate docs/configuration.md from fedlora.config.RunConfig.
+docs: setup
+	$(BIN)/python -c "from fedlora.config import markdown_reference as m; open('docs/configuration.md','w').write(m())"

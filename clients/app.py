@@ -28,6 +28,13 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Describe this node (its rank and partition) to the server."""
+    job = LocalJob.from_message(msg, context)
+    return Message(RecordDict({protocol.METRICS: MetricRecord(job.node_info())}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global adapter on this node's held-out data."""

@@ -21,8 +21,18 @@ from flwr.app import Context, Message
 from peft import PeftModel
 from torch.utils.data import TensorDataset
 
+from clients.node_state import NodeStore
 from fedlora import protocol
-from fedlora.adapters import from_arrayrecord, load_into_peft, state_from_dict, state_from_peft
+from fedlora.adapters import (
+    A_SUFFIX,
+    AdapterState,
+    from_arrayrecord,
+    load_into_peft,
+    merge_into_base,
+    start_tensors,
+    state_from_dict,
+    state_from_peft,
+)
 from fedlora.config import ConfigError, NodeConfig, RunConfig
 from fedlora.data import (
     TEST_FRACTION,
@@ -32,8 +42,12 @@ from fedlora.data import (
     read_user_file,
     tokenize,
 )
-from fedlora.model import LoraSpec, build_lora_model, load_tokenizer
+from fedlora.delta import fingerprint
+from fedlora.model import LoraSpec, apply_base_delta, build_lora_model, load_tokenizer
 from fedlora.train import evaluate, make_optimizer, sampled_loader, train_steps
+
+BASE_STATE = "merged-base"
+"""Store name of the node's merged FLoRA base."""
 
 _DATA_CACHE: dict[tuple[Any, ...], tuple[TensorDataset, TensorDataset]] = {}
 
@@ -56,6 +70,11 @@ class LocalJob:
     freeze_a: bool
     reinit: bool
     init_seed: int
+    a_from_seed: bool
+    send_a: bool
+    merge_rounds: tuple[int, ...]
+    reset_base: bool
+    store: NodeStore
     label_names: tuple[str, ...]
     tensors: dict[str, np.ndarray]
 
@@ -74,6 +93,11 @@ class LocalJob:
             freeze_a=bool(config.get(protocol.FREEZE_A, False)),
             reinit=bool(config.get(protocol.REINIT, False)),
             init_seed=int(config.get(protocol.INIT_SEED, cfg.seed)),
+            a_from_seed=bool(config.get(protocol.A_FROM_SEED, False)),
+            send_a=bool(config.get(protocol.SEND_A, True)),
+            merge_rounds=tuple(int(r) for r in config.get(protocol.MERGE_ROUNDS, [])),
+            reset_base=bool(config.get("reset-base", False)),
+            store=NodeStore(context, node.state_dir),
             label_names=tuple(str(x) for x in config.get(protocol.LABEL_NAMES, [])),
             tensors={} if arrays is None else from_arrayrecord(arrays),
         )
@@ -136,13 +160,56 @@ class LocalJob:
         pid = int(n.partition_id or 0)
         return partition(table.train, c, pid, num), partition(table.test, c, pid, num)
 
-    def model(self) -> PeftModel:
+    def node_info(self) -> dict[str, float]:
+        """What this node tells the server about itself: its rank and partition."""
+        rank = self.node.lora_rank or self.cfg.rank_of_partition(self.node.partition_id)
+        pid = -1 if self.node.partition_id is None else self.node.partition_id
+        return {protocol.NODE_RANK: rank, protocol.NODE_PARTITION: pid}
+
+    def merged_base(self) -> tuple[dict[str, np.ndarray], int]:
+        """This node's merged base delta after merging the stacks it was sent (FLoRA).
+
+        Returns the delta per module and the last round merged; persisted in the node's
+        store so it survives the end of this process.
+        """
+        base, meta = self.store.load(BASE_STATE)
+        last = int(meta.get(protocol.LAST_MERGED, 0))
+        if self.reset_base:
+            base, last = {}, 0
+        changed = self.reset_base
+        for r in self.merge_rounds:
+            if r <= last:
+                continue
+            prefix = f"{protocol.MERGE_PREFIX}{r}/"
+            stack = state_from_dict(
+                {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}, 1.0
+            )
+            stack = AdapterState(stack.factors, {}, self.spec.with_rank(stack.rank).scaling)
+            base, last, changed = merge_into_base(base, stack), r, True
+        if changed:
+            self.store.save(BASE_STATE, base, {protocol.LAST_MERGED: last})
+        return base, last
+
+    def model(self, base: dict[str, np.ndarray] | None = None) -> PeftModel:
         """The LoRA model this round starts from (received adapter, or a fresh one)."""
         num_labels = len(self.label_names) if self.label_names else load_table(self.cfg).num_labels
         spec = self.spec
         model = build_lora_model(self.cfg.model, num_labels, spec, seed=self.init_seed)
-        if not self.reinit and self.tensors:
-            load_into_peft(model, state_from_dict(self.tensors, spec.scaling))
+        if base:
+            apply_base_delta(model, base)
+        fresh = state_from_peft(model, spec.scaling).to_state_dict()
+        received = {
+            k: v for k, v in self.tensors.items() if not k.startswith(protocol.MERGE_PREFIX)
+        }
+        start = start_tensors(
+            fresh,
+            received,
+            rank=self.rank,
+            reinit=self.reinit,
+            a_from_seed=self.a_from_seed,
+            init_seed=self.init_seed,
+        )
+        load_into_peft(model, state_from_dict(start, spec.scaling))
         if self.freeze_a:
             for name, param in model.named_parameters():
                 if "lora_A" in name:
@@ -155,7 +222,8 @@ class LocalJob:
         train_data, _ = self.data()
         if len(train_data) == 0:
             raise ConfigError(f"Node partition {self.node.partition_id} has no training examples")
-        model = self.model()
+        base, last_merged = self.merged_base()
+        model = self.model(base)
         optimizer = make_optimizer(model, self.cfg.lr)
         seed = self.cfg.seed * 1_000_003 + self.server_round * 1009 + self.partition_key
         loader = sampled_loader(train_data, self.cfg.batch_size, self.cfg.local_steps, seed)
@@ -170,15 +238,20 @@ class LocalJob:
                 show_progress=_progress_enabled(),
             )
         seconds = time.perf_counter() - started
-        state = state_from_peft(model, self.spec.scaling)
+        tensors = state_from_peft(model, self.spec.scaling).to_state_dict()
+        if not self.send_a:
+            tensors = {k: v for k, v in tensors.items() if not k.endswith(A_SUFFIX)}
         metrics = {
             protocol.NUM_EXAMPLES: len(train_data),
             protocol.TRAIN_LOSS: result.mean_loss,
             protocol.TRAIN_LOSS_FIRST: result.first_loss,
             protocol.TRAIN_SECONDS: seconds,
             "train-steps": result.steps,
+            protocol.LAST_MERGED: last_merged,
         }
-        return state.to_state_dict(), metrics
+        for i, value in enumerate(fingerprint(base)):
+            metrics[f"{protocol.BASE_FINGERPRINT}-{i}"] = value
+        return tensors, metrics
 
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracy of the received adapter on this node's held-out data."""

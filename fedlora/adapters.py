@@ -168,3 +168,48 @@ def module_names(states: Iterable[AdapterState]) -> list[str]:
         elif current != names:
             raise AdapterError("Adapters adapt different modules")
     return names or []
+
+
+def start_tensors(
+    fresh: Mapping[str, np.ndarray],
+    received: Mapping[str, np.ndarray],
+    *,
+    rank: int,
+    reinit: bool,
+    a_from_seed: bool,
+    init_seed: int,
+) -> dict[str, np.ndarray]:
+    """The adapter a client starts its round from (the client-side half of a ClientPlan).
+
+    ``fresh`` is the model's own initialisation. Received factors replace it unless
+    ``reinit`` (then B = 0 and A stays fresh); lora_A is the shared seeded draw when
+    ``a_from_seed``; received dense tensors (the head) always load.
+    """
+    from fedlora.seeded import seeded_a
+
+    start = {k: np.asarray(v) for k, v in fresh.items()}
+    for key, value in received.items():
+        if not key.endswith((A_SUFFIX, B_SUFFIX)) or not reinit:
+            start[key] = np.asarray(value)
+    for key, value in start.items():
+        if reinit and key.endswith(B_SUFFIX):
+            start[key] = np.zeros_like(value)
+        if a_from_seed and key.endswith(A_SUFFIX):
+            start[key] = seeded_a(key[: -len(A_SUFFIX)], rank, value.shape[1], init_seed)
+    return start
+
+
+def merge_into_base(
+    delta: Mapping[str, np.ndarray] | None, stack: AdapterState
+) -> dict[str, np.ndarray]:
+    """The base delta after merging ``stack`` (s B A per module) into ``delta``.
+
+    Server and clients both merge FLoRA stacks with this function, in round order, so
+    their merged bases agree bit for bit.
+    """
+    from fedlora.delta import merge_product
+
+    out = dict(delta or {})
+    for module, f in stack.factors.items():
+        out[module] = merge_product(out.get(module), stack.scaling, f.b, f.a)
+    return out

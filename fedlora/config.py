@@ -41,8 +41,8 @@ class RunConfig:
     strategy: str = _help(
         "Aggregation strategy: a registered name, or 'package.module:Class'.", "fedavg"
     )
-    num_server_rounds: int = _help("Number of federated rounds.", 12)
-    clients_per_round: int = _help("Nodes sampled for training each round.", 3)
+    num_server_rounds: int = _help("Number of federated rounds.", 15)
+    clients_per_round: int = _help("Nodes sampled for training each round.", 4)
     min_replies: int = _help(
         "Fewest valid replies a round needs; with fewer, the round is skipped and the "
         "global adapter is left unchanged.",
@@ -85,12 +85,19 @@ class RunConfig:
     )
     max_seq_len: int = _help("Tokens per example after truncation.", 64)
     batch_size: int = _help("Local training batch size.", 16)
-    local_steps: int = _help("Optimizer steps each client takes per round.", 30)
+    local_steps: int = _help("Optimizer steps each client takes per round.", 20)
     lr: float = _help("AdamW learning rate for LoRA factors and the head.", 3e-3)
 
     lora_rank: int = _help("LoRA rank r of every client (unless a strategy says otherwise).", 8)
     lora_alpha: float = _help(
         "LoRA alpha; the scaling is alpha / r (alpha / sqrt(r) with rsLoRA).", 16.0
+    )
+    client_ranks: str = _help(
+        "Heterogeneous ranks: comma-separated ranks given to partitions in turn (partition i "
+        "gets rank i mod len), e.g. '4,8,16'; lora-rank must be at least their maximum. A "
+        "node's own 'lora-rank' node-config key takes precedence. Empty: every client uses "
+        "lora-rank.",
+        "",
     )
     lora_targets: str = _help(
         "Comma-separated module names that receive LoRA (peft target_modules).", "query,value"
@@ -132,6 +139,13 @@ class RunConfig:
         _one_of("weighting", self.weighting, WEIGHTINGS)
         if self.partitioner == "natural" and not self.partition_column:
             _fail("partition-column", self.partition_column, "is required when partitioner=natural")
+        for rank in self.client_rank_list:
+            if not 0 < rank <= self.lora_rank:
+                _fail(
+                    "client-ranks",
+                    self.client_ranks,
+                    f"must hold ranks in [1, lora-rank={self.lora_rank}]",
+                )
         if not self.target_modules:
             _fail("lora-targets", self.lora_targets, "must name at least one module")
         if self.dataset not in BUILTIN_DATASETS and not _looks_like_hub_or_path(self.dataset):
@@ -143,6 +157,24 @@ class RunConfig:
     def target_modules(self) -> list[str]:
         """The peft ``target_modules`` list parsed from ``lora_targets``."""
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    @property
+    def client_rank_list(self) -> list[int]:
+        """``client_ranks`` parsed to integers (empty when every client uses lora-rank)."""
+        try:
+            return [int(r) for r in self.client_ranks.split(",") if r.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"Invalid value for 'client-ranks': {self.client_ranks!r} is not a "
+                "comma-separated list of integers"
+            ) from None
+
+    def rank_of_partition(self, partition_id: int | None) -> int:
+        """The rank a client of ``partition_id`` trains at under ``client_ranks``."""
+        ranks = self.client_rank_list
+        if not ranks or partition_id is None:
+            return self.lora_rank
+        return ranks[partition_id % len(ranks)]
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> RunConfig:
@@ -180,12 +212,13 @@ class NodeConfig:
     num_partitions: int | None = None
     data_path: str | None = None
     state_dir: str | None = None
+    lora_rank: int | None = None
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> NodeConfig:
         """Parse Flower's ``node_config`` (``--node-config`` in deployment)."""
         raw = dict(mapping or {})
-        allowed = {"partition-id", "num-partitions", "data-path", "state-dir"}
+        allowed = {"partition-id", "num-partitions", "data-path", "state-dir", "lora-rank"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise ConfigError(
@@ -209,7 +242,12 @@ class NodeConfig:
                 f"'data-path'; got {raw or '{}'}"
             )
         state_dir = raw.get("state-dir") or None
+        rank = raw.get("lora-rank")
+        rank = None if rank is None else _coerce("lora-rank", rank, "int")
+        if rank is not None and rank <= 0:
+            _fail("lora-rank", rank, "must be > 0")
         return cls(
+            lora_rank=rank,
             partition_id=pid,
             num_partitions=num,
             data_path=None if data_path is None else str(data_path),
@@ -269,3 +307,23 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
         raise ConfigError(
             f"Invalid value for '{key}': {value!r} is not a valid {type_name}"
         ) from None
+
+
+def markdown_reference() -> str:
+    """The run-config reference table (``docs/configuration.md``), generated from the fields."""
+    lines = [
+        "# Run configuration",
+        "",
+        "Every key, its default and what it does. Set keys with `-c key=value` on the",
+        '`fedlora` commands, or `--run-config "key=value ..."` with `flwr run`. The table is',
+        "generated from `fedlora.config.RunConfig` (`make docs`); a test keeps it in sync.",
+        "",
+        "| key | default | meaning |",
+        "|---|---|---|",
+    ]
+    for f in fields(RunConfig):
+        value = json.dumps(f.default) if isinstance(f.default, str) else repr(f.default).lower()
+        if isinstance(f.default, float | int) and not isinstance(f.default, bool):
+            value = repr(f.default)
+        lines.append(f"| `{f.name.replace('_', '-')}` | `{value}` | {f.metadata['help']} |")
+    return "\n".join(lines) + "\n"

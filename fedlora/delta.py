@@ -7,7 +7,8 @@ Gram matrices. This is how every strategy's aggregation error is measured each r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -42,3 +43,51 @@ def relative_error(
     if den <= 0.0:
         return 0.0
     return float(np.sqrt(num / den))
+
+
+def merge_product(
+    delta: np.ndarray | None, scaling: float, b: np.ndarray, a: np.ndarray
+) -> np.ndarray:
+    """Return delta + scaling * b @ a, computed in float64 and cast to float32.
+
+    Server and clients merge FLoRA stacks with this one function, in the same order, so
+    their merged bases agree bit for bit.
+    """
+    product = scaling * (np.asarray(b, np.float64) @ np.asarray(a, np.float64))
+    if delta is not None:
+        product += np.asarray(delta, np.float64)
+    return product.astype(np.float32)
+
+
+def fingerprint(delta: Mapping[str, np.ndarray], probes: int = 4) -> list[float]:
+    """A few seeded bilinear probes u^T D v summed over modules: a cheap summary of a base.
+
+    Two bases that agree give the same numbers; bases that differ almost surely do not.
+    """
+    out = np.zeros(probes, dtype=np.float64)
+    for module in sorted(delta):
+        d = np.asarray(delta[module], np.float64)
+        rng = np.random.default_rng(zlib.crc32(module.encode("utf-8")))
+        u = rng.standard_normal((probes, d.shape[0]))
+        v = rng.standard_normal((probes, d.shape[1]))
+        out += np.einsum("pi,ij,pj->p", u, d, v)
+    return [float(x) for x in out]
+
+
+def truncated_svd(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Best rank-``rank`` factors (B, A) with B @ A ~ ``delta``, and the truncation error.
+
+    The error is relative, in Frobenius norm (Eckart-Young: the discarded singular values).
+    """
+    d = np.asarray(delta, np.float64)
+    u, s, vt = np.linalg.svd(d, full_matrices=False)
+    k = min(rank, len(s))
+    root = np.sqrt(s[:k])
+    b = (u[:, :k] * root).astype(np.float32)
+    a = (root[:, None] * vt[:k]).astype(np.float32)
+    total = float(np.sum(s**2))
+    error = float(np.sqrt(np.sum(s[k:] ** 2) / total)) if total > 0 else 0.0
+    if k < rank:  # pad to the asked rank so the adapter has the configured shape
+        b = np.pad(b, ((0, 0), (0, rank - k)))
+        a = np.pad(a, ((0, rank - k), (0, 0)))
+    return b, a, error

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
@@ -141,3 +142,29 @@ def _copy_module(module: torch.nn.Module) -> torch.nn.Module:
     import copy
 
     return copy.deepcopy(module)
+
+
+def apply_base_delta(
+    model: PeftModel, delta: dict[str, np.ndarray], original: dict | None = None
+) -> dict:
+    """Set each adapted layer's base weight to W0 + delta (FLoRA's merged stacks).
+
+    ``original`` holds the W0 copies from an earlier call (pass it back to re-apply on a
+    model whose bases were already changed); the function returns it.
+    """
+    original = {} if original is None else original
+    with torch.no_grad():
+        for module, d in delta.items():
+            layer = model.get_submodule(module)
+            weight = layer.get_base_layer().weight
+            if module not in original:
+                original[module] = weight.detach().clone()
+            if tuple(weight.shape) != tuple(d.shape):
+                raise ValueError(
+                    f"Base delta for '{module}' has shape {tuple(d.shape)}, the layer "
+                    f"{tuple(weight.shape)}"
+                )
+            weight.copy_(
+                original[module] + torch.from_numpy(np.ascontiguousarray(d)).to(weight.dtype)
+            )
+    return original

@@ -23,3 +23,16 @@ TRAIN_LOSS_FIRST = "train-loss-first"
 TRAIN_SECONDS = "train-seconds"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
+A_FROM_SEED = "a-from-seed"  # lora_A is regenerated from INIT_SEED (fedlora.seeded), not sent
+SEND_A = "send-a"  # whether the reply carries lora_A
+MERGE_ROUNDS = "merge-rounds"  # FLoRA: stacks the node must merge into its base, in order
+MERGE_PREFIX = "merge/"  # payload keys of those stacks: "merge/<round>/<peft key>"
+BASE_ROUND = "base-round"  # the last round whose stack is merged into the expected base
+
+# MetricRecord keys of a node's self-description (reply to a QUERY message)
+NODE_RANK = "rank"
+NODE_PARTITION = "partition-id"
+
+# MetricRecord keys a node reports about its merged base (FLoRA)
+LAST_MERGED = "last-merged-round"
+BASE_FINGERPRINT = "base-fingerprint"

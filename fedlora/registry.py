@@ -17,6 +17,9 @@ ENTRY_POINT_GROUP = "fedlora.strategies"
 
 BUILTINS: dict[str, str] = {
     "fedavg": "strategies.fedavg:FedAvg",
+    "ffa_lora": "strategies.ffa_lora:FfaLora",
+    "flora": "strategies.flora:Flora",
+    "lora_fair": "strategies.lora_fair:LoraFair",
 }
 
 

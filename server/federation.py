@@ -8,6 +8,7 @@ PEFT-format checkpoint per round, and the summary table and plot at the end.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -46,6 +47,11 @@ def build_strategy(cfg: RunConfig, extra: dict[str, Any] | None = None) -> LoraS
         raise ConfigError(
             f"Invalid value for 'strategy': {cfg.strategy!r} resolves to {cls!r}, which is not "
             "a subclass of strategies.base.LoraStrategy"
+        )
+    if any(r != cfg.lora_rank for r in cfg.client_rank_list) and not cls.heterogeneous_ranks:
+        raise ConfigError(
+            f"Invalid value for 'client-ranks': {cfg.client_ranks!r}, but strategy "
+            f"{cfg.strategy!r} does not support heterogeneous ranks"
         )
     options = StrategyOptions(
         lora=lora_spec(cfg),
@@ -144,7 +150,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     strategy = build_strategy(cfg)
     spec = lora_spec(cfg)
     model = build_lora_model(cfg.model, table.num_labels, spec, seed=cfg.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # Flower processes inherit OMP_NUM_THREADS=1 (clients share the cores); the server
+    # evaluates while clients are idle, so it may use all of them.
+    torch.set_num_threads(int(os.environ.get("FEDLORA_SERVER_THREADS", os.cpu_count() or 1)))
     state = strategy.initial_state(state_from_peft(model, spec.scaling))
     evaluator = ServerEvaluator(
         model,
@@ -170,6 +178,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     strategy.summary()
     for server_round in range(1, cfg.num_server_rounds + 1):
         t0 = time.monotonic()
+        strategy.discover_nodes(grid, ConfigRecord(dict(base_config)), cfg.round_timeout)
         messages = strategy.configure_train(
             server_round, arrays, ConfigRecord(dict(base_config)), grid
         )

@@ -54,7 +54,9 @@ __all__ = [
     "RoundReport",
     "StrategyOptions",
     "aggregation_error",
+    "node_view",
     "resize_rank",
+    "state_from_dict",
     "weighted_average",
 ]
 
@@ -100,15 +102,23 @@ class StrategyOptions:
 class ClientPlan:
     """What one node is asked to do this round (sent in its ConfigRecord).
 
-    ``freeze_a`` keeps lora_A fixed during local training; ``reinit`` makes the client
-    start a fresh adapter (A from ``init_seed``, B = 0) instead of loading the payload.
-    ``config`` carries any further strategy-specific instructions.
+    ``rank``: the LoRA rank it trains. ``freeze_a``: keep lora_A fixed locally.
+    ``reinit``: start a fresh adapter (A drawn from ``init_seed``, B = 0) instead of
+    loading the received factors (the received dense tensors are still loaded).
+    ``a_from_seed``: lora_A is :func:`fedlora.seeded.seeded_a` of ``init_seed`` (so it
+    need not be sent). ``send_a``: whether the reply carries lora_A.
+    ``merge_rounds``: FLoRA-style stacks (payload keys ``merge/<round>/<key>``) the
+    node merges into its base weights, in this order, before training.
+    ``config``: any further strategy-specific instructions.
     """
 
     rank: int
     freeze_a: bool = False
     reinit: bool = False
     init_seed: int = 0
+    a_from_seed: bool = False
+    send_a: bool = True
+    merge_rounds: tuple[int, ...] = ()
     config: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -170,6 +180,19 @@ class RoundReport:
         return sum(o.bytes_down for o in self.outcomes)
 
 
+def node_view(state: AdapterState, rank: int, scaling: float) -> AdapterState:
+    """``state`` as seen by a node of ``rank`` and ``scaling``.
+
+    B is rescaled by s / s_k, then both factors are zero-padded or truncated to ``rank``.
+    """
+    factor = state.scaling / scaling
+    factors = {
+        m: resize_rank(LoraFactors(f.a, (f.b * factor).astype(np.float32)), rank)
+        for m, f in state.factors.items()
+    }
+    return AdapterState(factors, state.dense, scaling)
+
+
 def weighted_average(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     """sum_k w_k x_k in float64, returned as float32."""
     out = np.zeros_like(arrays[0], dtype=np.float64)
@@ -219,6 +242,7 @@ class LoraStrategy(Strategy):
         self._round_started = 0.0
         self.last_report: RoundReport | None = None
         self.excluded_nodes: dict[int, str] = {}
+        self.node_ranks: dict[int, int] = {}
 
     # ------------------------------------------------------------------ #
     # The one required method                                            #
@@ -246,34 +270,62 @@ class LoraStrategy(Strategy):
         return state
 
     def client_plan(self, server_round: int, node_id: int) -> ClientPlan:
-        """Instructions for ``node_id`` this round (default: train A and B at the run's rank)."""
-        return ClientPlan(rank=self.options.lora.rank, init_seed=self.options.seed)
+        """Instructions for ``node_id`` this round (default: train A and B at its rank)."""
+        return ClientPlan(rank=self.node_rank(node_id), init_seed=self.options.seed)
 
     def payload(
         self, server_round: int, node_id: int, plan: ClientPlan, current: AdapterState
     ) -> dict[str, np.ndarray]:
-        """Tensors sent to ``node_id`` (default: the global adapter resized to its rank)."""
-        factors = {m: resize_rank(f, plan.rank) for m, f in current.factors.items()}
-        return AdapterState(factors, current.dense, current.scaling).to_state_dict()
+        """Tensors sent to ``node_id`` (default: the global adapter at the node's rank).
+
+        Zero-padding or truncation to r_k, with the scaling folded into B so that
+        s_k B_k A_k matches s B A on the kept components (HetLoRA-style).
+        """
+        return node_view(current, plan.rank, self.scaling(plan.rank)).to_state_dict()
 
     def decode_update(
-        self, server_round: int, plan: ClientPlan, tensors: Mapping[str, np.ndarray]
+        self,
+        server_round: int,
+        plan: ClientPlan,
+        tensors: Mapping[str, np.ndarray],
+        current: AdapterState,
     ) -> AdapterState:
         """Turn a reply's tensors into the node's full adapter (default: as sent).
 
         A strategy that does not ship some tensors (FFA-LoRA's frozen A) rebuilds them
-        here. Scaling is the node's own s_k.
+        here. The state's scaling is the node's own s_k.
         """
-        return state_from_dict(tensors, self.options.lora.with_rank(plan.rank).scaling)
+        return state_from_dict(tensors, self.scaling(plan.rank))
+
+    def accept_update(self, server_round: int, update: ClientUpdate) -> str | None:
+        """Veto a decoded, well-formed update: return a reason to drop it (default: accept)."""
+        return None
+
+    def base_delta(self) -> Mapping[str, np.ndarray] | None:
+        """Per-module deltas merged into the base weights under the global adapter.
+
+        ``None`` (default) means the global adapter sits on the original base. FLoRA
+        returns the sum of the stacks merged so far; evaluation and export apply it.
+        """
+        return None
 
     def state_dict(self) -> dict[str, Any]:
-        """Strategy state to checkpoint (JSON-serialisable values or numpy arrays)."""
-        return {"rng": self._rng.bit_generator.state}
+        """Strategy state to checkpoint (JSON-serialisable values or numpy arrays).
+
+        A subclass with state of its own extends the dict returned by ``super()``.
+        """
+        return {
+            "rng": self._rng.bit_generator.state,
+            "node_ranks": {str(k): v for k, v in self.node_ranks.items()},
+            "excluded_nodes": {str(k): v for k, v in self.excluded_nodes.items()},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         if "rng" in state:
             self._rng.bit_generator.state = state["rng"]
+        self.node_ranks = {int(k): int(v) for k, v in state.get("node_ranks", {}).items()}
+        self.excluded_nodes = {int(k): str(v) for k, v in state.get("excluded_nodes", {}).items()}
 
     def extra_round_metrics(
         self,
@@ -286,15 +338,76 @@ class LoraStrategy(Strategy):
         return {}
 
     # ------------------------------------------------------------------ #
-    # Helpers for the server                                             #
+    # Helpers for strategies and the server                              #
     # ------------------------------------------------------------------ #
+    def scaling(self, rank: int) -> float:
+        """The LoRA scaling s at ``rank`` (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+        return self.options.lora.with_rank(rank).scaling
+
+    def node_rank(self, node_id: int) -> int:
+        """The rank ``node_id`` trains at: its declared rank, else the run's rank."""
+        return self.node_ranks.get(node_id, self.options.lora.rank)
+
+    def register_node(self, node_id: int, rank: int) -> None:
+        """Record a node's declared rank (from its reply to the server's query)."""
+        if rank <= 0 or rank > self.options.lora.rank:
+            self.exclude_node(
+                node_id, f"declared rank {rank} is outside [1, lora-rank={self.options.lora.rank}]"
+            )
+            return
+        if rank != self.options.lora.rank and not self.heterogeneous_ranks:
+            self.exclude_node(
+                node_id,
+                f"declared rank {rank} differs from lora-rank={self.options.lora.rank} and "
+                f"strategy '{self.name}' does not support heterogeneous ranks",
+            )
+            return
+        self.node_ranks[node_id] = rank
+
     def global_state(self, arrays: ArrayRecord) -> AdapterState:
         """Decode the global ArrayRecord (the strategy's own rank and scaling)."""
         tensors = from_arrayrecord(arrays)
         state = state_from_dict(tensors, 1.0)
-        return AdapterState(
-            state.factors, state.dense, self.options.lora.with_rank(state.rank).scaling
-        )
+        return AdapterState(state.factors, state.dense, self.scaling(state.rank))
+
+    def discover_nodes(self, grid: Grid, config: ConfigRecord, timeout: float) -> None:
+        """Ask connected nodes not seen before to describe themselves (their rank).
+
+        One QUERY message per new node, once per run; a node that does not answer is
+        asked again next round and meanwhile trains at the run's rank.
+        """
+        self.wait_for_nodes(grid, self.options.clients_per_round)
+        seen = set(self.node_ranks) | set(self.excluded_nodes)
+        new = sorted(n for n in grid.get_node_ids() if n not in seen)
+        if not new:
+            return
+        messages = [
+            Message(
+                RecordDict({protocol.CONFIG: ConfigRecord(dict(config))}),
+                dst_node_id=n,
+                message_type=MessageType.QUERY,
+            )
+            for n in new
+        ]
+        for msg in grid.send_and_receive(messages, timeout=timeout):
+            node_id = msg.metadata.src_node_id
+            if msg.has_error() or protocol.METRICS not in msg.content.metric_records:
+                reason = msg.error.reason if msg.has_error() else "no metrics in reply"
+                log(WARNING, "Node %s did not describe itself: %s", node_id, reason)
+                continue
+            info = msg.content.metric_records[protocol.METRICS]
+            self.register_node(node_id, int(info.get(protocol.NODE_RANK, self.options.lora.rank)))
+        log(INFO, "Node ranks: %s", dict(sorted(self.node_ranks.items())))
+
+    def wait_for_nodes(self, grid: Grid, count: int) -> list[int]:
+        """Connected, non-excluded nodes, waiting up to ``node_wait_timeout`` for ``count``."""
+        deadline = time.monotonic() + self.options.node_wait_timeout
+        while True:
+            nodes = sorted(n for n in grid.get_node_ids() if n not in self.excluded_nodes)
+            if len(nodes) >= count or time.monotonic() >= deadline:
+                return nodes
+            log(INFO, "Waiting for nodes: %d connected, %d wanted", len(nodes), count)
+            time.sleep(1.0)
 
     def exclude_node(self, node_id: int, reason: str) -> None:
         """Stop sampling ``node_id`` (for example: its privacy budget is spent)."""
@@ -308,13 +421,7 @@ class LoraStrategy(Strategy):
         Waits up to ``node_wait_timeout`` seconds for enough nodes to connect, then
         samples from those present.
         """
-        deadline = time.monotonic() + self.options.node_wait_timeout
-        while True:
-            nodes = sorted(n for n in grid.get_node_ids() if n not in self.excluded_nodes)
-            if len(nodes) >= count or time.monotonic() >= deadline:
-                break
-            log(INFO, "Waiting for nodes: %d connected, %d wanted", len(nodes), count)
-            time.sleep(1.0)
+        nodes = self.wait_for_nodes(grid, count)
         if not nodes:
             return []
         chosen = self._rng.choice(len(nodes), size=min(count, len(nodes)), replace=False)
@@ -363,6 +470,9 @@ class LoraStrategy(Strategy):
             node_config[protocol.FREEZE_A] = plan.freeze_a
             node_config[protocol.REINIT] = plan.reinit
             node_config[protocol.INIT_SEED] = plan.init_seed
+            node_config[protocol.A_FROM_SEED] = plan.a_from_seed
+            node_config[protocol.SEND_A] = plan.send_a
+            node_config[protocol.MERGE_ROUNDS] = [int(r) for r in plan.merge_rounds]
             for key, value in plan.config.items():
                 node_config[key] = value
             self._plans[node_id] = plan
@@ -493,14 +603,17 @@ class LoraStrategy(Strategy):
             if not np.isfinite(n) or n < 0:
                 raise AdapterError(f"'{protocol.NUM_EXAMPLES}' is {n}")
             tensors = from_arrayrecord(content.array_records[protocol.ARRAYS])
-            state = self.decode_update(server_round, plan, tensors)
+            state = self.decode_update(server_round, plan, tensors, current)
             _check_against(state, current, plan.rank)
             state.check_finite()
+            update = ClientUpdate(node_id, int(n), state, metrics, plan)
+            veto = self.accept_update(server_round, update)
+            if veto is not None:
+                raise AdapterError(veto)
         except (AdapterError, ValueError, KeyError, TypeError) as err:
             log(WARNING, "Round %d: reply from node %s dropped: %s", server_round, node_id, err)
             return NodeOutcome(node_id, "dropped", str(err), bytes_down=down, bytes_up=up), None
-        outcome = NodeOutcome(node_id, "ok", "", int(n), down, up, metrics)
-        return outcome, ClientUpdate(node_id, int(n), state, metrics, plan)
+        return NodeOutcome(node_id, "ok", "", int(n), down, up, metrics), update
 
     def _weights(self, updates: Sequence[ClientUpdate]) -> np.ndarray | None:
         if self.options.weighting == "uniform":

@@ -115,3 +115,11 @@ def test_natural_partition_count_must_match(tmp_path):
     )
     with pytest.raises(ConfigError, match="'num-partitions': 4, but column 'site' has 3"):
         partition(load_table(cfg).train, cfg, 0, 4)
+
+
+def test_configuration_doc_is_in_sync():
+    from fedlora.config import markdown_reference
+
+    assert (ROOT / "docs" / "configuration.md").read_text() == markdown_reference(), (
+        "docs/configuration.md is stale: run `make docs`"
+    )
