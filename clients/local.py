@@ -25,10 +25,9 @@ from clients.node_state import NodeStore
 from fedlora import protocol
 from fedlora.adapters import (
     A_SUFFIX,
-    AdapterState,
     from_arrayrecord,
     load_into_peft,
-    merge_into_base,
+    merge_received_stacks,
     start_tensors,
     state_from_dict,
     state_from_peft,
@@ -96,7 +95,7 @@ class LocalJob:
             a_from_seed=bool(config.get(protocol.A_FROM_SEED, False)),
             send_a=bool(config.get(protocol.SEND_A, True)),
             merge_rounds=tuple(int(r) for r in config.get(protocol.MERGE_ROUNDS, [])),
-            reset_base=bool(config.get("reset-base", False)),
+            reset_base=bool(config.get(protocol.RESET_BASE, False)),
             store=NodeStore(context, node.state_dir),
             label_names=tuple(str(x) for x in config.get(protocol.LABEL_NAMES, [])),
             tensors={} if arrays is None else from_arrayrecord(arrays),
@@ -172,20 +171,14 @@ class LocalJob:
         Returns the delta per module and the last round merged; persisted in the node's
         store so it survives the end of this process.
         """
-        base, meta = self.store.load(BASE_STATE)
-        last = int(meta.get(protocol.LAST_MERGED, 0))
-        if self.reset_base:
-            base, last = {}, 0
-        changed = self.reset_base
-        for r in self.merge_rounds:
-            if r <= last:
-                continue
-            prefix = f"{protocol.MERGE_PREFIX}{r}/"
-            stack = state_from_dict(
-                {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}, 1.0
-            )
-            stack = AdapterState(stack.factors, {}, self.spec.with_rank(stack.rank).scaling)
-            base, last, changed = merge_into_base(base, stack), r, True
+        stored, meta = self.store.load(BASE_STATE)
+        last = 0 if self.reset_base else int(meta.get(protocol.LAST_MERGED, 0))
+        base = {} if self.reset_base else stored
+        merged, new_last = merge_received_stacks(
+            base, last, self.tensors, self.merge_rounds, lambda r: self.spec.with_rank(r).scaling
+        )
+        changed = self.reset_base or new_last != last
+        base, last = merged, new_last
         if changed:
             self.store.save(BASE_STATE, base, {protocol.LAST_MERGED: last})
         return base, last

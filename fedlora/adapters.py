@@ -8,13 +8,15 @@ ArrayRecord cannot carry bfloat16) and what the strategies' pure math works on.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+from fedlora.protocol import MERGE_PREFIX
 
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
@@ -213,3 +215,30 @@ def merge_into_base(
     for module, f in stack.factors.items():
         out[module] = merge_product(out.get(module), stack.scaling, f.b, f.a)
     return out
+
+
+def merge_received_stacks(
+    base: Mapping[str, np.ndarray],
+    last_merged: int,
+    received: Mapping[str, np.ndarray],
+    rounds: Iterable[int],
+    scaling_of_rank: Callable[[int], float],
+) -> tuple[dict[str, np.ndarray], int]:
+    """Merge the stacks ``received`` under ``merge/<round>/`` keys into ``base``, in order.
+
+    Rounds at or before ``last_merged`` are already in the base and skipped. Returns the
+    new base and the last round merged. This is the client half of FLoRA's catch-up.
+    """
+    out, last = dict(base), last_merged
+    for r in rounds:
+        if r <= last:
+            continue
+        prefix = f"{MERGE_PREFIX}{r}/"
+        stack = state_from_dict(
+            {k[len(prefix) :]: v for k, v in received.items() if k.startswith(prefix)}, 1.0
+        )
+        if not stack.factors:
+            raise AdapterError(f"Stack of round {r} is missing from the payload")
+        stack = AdapterState(stack.factors, {}, scaling_of_rank(stack.rank))
+        out, last = merge_into_base(out, stack), r
+    return out, last

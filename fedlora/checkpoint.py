@@ -20,12 +20,14 @@ from typing import Any
 import numpy as np
 from peft import PeftModel
 from safetensors import SafetensorError
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from fedlora.adapters import AdapterState, load_into_peft, state_from_dict
 
 ADAPTER_FILE = "adapter_model.safetensors"
 STATE_FILE = "state.json"
+ARRAYS_FILE = "state_arrays.safetensors"
+_ARRAY_REF = "__array__"
 
 
 class CheckpointError(RuntimeError):
@@ -45,9 +47,13 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         model.save_pretrained(str(tmp))
-        record = dict(meta)
+        arrays: dict[str, np.ndarray] = {}
+        record = _split_arrays(dict(meta), arrays, "")
         record["adapter_sha256"] = _digest(tmp / ADAPTER_FILE)
         record["scaling"] = state.scaling
+        if arrays:
+            save_file(arrays, str(tmp / ARRAYS_FILE))
+            record["arrays_sha256"] = _digest(tmp / ARRAYS_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=_np))
         if folder.exists():
             shutil.rmtree(folder)
@@ -77,7 +83,42 @@ def load_checkpoint(folder: Path) -> tuple[AdapterState, dict[str, Any]]:
         tensors = load_file(str(adapter_path))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"Checkpoint {folder}: {ADAPTER_FILE} is unreadable ({err})") from err
+    if "arrays_sha256" in meta:
+        arrays_path = folder / ARRAYS_FILE
+        if not arrays_path.is_file() or meta["arrays_sha256"] != _digest(arrays_path):
+            raise CheckpointError(f"Checkpoint {folder}: {ARRAYS_FILE} is missing or corrupt")
+        meta = _join_arrays(meta, load_file(str(arrays_path)))
     return state_from_dict(_peft_keys_to_state(tensors), float(meta.get("scaling", 1.0))), meta
+
+
+def serialise_state(state: dict[str, Any]) -> tuple[str, dict[str, np.ndarray]]:
+    """A nested state dict as JSON text plus its numpy arrays (for safetensors)."""
+    arrays: dict[str, np.ndarray] = {}
+    text = json.dumps(_split_arrays(state, arrays, ""), sort_keys=True, default=_np)
+    return text, arrays
+
+
+def restore_state(text: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Inverse of :func:`serialise_state`."""
+    return _join_arrays(json.loads(text), arrays)
+
+
+def _split_arrays(value: Any, arrays: dict[str, np.ndarray], path: str) -> Any:
+    """Replace numpy arrays in a nested dict by references; collect them in ``arrays``."""
+    if isinstance(value, np.ndarray):
+        arrays[path] = np.ascontiguousarray(value)
+        return {_ARRAY_REF: path}
+    if isinstance(value, dict):
+        return {k: _split_arrays(v, arrays, f"{path}/{k}") for k, v in value.items()}
+    return value
+
+
+def _join_arrays(value: Any, arrays: dict[str, np.ndarray]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_ARRAY_REF}:
+            return arrays[value[_ARRAY_REF]]
+        return {k: _join_arrays(v, arrays) for k, v in value.items()}
+    return value
 
 
 def _peft_keys_to_state(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

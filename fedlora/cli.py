@@ -113,6 +113,31 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_strategy(args: argparse.Namespace) -> int:
+    """Run the conformance kit against a strategy; exit 1 if any property fails."""
+    from fedlora.registry import load_strategy_class
+    from strategies.conformance import check_strategy
+
+    cls = load_strategy_class(args.name)
+    results_ = check_strategy(cls)
+    width = max(len(r.name) for r in results_)
+    for r in results_:
+        mark = "PASS" if r.passed else "FAIL"
+        print(f"{mark}  {r.name:<{width}}  {r.detail}")
+    failed = sum(not r.passed for r in results_)
+    print(f"\n{len(results_) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def cmd_new_strategy(args: argparse.Namespace) -> int:
+    """Write a ready-to-edit strategy plugin package."""
+    from fedlora.scaffold import scaffold
+
+    folder = scaffold(args.name, Path(args.dir))
+    print(f"Created {folder}\nNext: pip install -e {folder} && fedlora check-strategy {args.name}")
+    return 0
+
+
 def cmd_centralized(args: argparse.Namespace) -> int:
     """Train the centralised reference on pooled data with the federation's budget."""
     from fedlora.centralized import run_centralized
@@ -158,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("strategies", help=cmd_strategies.__doc__)
     p.set_defaults(func=cmd_strategies)
+
+    p = sub.add_parser("check-strategy", help=cmd_check_strategy.__doc__)
+    p.add_argument("name", help="registered name or package.module:Class")
+    p.set_defaults(func=cmd_check_strategy)
+
+    p = sub.add_parser("new-strategy", help=cmd_new_strategy.__doc__)
+    p.add_argument("name", help="strategy name (lowercase, digits, underscores)")
+    p.add_argument("--dir", default=".", help="parent folder (default: current)")
+    p.set_defaults(func=cmd_new_strategy)
 
     p = sub.add_parser("centralized", help=cmd_centralized.__doc__)
     with_config(p)

@@ -48,6 +48,11 @@ class RunConfig:
         "global adapter is left unchanged.",
         2,
     )
+    strategy_options: str = _help(
+        "Strategy-specific settings as comma-separated key=value pairs, e.g. "
+        "'fair-method=cosine,fair-lambda=0.01' (see docs/strategies.md).",
+        "",
+    )
     round_timeout: float = _help("Seconds to wait for the replies of one round.", 900.0)
     weighting: str = _help(
         "Client weights p_k: 'num-examples' (n_k / sum n_j) or 'uniform'.",
@@ -115,6 +120,9 @@ class RunConfig:
         "round (0 = server-side evaluation only).",
         0.0,
     )
+    keep_checkpoints: int = _help(
+        "Round checkpoints kept under output-dir/checkpoints (newest first; 0 keeps all).", 3
+    )
     output_dir: str = _help(
         "Where rounds.jsonl, summary.md, the plot and checkpoints go.", "results/latest"
     )
@@ -124,7 +132,7 @@ class RunConfig:
         _positive(self, "num_server_rounds", "clients_per_round", "min_replies", "num_partitions")
         _positive(self, "max_seq_len", "batch_size", "local_steps", "lora_rank", "eval_batch_size")
         _positive(self, "round_timeout", "lr", "lora_alpha", "dirichlet_alpha")
-        _non_negative(self, "eval_examples", "seed")
+        _non_negative(self, "eval_examples", "seed", "keep_checkpoints")
         if self.min_replies > self.clients_per_round:
             _fail(
                 "min-replies",
@@ -139,6 +147,7 @@ class RunConfig:
         _one_of("weighting", self.weighting, WEIGHTINGS)
         if self.partitioner == "natural" and not self.partition_column:
             _fail("partition-column", self.partition_column, "is required when partitioner=natural")
+        _ = self.strategy_extra
         for rank in self.client_rank_list:
             if not 0 < rank <= self.lora_rank:
                 _fail(
@@ -157,6 +166,19 @@ class RunConfig:
     def target_modules(self) -> list[str]:
         """The peft ``target_modules`` list parsed from ``lora_targets``."""
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    @property
+    def strategy_extra(self) -> dict[str, str]:
+        """``strategy_options`` parsed into a dict of strings."""
+        out: dict[str, str] = {}
+        for pair in self.strategy_options.split(","):
+            if not pair.strip():
+                continue
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip():
+                _fail("strategy-options", self.strategy_options, "must be key=value pairs")
+            out[key.strip()] = value.strip()
+        return out
 
     @property
     def client_rank_list(self) -> list[int]:

@@ -27,6 +27,7 @@ A_FROM_SEED = "a-from-seed"  # lora_A is regenerated from INIT_SEED (fedlora.see
 SEND_A = "send-a"  # whether the reply carries lora_A
 MERGE_ROUNDS = "merge-rounds"  # FLoRA: stacks the node must merge into its base, in order
 MERGE_PREFIX = "merge/"  # payload keys of those stacks: "merge/<round>/<peft key>"
+RESET_BASE = "reset-base"  # FLoRA: drop the merged base and merge every stack again
 BASE_ROUND = "base-round"  # the last round whose stack is merged into the expected base
 
 # MetricRecord keys of a node's self-description (reply to a QUERY message)

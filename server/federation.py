@@ -9,12 +9,14 @@ PEFT-format checkpoint per round, and the summary table and plot at the end.
 from __future__ import annotations
 
 import os
+import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
@@ -23,11 +25,18 @@ from peft import PeftModel
 from torch.utils.data import TensorDataset
 
 from fedlora import protocol, results
-from fedlora.adapters import AdapterState, load_into_peft, state_from_peft, to_arrayrecord
+from fedlora.adapters import (
+    AdapterState,
+    LoraFactors,
+    load_into_peft,
+    state_from_peft,
+    to_arrayrecord,
+)
 from fedlora.checkpoint import save_checkpoint
 from fedlora.config import ConfigError, RunConfig
 from fedlora.data import TextTable, eval_subset, load_table, partition, tokenize
-from fedlora.model import LoraSpec, build_lora_model, load_tokenizer
+from fedlora.delta import merge_product, truncated_svd
+from fedlora.model import LoraSpec, apply_base_delta, build_lora_model, load_tokenizer
 from fedlora.registry import load_strategy_class
 from fedlora.train import EvalResult, evaluate
 from strategies.base import LoraStrategy, RoundReport, StrategyOptions
@@ -40,7 +49,7 @@ def lora_spec(cfg: RunConfig) -> LoraSpec:
     )
 
 
-def build_strategy(cfg: RunConfig, extra: dict[str, Any] | None = None) -> LoraStrategy:
+def build_strategy(cfg: RunConfig) -> LoraStrategy:
     """Instantiate the configured strategy; it must be a :class:`LoraStrategy`."""
     cls = load_strategy_class(cfg.strategy)
     if not (isinstance(cls, type) and issubclass(cls, LoraStrategy)):
@@ -61,23 +70,47 @@ def build_strategy(cfg: RunConfig, extra: dict[str, Any] | None = None) -> LoraS
         seed=cfg.seed,
         fraction_evaluate=cfg.fraction_evaluate,
         node_wait_timeout=cfg.round_timeout,
-        extra=dict(extra or {}),
+        extra=cfg.strategy_extra,
     )
-    return cls(options)
+    try:
+        return cls(options)
+    except ValueError as err:  # a strategy's own check of its settings
+        raise ConfigError(str(err)) from None
 
 
-@dataclass
 class ServerEvaluator:
-    """Evaluates global adapters on the server's held-out data."""
+    """Evaluates global adapters on the server's held-out data, at any rank.
 
-    model: PeftModel
-    data: TensorDataset
-    batch_size: int
+    One peft model per rank (FLoRA's stacks change rank every round), each built from the
+    cached base once. A strategy's base delta (FLoRA's merged stacks) is applied to the
+    base weights first.
+    """
 
-    def __call__(self, state: AdapterState) -> EvalResult:
-        """Load ``state`` into the server's model and evaluate it."""
-        load_into_peft(self.model, state)
-        return evaluate(self.model, self.data, self.batch_size, desc="server eval")
+    def __init__(self, cfg: RunConfig, num_labels: int, data: TensorDataset) -> None:
+        self.cfg, self.num_labels, self.data = cfg, num_labels, data
+        self._models: dict[int, tuple[PeftModel, dict]] = {}
+
+    def model_for(self, state: AdapterState, base_delta: Mapping | None = None) -> PeftModel:
+        """A peft model at ``state``'s rank holding ``state`` on top of ``base_delta``."""
+        rank = state.rank
+        if rank not in self._models:
+            spec = lora_spec(self.cfg).with_rank(rank)
+            model = build_lora_model(self.cfg.model, self.num_labels, spec, seed=self.cfg.seed)
+            self._models[rank] = (model, {})
+        model, originals = self._models[rank]
+        if base_delta or originals:
+            apply_base_delta(model, dict(base_delta or {}), originals)
+        load_into_peft(model, state)
+        return model
+
+    def forget(self, rank: int) -> None:
+        """Drop the cached model of ``rank`` (after it was merged and unloaded)."""
+        self._models.pop(rank, None)
+
+    def __call__(self, state: AdapterState, base_delta: Mapping | None = None) -> EvalResult:
+        """Loss and accuracy of ``state`` (on ``base_delta``) on the held-out data."""
+        model = self.model_for(state, base_delta)
+        return evaluate(model, self.data, self.cfg.eval_batch_size, desc="server eval")
 
 
 def check_partitions(cfg: RunConfig, table: TextTable) -> None:
@@ -135,47 +168,33 @@ def round_record(
 def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     """Run every round of a federated LoRA fine-tuning; return the output folder."""
     started = time.monotonic()
-    out = Path(cfg.output_dir).expanduser().resolve()
-    if (out / results.ROUNDS_FILE).exists():
-        raise ConfigError(
-            f"Invalid value for 'output-dir': {str(out)!r} already holds a run "
-            f"({results.ROUNDS_FILE}); choose another folder or delete it"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.json").write_text(cfg.to_json())
-    log(INFO, "fedlora: writing results to %s", out)
-
+    out = _prepare_output(cfg)
     table = load_table(cfg)
     check_partitions(cfg, table)
     strategy = build_strategy(cfg)
-    spec = lora_spec(cfg)
-    model = build_lora_model(cfg.model, table.num_labels, spec, seed=cfg.seed)
     # Flower processes inherit OMP_NUM_THREADS=1 (clients share the cores); the server
     # evaluates while clients are idle, so it may use all of them.
     torch.set_num_threads(int(os.environ.get("FEDLORA_SERVER_THREADS", os.cpu_count() or 1)))
-    state = strategy.initial_state(state_from_peft(model, spec.scaling))
-    evaluator = ServerEvaluator(
-        model,
-        tokenize(
-            eval_subset(table.test, cfg.eval_examples, cfg.seed),
-            load_tokenizer(cfg.model),
-            cfg.max_seq_len,
-        ),
-        cfg.eval_batch_size,
+    spec = lora_spec(cfg)
+    fresh = build_lora_model(cfg.model, table.num_labels, spec, seed=cfg.seed)
+    state = strategy.initial_state(state_from_peft(fresh, spec.scaling))
+    eval_data = tokenize(
+        eval_subset(table.test, cfg.eval_examples, cfg.seed),
+        load_tokenizer(cfg.model),
+        cfg.max_seq_len,
     )
+    evaluator = ServerEvaluator(cfg, table.num_labels, eval_data)
     base_config = ConfigRecord(
         {protocol.RUN_CONFIG: cfg.to_json(), protocol.LABEL_NAMES: list(table.label_names)}
     )
-    arrays: ArrayRecord = to_arrayrecord(state.to_state_dict())
 
     t0 = time.monotonic()
     ev = evaluator(state)
-    record = round_record(0, None, ev, {})
-    record["seconds"] = time.monotonic() - t0
-    results.append_record(out, record)
+    results.append_record(out, round_record(0, None, ev, {}) | {"seconds": time.monotonic() - t0})
     log(INFO, "Round 0: accuracy %.4f, loss %.4f", ev.accuracy, ev.loss)
 
     strategy.summary()
+    arrays: ArrayRecord = to_arrayrecord(state.to_state_dict())
     for server_round in range(1, cfg.num_server_rounds + 1):
         t0 = time.monotonic()
         strategy.discover_nodes(grid, ConfigRecord(dict(base_config)), cfg.round_timeout)
@@ -188,29 +207,18 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         if new_arrays is not None:
             arrays = new_arrays
         state = strategy.global_state(arrays)
-        fed_eval: dict[str, float] = {}
-        eval_messages = list(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(base_config)), grid)
-        )
-        if eval_messages:
-            agg = strategy.aggregate_evaluate(
-                server_round, grid.send_and_receive(eval_messages, timeout=cfg.round_timeout)
-            )
-            fed_eval = {} if agg is None else {k: float(v) for k, v in agg.items()}
-        ev = evaluator(state)
+        fed_eval = _federated_evaluation(grid, strategy, server_round, arrays, base_config, cfg)
+        ev = evaluator(state, strategy.base_delta())
         record = round_record(server_round, report, ev, fed_eval)
         record["seconds"] = time.monotonic() - t0
         results.append_record(out, record)
-        save_checkpoint(
-            out / "checkpoints" / f"round-{server_round:04d}",
-            model,
+        _checkpoint(
+            out,
+            cfg,
+            server_round,
+            evaluator.model_for(state, strategy.base_delta()),
             state,
-            {
-                "round": server_round,
-                "strategy": cfg.strategy,
-                "strategy_state": strategy.state_dict(),
-                "run_config": cfg.to_mapping(),
-            },
+            strategy,
         )
         if report is not None and report.skipped:
             log(WARNING, "Round %d skipped: %s", server_round, report.skip_reason)
@@ -226,13 +234,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             record["seconds"],
         )
 
-    final = out / "adapter"
-    save_checkpoint(
-        final,
-        model,
-        state,
-        {"round": cfg.num_server_rounds, "strategy": cfg.strategy, "run_config": cfg.to_mapping()},
-    )
+    export = export_adapter(out, cfg, evaluator, state, strategy)
     records = results.read_records(out)
     header = {
         "strategy": cfg.strategy,
@@ -241,11 +243,128 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         f"{cfg.num_partitions} partitions)",
         "rounds": cfg.num_server_rounds,
         "clients per round": cfg.clients_per_round,
-        "LoRA": f"r={cfg.lora_rank}, alpha={cfg.lora_alpha}, targets={cfg.lora_targets}",
-        "adapter": str(final),
+        "LoRA": f"r={cfg.lora_rank}, alpha={cfg.lora_alpha}, targets={cfg.lora_targets}"
+        + (f", client ranks {cfg.client_ranks}" if cfg.client_ranks else ""),
+        **export,
         "total wall time (s)": f"{time.monotonic() - started:.1f}",
     }
     results.write_summary(out, records, header)
     results.plot_rounds(out, records, title=f"{cfg.strategy} on {cfg.dataset}")
     log(INFO, "fedlora: run finished; summary in %s", out / results.SUMMARY_FILE)
     return out
+
+
+def _prepare_output(cfg: RunConfig) -> Path:
+    out = Path(cfg.output_dir).expanduser().resolve()
+    if (out / results.ROUNDS_FILE).exists():
+        raise ConfigError(
+            f"Invalid value for 'output-dir': {str(out)!r} already holds a run "
+            f"({results.ROUNDS_FILE}); choose another folder or delete it"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.json").write_text(cfg.to_json())
+    log(INFO, "fedlora: writing results to %s", out)
+    return out
+
+
+def _federated_evaluation(
+    grid: Grid,
+    strategy: LoraStrategy,
+    server_round: int,
+    arrays: ArrayRecord,
+    base_config: ConfigRecord,
+    cfg: RunConfig,
+) -> dict[str, float]:
+    messages = list(
+        strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(base_config)), grid)
+    )
+    if not messages:
+        return {}
+    agg = strategy.aggregate_evaluate(
+        server_round, grid.send_and_receive(messages, timeout=cfg.round_timeout)
+    )
+    return {} if agg is None else {k: float(v) for k, v in agg.items()}
+
+
+def _checkpoint(
+    out: Path,
+    cfg: RunConfig,
+    server_round: int,
+    model: PeftModel,
+    state: AdapterState,
+    strategy: LoraStrategy,
+) -> None:
+    """Write this round's checkpoint; keep the newest ``keep-checkpoints`` of them."""
+    folder = out / "checkpoints"
+    meta = {
+        "round": server_round,
+        "strategy": cfg.strategy,
+        "strategy_state": strategy.state_dict(),
+        "run_config": cfg.to_mapping(),
+    }
+    save_checkpoint(folder / f"round-{server_round:04d}", model, state, meta)
+    if cfg.keep_checkpoints > 0:
+        for old in sorted(folder.glob("round-*"))[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def export_adapter(
+    out: Path,
+    cfg: RunConfig,
+    evaluator: ServerEvaluator,
+    state: AdapterState,
+    strategy: LoraStrategy,
+) -> dict[str, str]:
+    """Save the final adapter in PEFT format (loadable on the original base model).
+
+    When the strategy merged deltas into the base (FLoRA), the total delta per module is
+    compressed to one rank-``lora-rank`` adapter by truncated SVD (its error and accuracy
+    are reported) and the fully merged model is saved too.
+    """
+    final = out / "adapter"
+    meta = {
+        "round": cfg.num_server_rounds,
+        "strategy": cfg.strategy,
+        "run_config": cfg.to_mapping(),
+    }
+    base = strategy.base_delta()
+    if base is None:
+        save_checkpoint(final, evaluator.model_for(state), state, meta)
+        return {"adapter": str(final)}
+    total = {
+        m: merge_product(base.get(m), state.scaling, f.b, f.a) for m, f in state.factors.items()
+    }
+    factors, num, den = {}, 0.0, 0.0
+    for m, delta in total.items():
+        b, a, err = truncated_svd(delta, cfg.lora_rank)
+        factors[m] = LoraFactors(a=a, b=b)
+        sq = float(np.sum(np.asarray(delta, np.float64) ** 2))
+        num, den = num + err**2 * sq, den + sq
+    spec = lora_spec(cfg)
+    svd_state = AdapterState(
+        {m: LoraFactors(f.a, (f.b / spec.scaling).astype(np.float32)) for m, f in factors.items()},
+        state.dense,
+        spec.scaling,
+    )
+    svd_error = float(np.sqrt(num / den)) if den > 0 else 0.0
+    save_checkpoint(
+        final, evaluator.model_for(svd_state), svd_state, meta | {"svd_truncation_error": svd_error}
+    )
+    svd_eval = evaluator(svd_state)
+    merged = evaluator.model_for(state, base).merge_and_unload()
+    merged.save_pretrained(out / "merged-model")
+    load_tokenizer(cfg.model).save_pretrained(out / "merged-model")
+    # merge_and_unload changed the cached model in place: drop it
+    evaluator.forget(state.rank)
+    log(
+        INFO,
+        "Exported rank-%d SVD adapter: truncation error %.3e, accuracy %.4f",
+        cfg.lora_rank,
+        svd_error,
+        svd_eval.accuracy,
+    )
+    return {
+        "adapter": f"{final} (rank-{cfg.lora_rank} SVD of the merged delta, truncation error "
+        f"{svd_error:.3e}, accuracy {svd_eval.accuracy:.4f})",
+        "merged model": str(out / "merged-model"),
+    }

@@ -35,13 +35,22 @@ from fedlora.adapters import (
     AdapterState,
     LoraFactors,
     from_arrayrecord,
+    merge_into_base,
     resize_rank,
     state_from_dict,
     to_arrayrecord,
 )
-from fedlora.delta import LowRankTerm, relative_error
+from fedlora.delta import (
+    LowRankTerm,
+    fingerprint,
+    relative_error,
+    sum_sq_norm,
+    truncated_svd,
+)
 from fedlora.model import LoraSpec
+from fedlora.seeded import seeded_a
 
+# The public API: a strategy plugin needs nothing outside this list (and numpy).
 __all__ = [
     "AdapterError",
     "AdapterState",
@@ -50,13 +59,22 @@ __all__ = [
     "LoraFactors",
     "LoraSpec",
     "LoraStrategy",
+    "LowRankTerm",
     "NodeOutcome",
     "RoundReport",
     "StrategyOptions",
     "aggregation_error",
+    "fingerprint",
+    "log",
+    "merge_into_base",
     "node_view",
+    "protocol",
+    "relative_error",
     "resize_rank",
+    "seeded_a",
     "state_from_dict",
+    "sum_sq_norm",
+    "truncated_svd",
     "weighted_average",
 ]
 

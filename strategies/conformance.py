@@ -8,22 +8,51 @@ lets a strategy be exercised end to end on its public hooks, without Flower or t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedlora.adapters import A_SUFFIX, B_SUFFIX, start_tensors
-from strategies.base import AdapterState, ClientPlan, ClientUpdate, LoraStrategy
+from fedlora import protocol
+from fedlora.adapters import A_SUFFIX, B_SUFFIX, merge_received_stacks, start_tensors
+from fedlora.delta import fingerprint
+from fedlora.model import LoraSpec
+from strategies.base import (
+    AdapterState,
+    ClientPlan,
+    ClientUpdate,
+    LoraFactors,
+    LoraStrategy,
+    StrategyOptions,
+)
 
 
 @dataclass
 class SimulatedClient:
-    """One fake node: an id, a number of examples and a step size for its fake training."""
+    """One fake node: an id, a number of examples and a step size for its fake training.
+
+    It keeps a merged base (FLoRA) across rounds, like a real node's store.
+    """
 
     node_id: int
     num_examples: int
     step: float = 0.1
+    base: dict[str, np.ndarray] = field(default_factory=dict)
+    last_merged: int = 0
+
+    def merge(
+        self, plan: ClientPlan, payload: Mapping[str, np.ndarray], scaling: Callable[[int], float]
+    ) -> dict[str, float]:
+        """Merge the stacks the plan lists; return the base metrics a real client reports."""
+        if plan.config.get(protocol.RESET_BASE):
+            self.base, self.last_merged = {}, 0
+        self.base, self.last_merged = merge_received_stacks(
+            self.base, self.last_merged, payload, plan.merge_rounds, scaling
+        )
+        metrics = {protocol.LAST_MERGED: float(self.last_merged)}
+        for i, v in enumerate(fingerprint(self.base)):
+            metrics[f"{protocol.BASE_FINGERPRINT}-{i}"] = v
+        return metrics
 
     def fresh(self, current: AdapterState, rank: int, rng: np.random.Generator) -> dict:
         """A fresh peft-like initialisation at ``rank``: random A, zero B, the current dense."""
@@ -47,7 +76,7 @@ class SimulatedClient:
         """Start as the plan says, perturb the trainable tensors, return the reply tensors."""
         start = start_tensors(
             self.fresh(current, plan.rank, rng),
-            {k: v for k, v in payload.items() if not k.startswith("merge/")},
+            {k: v for k, v in payload.items() if not k.startswith(protocol.MERGE_PREFIX)},
             rank=plan.rank,
             reinit=plan.reinit,
             a_from_seed=plan.a_from_seed,
@@ -69,13 +98,300 @@ def simulate_round(
     current: AdapterState,
     clients: Sequence[SimulatedClient],
     rng: np.random.Generator,
-) -> list[ClientUpdate]:
-    """Plan, send, fake-train and decode one round for ``clients`` (no aggregation)."""
-    updates = []
+) -> tuple[list[ClientUpdate], dict[int, str]]:
+    """Plan, send, fake-train, decode and vet one round for ``clients`` (no aggregation).
+
+    Returns the accepted updates and, per rejected node, the strategy's reason.
+    """
+    updates, rejected = [], {}
     for client in clients:
         plan = strategy.client_plan(server_round, client.node_id)
         payload = strategy.payload(server_round, client.node_id, plan, current)
+        metrics = client.merge(plan, payload, strategy.scaling)
         reply = client.train(plan, payload, current, rng)
         state = strategy.decode_update(server_round, plan, reply, current)
-        updates.append(ClientUpdate(client.node_id, client.num_examples, state, {}, plan))
-    return updates
+        update = ClientUpdate(client.node_id, client.num_examples, state, metrics, plan)
+        veto = strategy.accept_update(server_round, update)
+        if veto is None:
+            updates.append(update)
+        else:
+            rejected[client.node_id] = veto
+    return updates, rejected
+
+
+# --------------------------------------------------------------------------- #
+# The conformance kit                                                          #
+# --------------------------------------------------------------------------- #
+MODULES = {"layer.0.q": (12, 10), "layer.0.v": (12, 10), "layer.1.q": (8, 6)}
+DENSE = {"head.weight": (3, 12), "head.bias": (3,)}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One property of the conformance kit: passed or not, and why."""
+
+    name: str
+    passed: bool
+    detail: str = ""
+
+
+def _initial(strategy: LoraStrategy, rank: int, seed: int) -> AdapterState:
+    rng = np.random.default_rng(seed)
+    factors = {
+        m: LoraFactors(
+            a=rng.uniform(-1 / np.sqrt(d_in), 1 / np.sqrt(d_in), (rank, d_in)).astype(np.float32),
+            b=(0.05 * rng.standard_normal((d_out, rank))).astype(np.float32),
+        )
+        for m, (d_out, d_in) in MODULES.items()
+    }
+    dense = {k: rng.standard_normal(s).astype(np.float32) for k, s in DENSE.items()}
+    return strategy.initial_state(AdapterState(factors, dense, strategy.scaling(rank)))
+
+
+def _fresh(cls: type[LoraStrategy], rank: int, ranks: Sequence[int], seed: int) -> LoraStrategy:
+    strategy = cls(
+        StrategyOptions(
+            lora=LoraSpec(rank, 2.0 * rank, ("q", "v")),
+            seed=seed,
+            clients_per_round=len(ranks),
+            min_replies=1,
+        )
+    )
+    for node, r in enumerate(ranks):
+        strategy.register_node(node, r)
+    return strategy
+
+
+def _play(
+    cls: type[LoraStrategy],
+    ranks: Sequence[int],
+    examples: Sequence[int],
+    rounds: int,
+    seed: int = 0,
+    replying: Sequence[int] | None = None,
+) -> tuple[LoraStrategy, list[AdapterState], list[tuple[list[ClientUpdate], np.ndarray]]]:
+    """Run ``rounds`` in memory; return the strategy, the global states and each round's inputs."""
+    rank = max(ranks)
+    strategy = _fresh(cls, rank, ranks, seed)
+    current = _initial(strategy, rank, seed)
+    clients = [SimulatedClient(i, n) for i, n in enumerate(examples)]
+    rng = np.random.default_rng(seed + 1)
+    states, inputs = [current], []
+    for r in range(1, rounds + 1):
+        chosen = [clients[i] for i in (replying if replying is not None else range(len(clients)))]
+        updates, _ = simulate_round(strategy, r, current, chosen, rng)
+        n = np.array([u.num_examples for u in updates], float)
+        weights = n / n.sum()
+        current = strategy.aggregate(r, updates, weights, current)
+        states.append(current)
+        inputs.append((updates, weights))
+    return strategy, states, inputs
+
+
+def _same(x: AdapterState, y: AdapterState, atol: float = 0.0) -> bool:
+    a, b = x.to_state_dict(), y.to_state_dict()
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and np.allclose(a[k], b[k], rtol=0, atol=atol) for k in a
+    )
+
+
+def check_strategy(cls: type[LoraStrategy], seed: int = 0) -> list[CheckResult]:
+    """Run every conformance property against ``cls``; never raises for a failing strategy."""
+    checks = [
+        ("output shapes and dtypes", _check_shapes),
+        ("deterministic for a seed", _check_determinism),
+        ("aggregation error vs exact average", _check_error),
+        ("heterogeneous ranks", _check_mixed_ranks),
+        ("one client", _check_one_client),
+        ("dropped clients", _check_dropped),
+        ("zero weight", _check_zero_weight),
+        ("checkpoint and restore", _check_restore),
+        ("inputs not mutated", _check_no_mutation),
+        ("bad reply dropped", _check_bad_reply),
+    ]
+    out = []
+    for name, fn in checks:
+        try:
+            detail = fn(cls, seed)
+            out.append(CheckResult(name, True, detail or ""))
+        except Exception as err:  # a failing property is a result, not a crash
+            out.append(CheckResult(name, False, f"{type(err).__name__}: {err}"))
+    return out
+
+
+def assert_conforms(cls: type[LoraStrategy], seed: int = 0) -> None:
+    """Pytest helper: fail with every broken property listed."""
+    failed = [r for r in check_strategy(cls, seed) if not r.passed]
+    if failed:
+        lines = "\n".join(f"  - {r.name}: {r.detail}" for r in failed)
+        raise AssertionError(f"{cls.__name__} fails the fedlora conformance kit:\n{lines}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+def _check_shapes(cls: type[LoraStrategy], seed: int) -> str:
+    _, states, _ = _play(cls, [4, 4, 4], [10, 20, 30], rounds=2, seed=seed)
+    first = states[0]
+    for state in states[1:]:
+        _require(set(state.factors) == set(first.factors), "modules changed")
+        _require(set(state.dense) == set(first.dense), "dense tensors changed")
+        for m, f in state.factors.items():
+            _require(f.a.dtype == np.float32 and f.b.dtype == np.float32, f"{m}: not float32")
+            _require(f.a.shape[1] == first.factors[m].a.shape[1], f"{m}: A has wrong d_in")
+            _require(f.b.shape[0] == first.factors[m].b.shape[0], f"{m}: B has wrong d_out")
+            _require(f.a.shape[0] == f.b.shape[1], f"{m}: A and B ranks differ")
+        for k, v in state.dense.items():
+            _require(v.shape == first.dense[k].shape, f"{k}: shape changed")
+        state.check_finite()
+    return ""
+
+
+def _check_determinism(cls: type[LoraStrategy], seed: int) -> str:
+    _, a, _ = _play(cls, [4, 4, 4], [10, 20, 30], rounds=2, seed=seed)
+    _, b, _ = _play(cls, [4, 4, 4], [10, 20, 30], rounds=2, seed=seed)
+    _require(all(_same(x, y) for x, y in zip(a, b, strict=True)), "two runs with one seed differ")
+    return ""
+
+
+def _check_error(cls: type[LoraStrategy], seed: int) -> str:
+    from strategies.base import aggregation_error
+
+    _, states, inputs = _play(cls, [4, 4, 4], [10, 20, 30], rounds=2, seed=seed)
+    errors = [aggregation_error(u, w, s) for (u, w), s in zip(inputs, states[1:], strict=True)]
+    if cls.exact:
+        _require(max(errors) < 1e-5, f"claims exact, error {max(errors):.2e}")
+    return f"max error {max(errors):.2e}" + (" (claims exact)" if cls.exact else "")
+
+
+def _check_mixed_ranks(cls: type[LoraStrategy], seed: int) -> str:
+    if not cls.heterogeneous_ranks:
+        strategy = _fresh(cls, 8, [8], seed)
+        strategy.register_node(99, 4)
+        _require(99 in strategy.excluded_nodes, "accepts a node of another rank without support")
+        return "not claimed; a node of another rank is refused"
+    from strategies.base import aggregation_error
+
+    _, states, inputs = _play(cls, [2, 4, 8], [10, 20, 30], rounds=2, seed=seed)
+    errors = [aggregation_error(u, w, s) for (u, w), s in zip(inputs, states[1:], strict=True)]
+    if cls.exact:
+        _require(max(errors) < 1e-5, f"claims exact, error {max(errors):.2e} with ranks 2/4/8")
+    return f"ranks 2/4/8, max error {max(errors):.2e}"
+
+
+def _check_one_client(cls: type[LoraStrategy], seed: int) -> str:
+    from strategies.base import aggregation_error
+
+    _, states, inputs = _play(cls, [4], [7], rounds=2, seed=seed)
+    errors = [aggregation_error(u, w, s) for (u, w), s in zip(inputs, states[1:], strict=True)]
+    return f"error {max(errors):.2e}"
+
+
+def _check_dropped(cls: type[LoraStrategy], seed: int) -> str:
+    _, states, inputs = _play(cls, [4, 4, 4, 4], [5, 6, 7, 8], rounds=2, seed=seed, replying=[0, 2])
+    _require(all(len(u) == 2 for u, _ in inputs), "expected two replies per round")
+    for s in states[1:]:
+        s.check_finite()
+    return ""
+
+
+def _check_zero_weight(cls: type[LoraStrategy], seed: int) -> str:
+    from strategies.base import aggregation_error
+
+    strategy = _fresh(cls, 4, [4, 4, 4], seed)
+    current = _initial(strategy, 4, seed)
+    clients = [SimulatedClient(i, n) for i, n in enumerate([10, 20, 30])]
+    updates, _ = simulate_round(strategy, 1, current, clients, np.random.default_rng(seed))
+    weights = np.array([0.0, 0.4, 0.6])
+    out = strategy.aggregate(1, updates, weights, current)
+    out.check_finite()
+    without = aggregation_error(updates[1:], weights[1:], out)
+    with_zero = aggregation_error(updates, weights, out)
+    _require(abs(without - with_zero) < 1e-6, "a zero-weight client changes the target")
+    return f"error {with_zero:.2e}"
+
+
+def _check_restore(cls: type[LoraStrategy], seed: int) -> str:
+    from fedlora.checkpoint import restore_state, serialise_state
+
+    strategy, states, _ = _play(cls, [4, 4, 4], [10, 20, 30], rounds=1, seed=seed)
+    clone = _fresh(cls, 4, [4, 4, 4], seed)
+    clone.load_state_dict(restore_state(*serialise_state(strategy.state_dict())))
+    outs = []
+    for strat in (strategy, clone):  # fresh nodes: a base-merging strategy must catch them up
+        clients = [SimulatedClient(i, n) for i, n in enumerate([10, 20, 30])]
+        ups, _ = simulate_round(strat, 2, states[1], clients, np.random.default_rng(seed + 7))
+        n = np.array([u.num_examples for u in ups], float)
+        outs.append(strat.aggregate(2, ups, n / n.sum(), states[1]))
+    _require(_same(outs[0], outs[1]), "the restored strategy's next round differs")
+    return ""
+
+
+def _check_no_mutation(cls: type[LoraStrategy], seed: int) -> str:
+    strategy = _fresh(cls, 4, [4, 4, 4], seed)
+    current = _initial(strategy, 4, seed)
+    clients = [SimulatedClient(i, n) for i, n in enumerate([10, 20, 30])]
+    updates, _ = simulate_round(strategy, 1, current, clients, np.random.default_rng(seed))
+    before = [{k: v.copy() for k, v in u.state.to_state_dict().items()} for u in updates]
+    current_before = {k: v.copy() for k, v in current.to_state_dict().items()}
+    weights = np.array([0.2, 0.3, 0.5])
+    strategy.aggregate(1, updates, weights.copy(), current)
+    for u, b in zip(updates, before, strict=True):
+        for k, v in u.state.to_state_dict().items():
+            _require(np.array_equal(v, b[k]), f"aggregate modified client tensor {k}")
+    for k, v in current.to_state_dict().items():
+        _require(np.array_equal(v, current_before[k]), f"aggregate modified current tensor {k}")
+    return ""
+
+
+def _check_bad_reply(cls: type[LoraStrategy], seed: int) -> str:
+    """A NaN reply goes through the Flower hooks and must be dropped, the rest aggregated."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora.adapters import to_arrayrecord
+
+    for attr in ("run_id", "task_id", "node_id"):
+        try:
+            getattr(TaskIdentity, attr)
+        except RuntimeError:
+            setattr(TaskIdentity, attr, 0)
+
+    class _Grid:
+        def get_node_ids(self) -> list[int]:
+            return [0, 1, 2]
+
+    strategy = _fresh(cls, 4, [4, 4, 4], seed)
+    current = _initial(strategy, 4, seed)
+    arrays = to_arrayrecord(current.to_state_dict())
+    config = ConfigRecord({protocol.RUN_CONFIG: "{}"})
+    messages = {
+        m.metadata.dst_node_id: m for m in strategy.configure_train(1, arrays, config, _Grid())
+    }  # type: ignore[arg-type]
+    rng = np.random.default_rng(seed)
+    replies = []
+    for node, msg in sorted(messages.items()):
+        client = SimulatedClient(node, 10)
+        plan = strategy.client_plan(1, node)
+        payload = strategy.payload(1, node, plan, current)
+        metrics = client.merge(plan, payload, strategy.scaling)
+        tensors = client.train(plan, payload, current, rng)
+        if node == 1:
+            key = next(k for k in tensors if k.endswith(B_SUFFIX))
+            tensors[key] = np.full_like(tensors[key], np.nan)
+        content = RecordDict(
+            {
+                protocol.ARRAYS: to_arrayrecord(tensors),
+                protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 10, **metrics}),
+            }
+        )
+        replies.append(Message(content, reply_to=msg))
+    out, _ = strategy.aggregate_train(1, replies)
+    report = strategy.last_report
+    _require(report is not None and report.num_ok == 2, "the NaN reply was not dropped")
+    _require(out is not None, "the round did not aggregate the two good replies")
+    status = {o.node_id: o.status for o in report.outcomes}
+    _require(status.get(1) == "dropped", f"node 1 status {status.get(1)}")
+    return ""

@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedlora.seeded import seeded_a
 from strategies.base import (
     AdapterState,
     ClientPlan,
@@ -31,6 +30,7 @@ from strategies.base import (
     LoraFactors,
     LoraStrategy,
     node_view,
+    seeded_a,
     state_from_dict,
     weighted_average,
 )

@@ -27,11 +27,7 @@ from logging import WARNING
 from typing import Any
 
 import numpy as np
-from flwr.supercore import log
 
-from fedlora import protocol
-from fedlora.adapters import merge_into_base
-from fedlora.delta import fingerprint
 from strategies.base import (
     AdapterState,
     ClientPlan,
@@ -39,6 +35,11 @@ from strategies.base import (
     LoraFactors,
     LoraStrategy,
     StrategyOptions,
+    fingerprint,
+    log,
+    merge_into_base,
+    protocol,
+    state_from_dict,
     weighted_average,
 )
 
@@ -108,7 +109,7 @@ class Flora(LoraStrategy):
             init_seed=round_seed(self.options.seed, server_round, node_id),
             a_from_seed=True,
             merge_rounds=tuple(rounds),
-            config={"reset-base": node_id in self.node_reset},
+            config={protocol.RESET_BASE: node_id in self.node_reset},
         )
 
     def payload(
@@ -199,8 +200,6 @@ class Flora(LoraStrategy):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore stacks and rebuild the merged base from them."""
-        from fedlora.adapters import state_from_dict
-
         super().load_state_dict(state)
         flora = state.get("flora", {})
         self.stacks = {

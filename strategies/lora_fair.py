@@ -22,14 +22,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedlora.delta import LowRankTerm, relative_error
 from strategies.base import (
     AdapterState,
     ClientUpdate,
     LoraFactors,
     LoraStrategy,
+    LowRankTerm,
     StrategyOptions,
     aggregation_error,
+    relative_error,
 )
 from strategies.fedavg import fedavg_states
 

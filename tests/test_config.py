@@ -123,3 +123,24 @@ def test_configuration_doc_is_in_sync():
     assert (ROOT / "docs" / "configuration.md").read_text() == markdown_reference(), (
         "docs/configuration.md is stale: run `make docs`"
     )
+
+
+def test_strategy_options_reach_the_strategy_and_are_checked():
+    strategy = build_strategy(RunConfig(strategy="lora_fair", strategy_options="fair-lambda=0.5"))
+    assert strategy.lam == 0.5
+    with pytest.raises(ConfigError, match="'fair-method': 'svd'"):
+        build_strategy(RunConfig(strategy="lora_fair", strategy_options="fair-method=svd"))
+    with pytest.raises(ConfigError, match="'strategy-options': 'oops' must be key=value"):
+        RunConfig(strategy_options="oops")
+
+
+def test_client_ranks_are_checked():
+    with pytest.raises(
+        ConfigError, match=r"'client-ranks': '4,16' must hold ranks in \[1, lora-rank=8\]"
+    ):
+        RunConfig(client_ranks="4,16")
+    with pytest.raises(ConfigError, match="'client-ranks': '4,x' is not a comma-separated"):
+        RunConfig(client_ranks="4,x")
+    with pytest.raises(ConfigError, match="does not support heterogeneous ranks"):
+        build_strategy(RunConfig(strategy="lora_fair", lora_rank=16, client_ranks="4,8,16"))
+    assert RunConfig(lora_rank=16, client_ranks="4,8,16").rank_of_partition(4) == 8

@@ -13,6 +13,7 @@ from strategies.base import StrategyOptions, aggregation_error
 from strategies.conformance import SimulatedClient, simulate_round
 from strategies.fedavg import FedAvg
 from strategies.ffa_lora import FfaLora
+from strategies.flora import Flora
 from strategies.lora_fair import LoraFair, ridge_correction
 from tests.helpers import random_state
 
@@ -47,7 +48,8 @@ def _direct(updates, weights, state):
 def _round(cls, ranks, n, seed=0, **extra):
     strategy, current, rng = _make(cls, ranks, seed, **extra)
     clients = [SimulatedClient(i, int(n_i)) for i, n_i in enumerate(n)]
-    updates = simulate_round(strategy, 1, current, clients, rng)
+    updates, rejected = simulate_round(strategy, 1, current, clients, rng)
+    assert not rejected
     w = np.asarray(n, float) / np.sum(n)
     return strategy, current, updates, w, strategy.aggregate(1, updates, w, current)
 
@@ -137,7 +139,7 @@ def test_strategy_refuses_ranks_it_cannot_take():
     assert "outside [1, lora-rank=8]" in strategy.excluded_nodes[6]
 
 
-STRATEGIES = [FedAvg, FfaLora, LoraFair]
+STRATEGIES = [FedAvg, FfaLora, LoraFair, Flora]
 
 
 @settings(max_examples=25, deadline=None)
@@ -155,10 +157,84 @@ def test_property_every_strategy_random_inputs(idx, seed, ranks, n):
     assert set(out.factors) == set(current.factors)
     for m, f in out.factors.items():
         assert f.a.dtype == np.float32 and f.b.dtype == np.float32
-        assert f.a.shape == current.factors[m].a.shape and f.b.shape == current.factors[m].b.shape
+        assert f.a.shape[1] == current.factors[m].a.shape[1]
+        assert f.b.shape[0] == current.factors[m].b.shape[0]
+        if cls is not Flora:  # FLoRA's stack has rank sum(r_k)
+            assert f.a.shape == current.factors[m].a.shape
     e = aggregation_error(updates, w, out)
     assert np.isclose(e, _direct(updates, w, out), rtol=1e-4, atol=1e-6)
     if cls.exact:
         assert e < 1e-5
     if len(ranks) == 1 and cls is not FfaLora:
         assert e < 1e-5  # a single client is reproduced exactly
+
+
+# --------------------------------------------------------------------------- #
+# FLoRA                                                                        #
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("ranks", [(8, 8, 8), (4, 8, 16), (1, 3, 16, 2)])
+def test_flora_stacking_is_exact_for_mixed_ranks(ranks):
+    _, _, updates, w, out = _round(Flora, ranks, n=range(3, 3 + 5 * len(ranks), 5))
+    assert out.rank == sum(ranks)
+    assert _direct(updates, w, out) < 1e-6
+
+
+def _flora_run(catch_up, rounds=4, n_nodes=5, per_round=2, seed=0):
+    ranks = [4, 8, 4, 16, 8][:n_nodes]
+    strategy, current, rng = _make(Flora, ranks, seed, **{"flora-catch-up": str(catch_up)})
+    clients = [SimulatedClient(i, 10 + i) for i in range(n_nodes)]
+    sampler = np.random.default_rng(seed)
+    rejected_total = {}
+    for r in range(1, rounds + 1):
+        chosen = sorted(sampler.choice(n_nodes, size=per_round, replace=False))
+        updates, rejected = simulate_round(strategy, r, current, [clients[i] for i in chosen], rng)
+        rejected_total.update({(r, k): v for k, v in rejected.items()})
+        if updates:
+            w = np.array([u.num_examples for u in updates], float)
+            current = strategy.aggregate(r, updates, w / w.sum(), current)
+    # a final round in which every node catches up (or not) to the server's base
+    for c in clients:
+        plan = strategy.client_plan(rounds + 1, c.node_id)
+        c.merge(plan, strategy.payload(rounds + 1, c.node_id, plan, current), strategy.scaling)
+    server = strategy.base_delta()
+    diffs = [
+        max(float(np.max(np.abs(c.base.get(m, 0) - server[m]))) for m in server) for c in clients
+    ]
+    return diffs, rejected_total, strategy
+
+
+def test_flora_catch_up_keeps_every_node_base_equal_to_server():
+    diffs, rejected, strategy = _flora_run(catch_up=True)
+    assert max(diffs) == 0.0  # the same merge function in the same order: bit-identical
+    assert not rejected
+    assert strategy.merged_round == 4
+
+
+def test_flora_without_catch_up_nodes_drift_and_are_rejected():
+    diffs, rejected, _ = _flora_run(catch_up=False)
+    assert max(diffs) > 1e-3
+    assert any("merged up to round" in v or "fingerprint" in v for v in rejected.values())
+
+
+def test_flora_state_round_trip_restores_merged_base():
+    _, _, strategy = _flora_run(catch_up=True)
+    clone = Flora(strategy.options)
+    clone.load_state_dict(strategy.state_dict())
+    assert clone.merged_round == strategy.merged_round
+    for m, d in strategy.base_delta().items():
+        np.testing.assert_array_equal(clone.base_delta()[m], d)
+    assert clone.node_last_merged == strategy.node_last_merged
+
+
+def test_truncated_svd_error_matches_discarded_singular_values():
+    from fedlora.delta import truncated_svd
+
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=(12, 3)) @ rng.normal(size=(3, 10)) + 0.01 * rng.normal(size=(12, 10))
+    b, a, err = truncated_svd(d, 3)
+    direct = np.linalg.norm(d - b.astype(np.float64) @ a) / np.linalg.norm(d)
+    assert np.isclose(err, direct, rtol=1e-4) and err < 0.05
+    b, a, err = truncated_svd(d, 20)  # asking more than the matrix has: exact, padded
+    assert b.shape == (12, 20) and err < 1e-12

@@ -1,0 +1,5 @@
+"""FlexLoRA as a fedlora strategy plugin (written against ``strategies.base`` only)."""
+
+from fedlora_flexlora.strategy import FlexLora
+
+__all__ = ["FlexLora"]

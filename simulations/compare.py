@@ -1,0 +1,250 @@
+"""Comparison runner: scenarios x seeds in simulation, then one table and a set of plots.
+
+    .venv/bin/python simulations/compare.py --scenarios fedavg ffa_lora flora lora_fair \
+        --seeds 0 1 2 --out results/compare
+
+Each cell (scenario, seed) is a full `flwr run` simulation of the app on its own output
+folder; a finished cell (its summary.md exists) is not run again, so an interrupted
+comparison resumes where it stopped. ``--centralized`` adds the pooled-data reference
+with the same step budget. The table (mean and spread over seeds) goes to
+``OUT/comparison.md``, the plots to ``OUT/*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedlora import results
+from fedlora.config import RunConfig
+
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+
+
+def load_scenario(name: str) -> dict[str, Any]:
+    """Run-config overrides of ``simulations/scenarios/NAME.toml`` (validated)."""
+    path = SCENARIOS / f"{name}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
+        raise SystemExit(f"Unknown scenario {name!r}; known: {', '.join(known)}")
+    overrides = tomllib.loads(path.read_text())
+    RunConfig.from_mapping(overrides)
+    return overrides
+
+
+def run_cells(
+    scenarios: list[str], seeds: list[int], out: Path, supernodes: int, extra: dict[str, Any]
+) -> None:
+    """Run every missing (scenario, seed) cell against one local simulation SuperLink."""
+    from rich.progress import Progress
+
+    from fedlora.launch import LaunchError, local_federation
+
+    cells = [(s, seed) for seed in seeds for s in scenarios]  # every scenario gets a seed first
+    todo = [
+        (s, seed)
+        for s, seed in cells
+        if not (out / s / f"seed-{seed}" / results.SUMMARY_FILE).is_file()
+    ]
+    if not todo:
+        return
+    with local_federation(out / ".flwr") as fed, Progress() as progress:
+        fed.start_superlink(simulation=True)
+        task = progress.add_task("cells", total=len(cells), completed=len(cells) - len(todo))
+        for scenario, seed in todo:
+            cell = out / scenario / f"seed-{seed}"
+            if cell.exists():  # an interrupted cell: start it again from scratch
+                import shutil
+
+                shutil.rmtree(cell)
+            overrides = {
+                **load_scenario(scenario),
+                **extra,
+                "seed": seed,
+                "num-partitions": supernodes,
+                "output-dir": str(cell),
+            }
+            progress.update(task, description=f"{scenario} seed {seed}")
+            log = (out / "logs").joinpath(f"{scenario}-seed-{seed}.log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with log.open("w") as fh:
+                    fed.run_app(
+                        overrides,
+                        {
+                            "num-supernodes": supernodes,
+                            "client-resources-num-cpus": 1,
+                            "init-args-num-cpus": 2,
+                        },
+                        stream_to=fh,
+                    )
+            except LaunchError as err:
+                progress.console.print(f"[red]{scenario} seed {seed} failed:[/red] {err}")
+            progress.advance(task)
+
+
+def run_centralized(seeds: list[int], out: Path, extra: dict[str, Any]) -> None:
+    """The pooled-data reference per seed (cached in OUT/centralized/seed-N.json)."""
+    from fedlora.centralized import run_centralized as train
+
+    for seed in seeds:
+        path = out / "centralized" / f"seed-{seed}.json"
+        if path.is_file():
+            continue
+        cfg = RunConfig.from_mapping({**load_scenario("fedavg"), **extra, "seed": seed})
+        res = train(cfg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            json.dumps(
+                {
+                    "accuracy": res.accuracy,
+                    "loss": res.loss,
+                    "steps": res.steps,
+                    "seconds": res.seconds,
+                }
+            )
+        )
+
+
+def _stats(values: list[float]) -> str:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def collect(scenarios: list[str], seeds: list[int], out: Path) -> dict[str, list[list[dict]]]:
+    """Per scenario, the round records of each finished seed."""
+    data: dict[str, list[list[dict]]] = {}
+    for s in scenarios:
+        runs = [results.read_records(out / s / f"seed-{seed}") for seed in seeds]
+        data[s] = [r for r in runs if r and (out / s).exists()]
+    return data
+
+
+def _mean_error(records: list[dict]) -> float:
+    values = [x["aggregation_error"] for x in records[1:] if x.get("aggregation_error") is not None]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def table(data: dict[str, list[list[dict]]], out: Path, seeds: list[int]) -> str:
+    """Markdown table: final accuracy, aggregation error, bytes per round, wall time."""
+    rows = [
+        "| scenario | seeds | final accuracy | best accuracy | mean agg. error | "
+        "up KiB/round | down KiB/round | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, runs in data.items():
+        if not runs:
+            rows.append(f"| {name} | 0 | - | - | - | - | - | - |")
+            continue
+        final = [r[-1].get("eval_accuracy") for r in runs]
+        best = [max(x.get("eval_accuracy") or 0 for x in r) for r in runs]
+        err = [_mean_error(r) for r in runs]
+        up = [np.mean([x.get("bytes_up") or 0 for x in r[1:]]) / 1024 for r in runs]
+        down = [np.mean([x.get("bytes_down") or 0 for x in r[1:]]) / 1024 for r in runs]
+        wall = [sum(x.get("seconds") or 0 for x in r) for r in runs]
+        rows.append(
+            f"| {name} | {len(runs)} | {_stats(final)} | {_stats(best)} | "
+            f"{np.mean(err):.2e} | {np.mean(up):.1f} | {np.mean(down):.1f} | {np.mean(wall):.0f} |"
+        )
+    central = [
+        json.loads(p.read_text())["accuracy"]
+        for p in sorted((out / "centralized").glob("seed-*.json"))
+    ]
+    if central:
+        rows.append(
+            f"| centralised (pooled data, same steps) | {len(central)} | "
+            f"{_stats(central)} | - | - | - | - | - |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def plots(data: dict[str, list[list[dict]]], out: Path) -> list[Path]:
+    """Accuracy per round (mean, min-max band), aggregation error and bytes per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name, runs in data.items():
+        if not runs:
+            continue
+        n = min(len(r) for r in runs)
+        acc = np.array([[x.get("eval_accuracy") or np.nan for x in r[:n]] for r in runs])
+        x = np.arange(n)
+        line = axes[0].plot(x, np.nanmean(acc, 0), marker="o", ms=3, label=name)[0]
+        axes[0].fill_between(
+            x, np.nanmin(acc, 0), np.nanmax(acc, 0), alpha=0.2, color=line.get_color()
+        )
+        err = np.array([[x.get("aggregation_error") or np.nan for x in r[1:n]] for r in runs])
+        axes[1].plot(x[1:], np.maximum(np.nanmean(err, 0), 1e-9), marker="o", ms=3, label=name)
+        up = np.array([[(x.get("bytes_up") or 0) / 1024 for x in r[1:n]] for r in runs])
+        down = np.array([[(x.get("bytes_down") or 0) / 1024 for x in r[1:n]] for r in runs])
+        axes[2].plot(x[1:], up.mean(0), label=f"{name} up", color=line.get_color())
+        axes[2].plot(x[1:], down.mean(0), ls="--", color=line.get_color())
+    axes[0].set(title="server-side accuracy (mean, min-max over seeds)", xlabel="round")
+    axes[1].set(title="relative aggregation error", xlabel="round", yscale="log")
+    axes[2].set(title="KiB per round (solid up, dashed down)", xlabel="round")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "comparison.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the grid (missing cells only), then write the table and the plots."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--scenarios", nargs="+", default=["fedavg", "ffa_lora", "flora", "lora_fair"]
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default="results/compare")
+    parser.add_argument("--supernodes", type=int, default=10)
+    parser.add_argument("--centralized", action="store_true", help="add the pooled-data reference")
+    parser.add_argument("--report-only", action="store_true", help="tabulate finished cells only")
+    parser.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config override applied to every cell",
+    )
+    args = parser.parse_args(argv)
+    from fedlora.cli import parse_overrides
+
+    out = Path(args.out).resolve()
+    extra = parse_overrides(args.config)
+    for s in args.scenarios:
+        load_scenario(s)
+    if not args.report_only:
+        run_cells(args.scenarios, args.seeds, out, args.supernodes, extra)
+        if args.centralized:
+            run_centralized(args.seeds, out, extra)
+    data = collect(args.scenarios, args.seeds, out)
+    text = table(data, out, args.seeds)
+    (out / "comparison.md").write_text(text)
+    paths = plots(data, out)
+    print(text)
+    print("plots:", ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The conformance kit passes every built-in and catches broken strategies."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedlora.registry import BUILTINS, load_strategy_class
+from strategies.base import AdapterState, LoraFactors
+from strategies.conformance import assert_conforms, check_strategy
+from strategies.fedavg import FedAvg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_every_builtin_passes_the_kit(name):
+    assert_conforms(load_strategy_class(name))
+
+
+def _failed(cls):
+    return {r.name for r in check_strategy(cls) if not r.passed}
+
+
+class ClaimsExact(FedAvg):
+    exact = True
+
+
+class Mutates(FedAvg):
+    def aggregate(self, server_round, updates, weights, current):
+        out = super().aggregate(server_round, updates, weights, current)
+        for u in updates:
+            next(iter(u.state.factors.values())).b[...] += 1.0
+        return out
+
+
+class Random(FedAvg):
+    def aggregate(self, server_round, updates, weights, current):
+        out = super().aggregate(server_round, updates, weights, current)
+        m, f = next(iter(out.factors.items()))
+        noisy = {
+            **out.factors,
+            m: LoraFactors(f.a, f.b + np.random.normal(size=f.b.shape).astype(np.float32)),
+        }
+        return AdapterState(noisy, out.dense, out.scaling)
+
+
+class WrongShape(FedAvg):
+    def aggregate(self, server_round, updates, weights, current):
+        out = super().aggregate(server_round, updates, weights, current)
+        return AdapterState(
+            {m: LoraFactors(f.a[:, :-1], f.b) for m, f in out.factors.items()},
+            out.dense,
+            out.scaling,
+        )
+
+
+class ProducesNan(FedAvg):
+    def aggregate(self, server_round, updates, weights, current):
+        out = super().aggregate(server_round, updates, weights, current)
+        return AdapterState(out.factors, {k: v * np.nan for k, v in out.dense.items()}, out.scaling)
+
+
+def test_kit_catches_a_false_exactness_claim():
+    assert "aggregation error vs exact average" in _failed(ClaimsExact)
+
+
+def test_kit_catches_mutation():
+    assert "inputs not mutated" in _failed(Mutates)
+
+
+def test_kit_catches_nondeterminism():
+    assert "deterministic for a seed" in _failed(Random)
+
+
+def test_kit_catches_wrong_shapes_and_nan():
+    assert "output shapes and dtypes" in _failed(WrongShape)
+    assert "output shapes and dtypes" in _failed(ProducesNan)
+
+
+ALLOWED_TOP = {
+    "__future__",
+    "collections",
+    "dataclasses",
+    "logging",
+    "typing",
+    "math",
+    "abc",
+    "numpy",
+    "torch",
+    "strategies",
+}
+
+
+@pytest.mark.parametrize("target", sorted(BUILTINS.values()))
+def test_builtins_use_only_the_public_api(target):
+    """A built-in imports nothing a plugin cannot: strategies.base (and sibling built-ins)."""
+    module = target.split(":")[0]
+    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        for name in names:
+            assert name.split(".")[0] in ALLOWED_TOP, f"{module} imports {name}"
+            if name.startswith("strategies."):
+                assert name == "strategies.base" or name.split(".")[1] in {
+                    t.split(":")[0].split(".")[1] for t in BUILTINS.values()
+                }, f"{module} imports {name}"
