@@ -53,6 +53,11 @@ class RunConfig:
         "'fair-method=cosine,fair-lambda=0.01' (see docs/strategies.md).",
         "",
     )
+    max_failed_rounds: int = _help(
+        "Rounds in which the strategy itself fails (raises, NaN, wrong shapes) before the run "
+        "stops with an error; the global adapter is kept unchanged in each.",
+        3,
+    )
     round_timeout: float = _help("Seconds to wait for the replies of one round.", 900.0)
     weighting: str = _help(
         "Client weights p_k: 'num-examples' (n_k / sum n_j) or 'uniform'.",
@@ -131,7 +136,7 @@ class RunConfig:
         """Reject bad values with a message that names the key and the value."""
         _positive(self, "num_server_rounds", "clients_per_round", "min_replies", "num_partitions")
         _positive(self, "max_seq_len", "batch_size", "local_steps", "lora_rank", "eval_batch_size")
-        _positive(self, "round_timeout", "lr", "lora_alpha", "dirichlet_alpha")
+        _positive(self, "round_timeout", "lr", "lora_alpha", "dirichlet_alpha", "max_failed_rounds")
         _non_negative(self, "eval_examples", "seed", "keep_checkpoints")
         if self.min_replies > self.clients_per_round:
             _fail(

@@ -195,6 +195,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
 
     strategy.summary()
     arrays: ArrayRecord = to_arrayrecord(state.to_state_dict())
+    failures: list[str] = []
     for server_round in range(1, cfg.num_server_rounds + 1):
         t0 = time.monotonic()
         strategy.discover_nodes(grid, ConfigRecord(dict(base_config)), cfg.round_timeout)
@@ -222,6 +223,15 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         )
         if report is not None and report.skipped:
             log(WARNING, "Round %d skipped: %s", server_round, report.skip_reason)
+        if report is not None and report.strategy_error:
+            failures.append(f"round {server_round}: {report.strategy_error}")
+            if len(failures) >= cfg.max_failed_rounds:
+                _write_summary(out, cfg, started, {"stopped": "strategy failed"})
+                raise StrategyFailedError(
+                    f"Strategy {cfg.strategy!r} failed in {len(failures)} rounds "
+                    f"(max-failed-rounds={cfg.max_failed_rounds}); the global adapter was kept "
+                    f"unchanged each time. Failures: {'; '.join(failures)}"
+                )
         log(
             INFO,
             "Round %d/%d: accuracy %.4f, eval loss %.4f, train loss %s, agg. error %s, %.1fs",
@@ -235,6 +245,16 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         )
 
     export = export_adapter(out, cfg, evaluator, state, strategy)
+    _write_summary(out, cfg, started, export)
+    log(INFO, "fedlora: run finished; summary in %s", out / results.SUMMARY_FILE)
+    return out
+
+
+class StrategyFailedError(RuntimeError):
+    """The strategy failed in too many rounds; the run stops rather than go on corrupted."""
+
+
+def _write_summary(out: Path, cfg: RunConfig, started: float, extra: Mapping[str, str]) -> None:
     records = results.read_records(out)
     header = {
         "strategy": cfg.strategy,
@@ -245,13 +265,11 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         "clients per round": cfg.clients_per_round,
         "LoRA": f"r={cfg.lora_rank}, alpha={cfg.lora_alpha}, targets={cfg.lora_targets}"
         + (f", client ranks {cfg.client_ranks}" if cfg.client_ranks else ""),
-        **export,
+        **extra,
         "total wall time (s)": f"{time.monotonic() - started:.1f}",
     }
     results.write_summary(out, records, header)
     results.plot_rounds(out, records, title=f"{cfg.strategy} on {cfg.dataset}")
-    log(INFO, "fedlora: run finished; summary in %s", out / results.SUMMARY_FILE)
-    return out
 
 
 def _prepare_output(cfg: RunConfig) -> Path:

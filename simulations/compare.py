@@ -234,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     for s in args.scenarios:
         load_scenario(s)
     if not args.report_only:
-        run_cells(args.scenarios, args.seeds, out, args.supernodes, extra)
         if args.centralized:
             run_centralized(args.seeds, out, extra)
+        run_cells(args.scenarios, args.seeds, out, args.supernodes, extra)
     data = collect(args.scenarios, args.seeds, out)
     text = table(data, out, args.seeds)
     (out / "comparison.md").write_text(text)

@@ -668,10 +668,10 @@ class LoraStrategy(Strategy):
             _check_against(result, current, None)
             result.check_finite()
         except Exception as err:  # a plugin's bug must not corrupt the global adapter
-            name = self.name or type(self).__name__
+            name = f"{self.name or '?'}' ({type(self).__module__}.{type(self).__qualname__})"
             report.skipped = True
             report.strategy_error = f"{type(err).__name__}: {err}"
-            report.skip_reason = f"strategy '{name}' failed: {report.strategy_error}"
+            report.skip_reason = f"strategy '{name} failed: {report.strategy_error}"
             log(WARNING, "Round %d: %s; global adapter unchanged", server_round, report.skip_reason)
             return None
         report.aggregation_error = aggregation_error(updates, weights, result)

@@ -183,3 +183,30 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
         assert (out / "merged-model" / "config.json").is_file()
     ranks = {n["node_id"] for r in records[1:] for n in r["nodes"]}
     assert len(ranks) >= 2
+
+
+def test_failing_strategy_stops_run_without_corrupting_adapter(tiny_model, tmp_path, caplog):
+    """A plugin that returns NaN: logged with its name, adapter kept, run stops after N rounds."""
+    out = tmp_path / "broken"
+    overrides = _tiny_run(
+        tiny_model,
+        out,
+        strategy="tests.test_conformance:ProducesNan",
+        **{"num-server-rounds": 4, "max-failed-rounds": 2},
+    )
+    from server.federation import StrategyFailedError
+
+    with pytest.raises(StrategyFailedError, match="failed in 2 rounds"):
+        run_simulation(
+            make_server_app(overrides),
+            client_app,
+            num_supernodes=3,
+            backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+        )
+    records = results.read_records(out)
+    assert [r["round"] for r in records] == [0, 1, 2]  # stopped after 2 failed rounds
+    for r in records[1:]:
+        assert r["skipped"] and "NaN or Inf" in r["strategy_error"]
+        assert r["eval_accuracy"] == records[0]["eval_accuracy"]  # adapter unchanged
+    assert "strategy failed" in (out / results.SUMMARY_FILE).read_text()
+    assert "test_conformance.ProducesNan) failed" in caplog.text
