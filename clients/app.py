@@ -7,12 +7,13 @@ answer in records. Nothing here keeps state between messages except process cach
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.local import LocalJob
 from fedlora import protocol
 from fedlora.adapters import to_arrayrecord
+from fedlora.privacy import BudgetExhaustedError
 
 app = ClientApp()
 
@@ -21,7 +22,16 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune the received adapter on this node's data."""
     job = LocalJob.from_message(msg, context)
-    tensors, metrics = job.train()
+    try:
+        tensors, metrics = job.train()
+    except BudgetExhaustedError as err:  # decline, with the reason, rather than overspend
+        declined = RecordDict(
+            {
+                protocol.METRICS: MetricRecord({protocol.DECLINED: 1}),
+                protocol.CONFIG: ConfigRecord({protocol.REASON: str(err)}),
+            }
+        )
+        return Message(declined, reply_to=msg)
     content = RecordDict(
         {protocol.ARRAYS: to_arrayrecord(tensors), protocol.METRICS: MetricRecord(metrics)}
     )

@@ -43,10 +43,13 @@ from fedlora.data import (
 )
 from fedlora.delta import fingerprint
 from fedlora.model import LoraSpec, apply_base_delta, build_lora_model, load_tokenizer
+from fedlora.privacy import PrivacyBudget, default_delta, make_private, new_budget
 from fedlora.train import evaluate, make_optimizer, sampled_loader, train_steps
 
 BASE_STATE = "merged-base"
 """Store name of the node's merged FLoRA base."""
+PRIVACY_STATE = "privacy"
+"""Store name of the node's DP budget (accountant history, sigma, q, delta)."""
 
 _DATA_CACHE: dict[tuple[Any, ...], tuple[TensorDataset, TensorDataset]] = {}
 
@@ -219,13 +222,27 @@ class LocalJob:
         model = self.model(base)
         optimizer = make_optimizer(model, self.cfg.lr)
         seed = self.cfg.seed * 1_000_003 + self.server_round * 1009 + self.partition_key
-        loader = sampled_loader(train_data, self.cfg.batch_size, self.cfg.local_steps, seed)
+        private = None
+        if self.cfg.dp:
+            private = make_private(
+                model,
+                optimizer,
+                train_data,
+                budget=self.privacy_budget(len(train_data)),
+                clip_norm=self.cfg.dp_clip,
+                steps=self.cfg.local_steps,
+                seed=seed,
+            )  # raises BudgetExhaustedError before any step when the budget is spent
+            loop_model, loop_optimizer, loader = private.model, private.optimizer, private.loader
+        else:
+            loop_model, loop_optimizer = model, optimizer
+            loader = sampled_loader(train_data, self.cfg.batch_size, self.cfg.local_steps, seed)
         started = time.perf_counter()
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             result = train_steps(
-                model,
-                optimizer,
+                loop_model,
+                loop_optimizer,
                 loader,
                 desc=f"round {self.server_round}",
                 show_progress=_progress_enabled(),
@@ -244,7 +261,33 @@ class LocalJob:
         }
         for i, value in enumerate(fingerprint(base)):
             metrics[f"{protocol.BASE_FINGERPRINT}-{i}"] = value
+        if private is not None:
+            private.finish()
+            self.store.save(PRIVACY_STATE, {}, private.budget.to_state())
+            metrics |= {
+                protocol.EPSILON: private.budget.epsilon(),
+                protocol.DELTA: private.budget.delta,
+                "dp-noise-multiplier": private.budget.noise_multiplier,
+                "dp-steps": private.budget.steps,
+            }
         return tensors, metrics
+
+    def privacy_budget(self, num_examples: int) -> PrivacyBudget:
+        """This node's budget: restored from its store, or calibrated once on first use."""
+        _, state = self.store.load(PRIVACY_STATE)
+        if state:
+            return PrivacyBudget.from_state(state)
+        c = self.cfg
+        return new_budget(
+            accountant=c.dp_accountant,
+            target_epsilon=c.dp_epsilon,
+            delta=c.dp_delta or default_delta(num_examples),
+            num_examples=num_examples,
+            batch_size=c.batch_size,
+            steps_per_round=c.local_steps,
+            expected_rounds=c.expected_client_rounds,
+            noise_multiplier=c.dp_noise or None,
+        )
 
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracy of the received adapter on this node's held-out data."""

@@ -36,7 +36,8 @@ class NodeStore:
                 if name in records.array_records
                 else {}
             )
-            meta = dict(records.config_records.get(name, ConfigRecord()))
+            config = records.config_records.get(name, ConfigRecord())
+            meta = json.loads(str(config["json"])) if "json" in config else {}
             return arrays, meta
         if self.folder is not None and (self.folder / f"{name}.json").is_file():
             meta = json.loads((self.folder / f"{name}.json").read_text())
@@ -48,7 +49,8 @@ class NodeStore:
     def save(self, name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         """Replace what is stored under ``name``."""
         self.context.state.array_records[name] = to_arrayrecord(arrays)
-        self.context.state.config_records[name] = ConfigRecord(meta)
+        # ConfigRecord values are flat; nested metadata (an accountant history) goes as JSON
+        self.context.state.config_records[name] = ConfigRecord({"json": json.dumps(meta)})
         if self.folder is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)

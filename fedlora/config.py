@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -115,6 +116,21 @@ class RunConfig:
     lora_dropout: float = _help("Dropout on the LoRA branch.", 0.0)
     use_rslora: bool = _help("Rank-stabilised scaling alpha / sqrt(r).", False)
 
+    dp: bool = _help("Train clients with DP-SGD (Opacus) on the trainable parameters.", False)
+    dp_epsilon: float = _help(
+        "Each client's target epsilon over all the rounds it is expected to join.", 8.0
+    )
+    dp_delta: float = _help("DP delta; 0 picks min(1e-5, 1 / (10 n_k)) per client.", 0.0)
+    dp_clip: float = _help("Per-example gradient clipping norm C.", 1.0)
+    dp_noise: float = _help(
+        "Noise multiplier sigma; 0 calibrates it once from dp-epsilon and dp-delta.", 0.0
+    )
+    dp_accountant: str = _help("Opacus accountant: rdp or prv.", "rdp")
+    dp_expected_rounds: int = _help(
+        "Rounds a client expects to join, for calibrating sigma; 0 uses "
+        "ceil(num-server-rounds x clients-per-round / num-partitions).",
+        0,
+    )
     eval_examples: int = _help(
         "Held-out examples for the server-side evaluation each round (0 = the whole test split).",
         1000,
@@ -150,6 +166,11 @@ class RunConfig:
             _fail("fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
         _one_of("partitioner", self.partitioner, PARTITIONERS)
         _one_of("weighting", self.weighting, WEIGHTINGS)
+        _one_of("dp-accountant", self.dp_accountant, ("rdp", "prv"))
+        _positive(self, "dp_epsilon", "dp_clip")
+        _non_negative(self, "dp_delta", "dp_noise", "dp_expected_rounds")
+        if self.dp_delta >= 1:
+            _fail("dp-delta", self.dp_delta, "must be < 1")
         if self.partitioner == "natural" and not self.partition_column:
             _fail("partition-column", self.partition_column, "is required when partitioner=natural")
         _ = self.strategy_extra
@@ -195,6 +216,14 @@ class RunConfig:
                 f"Invalid value for 'client-ranks': {self.client_ranks!r} is not a "
                 "comma-separated list of integers"
             ) from None
+
+    @property
+    def expected_client_rounds(self) -> int:
+        """Rounds one client expects to join (for calibrating its noise once)."""
+        if self.dp_expected_rounds:
+            return self.dp_expected_rounds
+        share = self.num_server_rounds * self.clients_per_round / self.num_partitions
+        return max(1, math.ceil(share))
 
     def rank_of_partition(self, partition_id: int | None) -> int:
         """The rank a client of ``partition_id`` trains at under ``client_ranks``."""

@@ -82,6 +82,20 @@ def summary_table(records: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def privacy_ledger(records: Sequence[Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Per node: the latest epsilon it reported, its rounds, and why it declined (if so)."""
+    ledger: dict[int, dict[str, Any]] = {}
+    for r in records:
+        for n in r.get("nodes") or []:
+            entry = ledger.setdefault(int(n["node_id"]), {"epsilon": None, "rounds": 0})
+            if n.get("epsilon") is not None:
+                entry["epsilon"] = n["epsilon"]
+                entry["rounds"] += 1
+            if n.get("status") == "declined":
+                entry["declined"] = n.get("reason", "")
+    return {k: v for k, v in ledger.items() if v["epsilon"] is not None or "declined" in v}
+
+
 def write_summary(
     output_dir: Path, records: Sequence[Mapping[str, Any]], header: Mapping[str, Any]
 ) -> Path:
@@ -98,9 +112,23 @@ def write_summary(
         f"- **bytes up / down**: {sum(r.get('bytes_up') or 0 for r in trained):,} / "
         f"{sum(r.get('bytes_down') or 0 for r in trained):,}",
         "",
-        summary_table(records),
-        "",
     ]
+    ledger = privacy_ledger(trained)
+    if ledger:
+        worst = max((v["epsilon"] or 0.0 for v in ledger.values()), default=0.0)
+        declined = {k: v["declined"] for k, v in ledger.items() if "declined" in v}
+        lines += [
+            f"- **privacy**: worst-case client epsilon {worst:.3f} over {len(ledger)} clients; "
+            f"{len(declined)} declined (budget spent) and were no longer sampled",
+            "",
+            "| node | epsilon spent | rounds trained | declined |",
+            "|---|---:|---:|---|",
+        ]
+        for node, v in sorted(ledger.items()):
+            eps = "-" if v["epsilon"] is None else f"{v['epsilon']:.3f}"
+            lines.append(f"| {node} | {eps} | {v['rounds']} | {v.get('declined', '')} |")
+        lines.append("")
+    lines += [summary_table(records), ""]
     path = output_dir / SUMMARY_FILE
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -65,7 +65,10 @@ def train_steps(
     losses: list[float] = []
     seen = 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not show_progress, mininterval=2.0)
-    for input_ids, attention_mask, labels in bar:
+    for batch in bar:
+        if batch is None:  # an empty Poisson batch (DP-SGD): nothing to learn from
+            continue
+        input_ids, attention_mask, labels = batch
         optimizer.zero_grad(set_to_none=True)
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         loss = out.loss

@@ -145,7 +145,7 @@ def round_record(
             "train_loss_first": report.metrics.get(protocol.TRAIN_LOSS_FIRST),
             "bytes_up": report.bytes_up,
             "bytes_down": report.bytes_down,
-            "metrics": {k: v for k, v in report.metrics.items()},
+            "metrics": dict(report.metrics),
             "nodes": [
                 {
                     "node_id": o.node_id,
@@ -156,6 +156,7 @@ def round_record(
                     "bytes_down": o.bytes_down,
                     "train_loss": o.metrics.get(protocol.TRAIN_LOSS),
                     "train_seconds": o.metrics.get(protocol.TRAIN_SECONDS),
+                    "epsilon": o.metrics.get(protocol.EPSILON),
                 }
                 for o in report.outcomes
             ],

@@ -160,7 +160,8 @@ class NodeOutcome:
     """What happened to one node in one round (for the results)."""
 
     node_id: int
-    status: str  # "ok", "dropped" (bad reply), "error" (node failed), "missing" (no reply)
+    status: str  # "ok", "dropped" (bad reply), "error" (node failed), "missing" (no reply),
+    # "declined" (the node refused, e.g. its privacy budget is spent)
     reason: str = ""
     num_examples: int = 0
     bytes_down: int = 0
@@ -418,13 +419,17 @@ class LoraStrategy(Strategy):
         log(INFO, "Node ranks: %s", dict(sorted(self.node_ranks.items())))
 
     def wait_for_nodes(self, grid: Grid, count: int) -> list[int]:
-        """Connected, non-excluded nodes, waiting up to ``node_wait_timeout`` for ``count``."""
+        """Connected, non-excluded nodes, after waiting for ``count`` nodes to connect.
+
+        Waits at most ``node_wait_timeout``; excluded nodes count as connected (waiting
+        would not bring them back).
+        """
         deadline = time.monotonic() + self.options.node_wait_timeout
         while True:
-            nodes = sorted(n for n in grid.get_node_ids() if n not in self.excluded_nodes)
-            if len(nodes) >= count or time.monotonic() >= deadline:
-                return nodes
-            log(INFO, "Waiting for nodes: %d connected, %d wanted", len(nodes), count)
+            connected = sorted(grid.get_node_ids())
+            if len(connected) >= count or time.monotonic() >= deadline:
+                return [n for n in connected if n not in self.excluded_nodes]
+            log(INFO, "Waiting for nodes: %d connected, %d wanted", len(connected), count)
             time.sleep(1.0)
 
     def exclude_node(self, node_id: int, reason: str) -> None:
@@ -605,6 +610,12 @@ class LoraStrategy(Strategy):
             return NodeOutcome(node_id, "dropped", "reply from a node that was not sampled"), None
         content = msg.content
         up = sum(r.count_bytes() for r in content.array_records.values())
+        reply_metrics = content.metric_records.get(protocol.METRICS)
+        if reply_metrics is not None and reply_metrics.get(protocol.DECLINED):
+            config = content.config_records.get(protocol.CONFIG)
+            reason = str(config.get(protocol.REASON, "declined")) if config else "declined"
+            self.exclude_node(node_id, reason)
+            return NodeOutcome(node_id, "declined", reason, bytes_down=down), None
         try:
             if protocol.ARRAYS not in content.array_records:
                 raise AdapterError(f"reply has no '{protocol.ARRAYS}' ArrayRecord")

@@ -210,3 +210,46 @@ def test_failing_strategy_stops_run_without_corrupting_adapter(tiny_model, tmp_p
         assert r["eval_accuracy"] == records[0]["eval_accuracy"]  # adapter unchanged
     assert "strategy failed" in (out / results.SUMMARY_FILE).read_text()
     assert "test_conformance.ProducesNan) failed" in caplog.text
+
+
+def test_dp_simulation_true_epsilon_and_budget_declines(tiny_model, tmp_path):
+    """DP-SGD through the real apps: epsilon grows per node and a spent node declines."""
+    out = tmp_path / "dp"
+    overrides = _tiny_run(
+        tiny_model,
+        out,
+        **{
+            "num-server-rounds": 4,
+            "min-replies": 1,
+            "dp": True,
+            "dp-epsilon": 4.0,
+            "dp-expected-rounds": 1,
+            "dp-clip": 1.0,
+        },
+    )
+    run_simulation(
+        make_server_app(overrides),
+        client_app,
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+    )
+    records = results.read_records(out)
+    nodes = [n for r in records[1:] for n in r["nodes"]]
+    declined = [n for n in nodes if n["status"] == "declined"]
+    assert declined and "privacy budget exhausted" in declined[0]["reason"]
+    for d in declined:  # a declined node is never sampled again
+        later = [
+            r
+            for r in records
+            if r["round"] > 0 and any(n["node_id"] == d["node_id"] for n in r["nodes"])
+        ]
+        assert later[-1]["nodes"][0] is not None
+        assert all(
+            n["status"] == "declined"
+            for r in later[-1:]
+            for n in r["nodes"]
+            if n["node_id"] == d["node_id"]
+        )
+    eps = [n["epsilon"] for n in nodes if n["status"] == "ok"]
+    assert eps and all(0 < e <= 4.0 * 1.001 for e in eps)
+    assert "worst-case client epsilon" in (out / results.SUMMARY_FILE).read_text()

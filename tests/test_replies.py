@@ -171,10 +171,7 @@ def test_failing_strategy_keeps_global_and_reports(caplog):
     messages = list(strategy.configure_train(1, arrays, _config(), FakeGrid([1, 2])))
     out, _ = strategy.aggregate_train(1, [reply(m, _good(rng), 5) for m in messages])
     assert out is None
-    assert (
-        "Broken) failed: RuntimeError: boom"
-        in strategy.last_report.skip_reason
-    )
+    assert "Broken) failed: RuntimeError: boom" in strategy.last_report.skip_reason
 
 
 def test_sampling_is_seeded_and_skips_excluded_nodes():

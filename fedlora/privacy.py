@@ -1,0 +1,190 @@
+"""Client-side DP-SGD with Opacus, and a privacy budget that lasts across rounds.
+
+Most federated examples build a new ``PrivacyEngine`` every round, so their epsilon
+covers one round. Here a client's accountant history is part of its persistent state
+(the node store): every round restores it before training, Opacus adds this round's
+steps through its optimizer hook, and the reply carries the epsilon spent so far. The
+noise multiplier is calibrated once, from the target (epsilon, delta) over all the
+steps the client is expected to take in all the rounds it is expected to join, and kept.
+
+Sampling is Poisson with rate q = batch / n_k, as Opacus analyses it, for exactly
+``local-steps`` steps per round (Opacus's own ``make_private`` would infer q from the
+loader's length, which is wrong for a fixed step count, so the pieces are assembled
+here: ``GradSampleModule``, ``DPOptimizer`` and the accountant's optimizer hook).
+Only parameters that require gradients (the LoRA factors and the head; not a frozen A)
+get per-sample gradients and noise. Hooks mode is used: ghost clipping needs a loss
+reduction Opacus can split per sample, which token-level causal-LM losses are not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader, TensorDataset, default_collate
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+class BudgetExhaustedError(RuntimeError):
+    """The next round would take the client past its privacy budget."""
+
+
+@dataclass
+class PrivacyBudget:
+    """One client's DP state for its whole lifetime (JSON-serialisable via ``to_state``)."""
+
+    accountant: str
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    target_epsilon: float
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def _accountant(self, extra_steps: int = 0) -> Any:
+        acc = create_accountant(self.accountant)
+        history = [tuple(h) for h in self.history]
+        if extra_steps:
+            history.append((self.noise_multiplier, self.sample_rate, extra_steps))
+        acc.history = history
+        return acc
+
+    @property
+    def steps(self) -> int:
+        """DP-SGD steps taken so far."""
+        return sum(int(h[2]) for h in self.history)
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at ``delta`` (0 before the first step)."""
+        if not self.history:
+            return 0.0
+        return float(self._accountant().get_epsilon(delta=self.delta))
+
+    def epsilon_after(self, steps: int) -> float:
+        """Epsilon if ``steps`` more steps were taken."""
+        return float(self._accountant(steps).get_epsilon(delta=self.delta))
+
+    def check_round(self, steps: int) -> None:
+        """Raise :class:`BudgetExhaustedError` if ``steps`` more would exceed the target."""
+        after = self.epsilon_after(steps)
+        if after > self.target_epsilon * 1.001:
+            raise BudgetExhaustedError(
+                f"privacy budget exhausted: epsilon {self.epsilon():.3f} spent, another round "
+                f"of {steps} steps would reach {after:.3f} > target {self.target_epsilon}"
+            )
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain dict for the node store."""
+        return {
+            "accountant": self.accountant,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "history": [list(h) for h in self.history],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> PrivacyBudget:
+        """Inverse of :meth:`to_state`."""
+        return cls(
+            accountant=str(state["accountant"]),
+            noise_multiplier=float(state["noise_multiplier"]),
+            sample_rate=float(state["sample_rate"]),
+            delta=float(state["delta"]),
+            target_epsilon=float(state["target_epsilon"]),
+            history=[(float(a), float(b), int(c)) for a, b, c in state.get("history", [])],
+        )
+
+
+def default_delta(num_examples: int) -> float:
+    """Delta = min(1e-5, 1 / (10 n_k)): below 1/n_k, as DP practice asks."""
+    return min(1e-5, 1.0 / (10.0 * max(num_examples, 1)))
+
+
+def new_budget(
+    *,
+    accountant: str,
+    target_epsilon: float,
+    delta: float,
+    num_examples: int,
+    batch_size: int,
+    steps_per_round: int,
+    expected_rounds: int,
+    noise_multiplier: float | None = None,
+) -> PrivacyBudget:
+    """Calibrate sigma once for ``steps_per_round * expected_rounds`` steps at q = B / n."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"Invalid value for 'dp-accountant': {accountant!r} (rdp or prv)")
+    q = min(1.0, batch_size / max(num_examples, 1))
+    if noise_multiplier is None:
+        noise_multiplier = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=q,
+            steps=steps_per_round * expected_rounds,
+            accountant=accountant,
+        )
+    return PrivacyBudget(accountant, float(noise_multiplier), q, delta, target_epsilon)
+
+
+@dataclass
+class PrivateTraining:
+    """The model, optimizer and loader of one DP round, wired to the client's budget."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    budget: PrivacyBudget
+
+    accountant: Any
+
+    def finish(self) -> None:
+        """Record this round's steps (taken by the accountant hook) in the budget."""
+        self.budget.history = [tuple(h) for h in self.accountant.history]
+        self.model.remove_hooks()  # the wrapped peft model is clean again
+
+
+def make_private(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: TensorDataset,
+    *,
+    budget: PrivacyBudget,
+    clip_norm: float,
+    steps: int,
+    seed: int,
+) -> PrivateTraining:
+    """Wrap ``model``/``optimizer`` for DP-SGD over ``steps`` Poisson batches of ``data``."""
+    budget.check_round(steps)
+    accountant = create_accountant(budget.accountant)
+    accountant.history = [tuple(h) for h in budget.history]
+    generator = torch.Generator().manual_seed(seed)
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(data), sample_rate=budget.sample_rate, generator=generator, steps=steps
+    )
+    loader = DataLoader(data, batch_sampler=sampler, collate_fn=_collate_or_none)
+    dp_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    expected = max(1, math.floor(len(data) * budget.sample_rate))
+    dp_optimizer = DPOptimizer(
+        optimizer,
+        noise_multiplier=budget.noise_multiplier,
+        max_grad_norm=clip_norm,
+        expected_batch_size=expected,
+        loss_reduction="mean",
+        generator=generator,
+    )
+    dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=budget.sample_rate))
+    return PrivateTraining(dp_model, dp_optimizer, loader, budget, accountant)
+
+
+def _collate_or_none(batch: list) -> Any:
+    """Poisson sampling can draw an empty batch; the loop skips it (no step, no release)."""
+    return default_collate(batch) if batch else None
