@@ -60,6 +60,7 @@ from strategies.base import (
     ClientUpdate,
     LoraFactors,
     LoraStrategy,
+    average_dense,
     weighted_average,
 )
 
@@ -68,7 +69,7 @@ class {cls}(LoraStrategy):
     """One line that `fedlora strategies` shows."""
 
     name = "{name}"
-    description = "TODO: one line for `fedlora strategies`"
+    description = "Describe {name} in one line (shown by `fedlora strategies`)"
     exact = False
     heterogeneous_ranks = False
 
@@ -87,10 +88,7 @@ class {cls}(LoraStrategy):
             )
             for m in sorted(current.factors)
         }}
-        dense = {{
-            k: weighted_average([u.state.dense[k] for u in updates], weights)
-            for k in sorted(current.dense)
-        }}
+        dense = average_dense(updates, weights)
         return AdapterState(factors, dense, current.scaling)
 '''
 

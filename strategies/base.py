@@ -64,6 +64,7 @@ __all__ = [
     "RoundReport",
     "StrategyOptions",
     "aggregation_error",
+    "average_dense",
     "fingerprint",
     "log",
     "merge_into_base",
@@ -218,6 +219,14 @@ def weighted_average(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> 
     for x, w in zip(arrays, weights, strict=True):
         out += float(w) * np.asarray(x, dtype=np.float64)
     return out.astype(np.float32)
+
+
+def average_dense(
+    updates: Sequence[ClientUpdate], weights: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """Weighted FedAvg of the dense trainable tensors (the head), as every strategy does."""
+    keys = sorted(updates[0].state.dense) if updates else []
+    return {k: weighted_average([u.state.dense[k] for u in updates], weights) for k in keys}
 
 
 def aggregation_error(

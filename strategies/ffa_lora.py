@@ -29,6 +29,7 @@ from strategies.base import (
     ClientUpdate,
     LoraFactors,
     LoraStrategy,
+    average_dense,
     node_view,
     seeded_a,
     state_from_dict,
@@ -126,8 +127,5 @@ class FfaLora(LoraStrategy):
             )
             for m, f in current.factors.items()
         }
-        dense = {
-            k: weighted_average([u.state.dense[k] for u in updates], weights)
-            for k in sorted(current.dense)
-        }
+        dense = average_dense(updates, weights)
         return AdapterState(factors, dense, current.scaling)

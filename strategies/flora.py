@@ -35,12 +35,12 @@ from strategies.base import (
     LoraFactors,
     LoraStrategy,
     StrategyOptions,
+    average_dense,
     fingerprint,
     log,
     merge_into_base,
     protocol,
     state_from_dict,
-    weighted_average,
 )
 
 FINGERPRINT_RTOL = 1e-4
@@ -141,10 +141,7 @@ class Flora(LoraStrategy):
             m: stack_factors([u.state.factors[m] for u in updates], coefficients)
             for m in sorted(current.factors)
         }
-        dense = {
-            k: weighted_average([u.state.dense[k] for u in updates], weights)
-            for k in sorted(current.dense)
-        }
+        dense = average_dense(updates, weights)
         stack = AdapterState(factors, dense, scaling)
         self.stacks[server_round] = stack
         return stack

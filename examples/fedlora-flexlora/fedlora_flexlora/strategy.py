@@ -19,8 +19,8 @@ from strategies.base import (
     ClientUpdate,
     LoraFactors,
     LoraStrategy,
+    average_dense,
     truncated_svd,
-    weighted_average,
 )
 
 
@@ -58,8 +58,5 @@ class FlexLora(LoraStrategy):
     ) -> AdapterState:
         """Truncated SVD of dW* per module; the head by weighted FedAvg."""
         factors = flex_aggregate(updates, weights, current.rank, current.scaling)
-        dense = {
-            k: weighted_average([u.state.dense[k] for u in updates], weights)
-            for k in sorted(current.dense)
-        }
+        dense = average_dense(updates, weights)
         return AdapterState(factors, dense, current.scaling)
