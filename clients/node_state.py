@@ -30,14 +30,15 @@ class NodeStore:
     def load(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Arrays and metadata saved under ``name`` (empty when none)."""
         records = self.context.state
-        if name in records.array_records or name in records.config_records:
+        arrays_key, meta_key = _keys(name)
+        if meta_key in records.config_records:
+            config = records.config_records[meta_key]
+            meta = json.loads(str(config["json"])) if "json" in config else {}
             arrays = (
-                from_arrayrecord(records.array_records[name])
-                if name in records.array_records
+                from_arrayrecord(records.array_records[arrays_key])
+                if arrays_key in records.array_records
                 else {}
             )
-            config = records.config_records.get(name, ConfigRecord())
-            meta = json.loads(str(config["json"])) if "json" in config else {}
             return arrays, meta
         if self.folder is not None and (self.folder / f"{name}.json").is_file():
             meta = json.loads((self.folder / f"{name}.json").read_text())
@@ -48,9 +49,10 @@ class NodeStore:
 
     def save(self, name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         """Replace what is stored under ``name``."""
-        self.context.state.array_records[name] = to_arrayrecord(arrays)
+        arrays_key, meta_key = _keys(name)
+        self.context.state[arrays_key] = to_arrayrecord(arrays)
         # ConfigRecord values are flat; nested metadata (an accountant history) goes as JSON
-        self.context.state.config_records[name] = ConfigRecord({"json": json.dumps(meta)})
+        self.context.state[meta_key] = ConfigRecord({"json": json.dumps(meta)})
         if self.folder is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -60,6 +62,11 @@ class NodeStore:
                 lambda p: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, p),
             )
         _atomic(self.folder / f"{name}.json", lambda p: Path(p).write_text(json.dumps(meta)))
+
+
+def _keys(name: str) -> tuple[str, str]:
+    """Record keys of a stored item: a RecordDict has one namespace for all record types."""
+    return f"{name}.arrays", f"{name}.meta"
 
 
 def _atomic(target: Path, write: Any) -> None:
