@@ -271,6 +271,7 @@ class LoraStrategy(Strategy):
         self.last_report: RoundReport | None = None
         self.excluded_nodes: dict[int, str] = {}
         self.node_ranks: dict[int, int] = {}
+        self.node_partitions: dict[int, int] = {}  # the partition id a node reported
 
     # ------------------------------------------------------------------ #
     # The one required method                                            #
@@ -345,6 +346,7 @@ class LoraStrategy(Strategy):
         return {
             "rng": self._rng.bit_generator.state,
             "node_ranks": {str(k): v for k, v in self.node_ranks.items()},
+            "node_partitions": {str(k): v for k, v in self.node_partitions.items()},
             "excluded_nodes": {str(k): v for k, v in self.excluded_nodes.items()},
         }
 
@@ -353,6 +355,7 @@ class LoraStrategy(Strategy):
         if "rng" in state:
             self._rng.bit_generator.state = state["rng"]
         self.node_ranks = {int(k): int(v) for k, v in state.get("node_ranks", {}).items()}
+        self.node_partitions = {int(k): int(v) for k, v in state.get("node_partitions", {}).items()}
         self.excluded_nodes = {int(k): str(v) for k, v in state.get("excluded_nodes", {}).items()}
 
     def extra_round_metrics(
@@ -424,6 +427,9 @@ class LoraStrategy(Strategy):
                 log(WARNING, "Node %s did not describe itself: %s", node_id, reason)
                 continue
             info = msg.content.metric_records[protocol.METRICS]
+            partition = int(info.get(protocol.NODE_PARTITION, -1))
+            if partition >= 0:
+                self.node_partitions[node_id] = partition
             self.register_node(node_id, int(info.get(protocol.NODE_RANK, self.options.lora.rank)))
         log(INFO, "Node ranks: %s", dict(sorted(self.node_ranks.items())))
 
@@ -453,7 +459,12 @@ class LoraStrategy(Strategy):
         Waits up to ``node_wait_timeout`` seconds for enough nodes to connect, then
         samples from those present.
         """
-        nodes = self.wait_for_nodes(grid, count)
+        # Flower draws node ids at random; ordering by the partition a node reported makes
+        # the same seed sample the same data in every launch of a simulation.
+        nodes = sorted(
+            self.wait_for_nodes(grid, count),
+            key=lambda n: (self.node_partitions.get(n, 2**62), n),
+        )
         if not nodes:
             return []
         chosen = self._rng.choice(len(nodes), size=min(count, len(nodes)), replace=False)

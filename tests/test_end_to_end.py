@@ -253,3 +253,26 @@ def test_dp_simulation_true_epsilon_and_budget_declines(tiny_model, tmp_path):
     eps = [n["epsilon"] for n in nodes if n["status"] == "ok"]
     assert eps and all(0 < e <= 4.0 * 1.001 for e in eps)
     assert "worst-case client epsilon" in (out / results.SUMMARY_FILE).read_text()
+
+
+def test_same_seed_same_run(tiny_model, tmp_path):
+    """Two launches with one seed sample the same partitions and give the same numbers,
+    although Flower draws different node ids each time."""
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        run_simulation(
+            make_server_app(_tiny_run(tiny_model, out, **{"num-server-rounds": 2})),
+            client_app,
+            num_supernodes=3,
+            backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+        )
+        runs.append(results.read_records(out))
+    for ra, rb in zip(*runs, strict=True):
+        assert ra["eval_accuracy"] == rb["eval_accuracy"]
+        assert ra["eval_loss"] == pytest.approx(rb["eval_loss"], rel=1e-6)
+        if ra["round"]:
+            assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-6)
+            assert sorted(n["num_examples"] for n in ra["nodes"]) == sorted(
+                n["num_examples"] for n in rb["nodes"]
+            )
