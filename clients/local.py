@@ -42,7 +42,7 @@ from fedlora.data import (
     tokenize,
 )
 from fedlora.delta import fingerprint
-from fedlora.model import LoraSpec, apply_base_delta, build_lora_model, load_tokenizer
+from fedlora.model import LoraSpec, apply_base_delta, build_lora_model, load_tokenizer, lora_spec
 from fedlora.privacy import PrivacyBudget, default_delta, make_private, new_budget
 from fedlora.train import evaluate, make_optimizer, sampled_loader, train_steps
 
@@ -107,10 +107,7 @@ class LocalJob:
     @property
     def spec(self) -> LoraSpec:
         """The LoRA layout this node trains this round."""
-        c = self.cfg
-        return LoraSpec(
-            c.lora_rank, c.lora_alpha, tuple(c.target_modules), c.lora_dropout, c.use_rslora
-        ).with_rank(self.rank)
+        return lora_spec(self.cfg).with_rank(self.rank)
 
     @property
     def partition_key(self) -> int:

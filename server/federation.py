@@ -36,17 +36,10 @@ from fedlora.checkpoint import save_checkpoint
 from fedlora.config import ConfigError, RunConfig
 from fedlora.data import TextTable, eval_subset, load_table, partition, tokenize
 from fedlora.delta import merge_product, truncated_svd
-from fedlora.model import LoraSpec, apply_base_delta, build_lora_model, load_tokenizer
+from fedlora.model import apply_base_delta, build_lora_model, load_tokenizer, lora_spec
 from fedlora.registry import load_strategy_class
 from fedlora.train import EvalResult, evaluate
 from strategies.base import LoraStrategy, RoundReport, StrategyOptions
-
-
-def lora_spec(cfg: RunConfig) -> LoraSpec:
-    """The global adapter's layout from the run config."""
-    return LoraSpec(
-        cfg.lora_rank, cfg.lora_alpha, tuple(cfg.target_modules), cfg.lora_dropout, cfg.use_rslora
-    )
 
 
 def build_strategy(cfg: RunConfig) -> LoraStrategy:
