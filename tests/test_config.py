@@ -144,3 +144,11 @@ def test_client_ranks_are_checked():
     with pytest.raises(ConfigError, match="does not support heterogeneous ranks"):
         build_strategy(RunConfig(strategy="lora_fair", lora_rank=16, client_ranks="4,8,16"))
     assert RunConfig(lora_rank=16, client_ranks="4,8,16").rank_of_partition(4) == 8
+
+
+def test_every_scenario_is_a_valid_run_config():
+    scenarios = sorted((ROOT / "simulations" / "scenarios").glob("*.toml"))
+    assert len(scenarios) >= 7
+    for path in scenarios:
+        cfg = RunConfig.from_mapping(tomllib.loads(path.read_text()))
+        build_strategy(cfg)  # the strategy accepts the scenario's ranks and options
