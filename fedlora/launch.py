@@ -11,6 +11,7 @@ PID.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -25,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+import psutil
 
 APP_DIR = Path(__file__).resolve().parent.parent
 BIN_DIR = Path(sys.executable).parent
@@ -83,21 +86,32 @@ class Process:
             return ""
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the process group by PID, then SIGKILL if it lingers."""
+        """SIGTERM the process group by PID, then SIGKILL if it lingers.
+
+        A SuperLink starts flower-superexec (and it the simulation runtime) in process
+        groups of their own: they are collected first and stopped with it.
+        """
         if self.popen.poll() is not None:
             return
         try:
+            descendants = psutil.Process(self.popen.pid).children(recursive=True)
+        except psutil.Error:
+            descendants = []
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
         try:
             self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                return
             self.popen.wait(timeout=timeout)
+        for child in descendants:
+            with contextlib.suppress(psutil.Error):
+                child.terminate()
+        _gone, alive = psutil.wait_procs(descendants, timeout=timeout)
+        for child in alive:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
 
 
 @dataclass
