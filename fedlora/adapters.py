@@ -8,6 +8,7 @@ ArrayRecord cannot carry bfloat16) and what the strategies' pure math works on.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -134,16 +135,56 @@ def load_into_peft(model: PeftModel, state: AdapterState) -> None:
         raise AdapterError(f"peft did not recognise keys {unexpected[:3]}")
 
 
+RAW_STYPE = "raw"
+"""Array serialisation of fedlora's records: the bare bytes, dtype and shape in the Array.
+
+Flower's default ("numpy.ndarray") stores an ``np.save`` file, whose header costs about
+128 bytes per array: more than a sparse tensor's payload at low density.
+"""
+
+_WIRE_DTYPES = frozenset(
+    np.dtype(t).str for t in ("<f4", "<f2", "<f8", "|i1", "|u1", "<u2", "<u4", "<u8", "<i4", "<i8")
+)
+
+
 def to_arrayrecord(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Flat mapping -> Flower ArrayRecord (float32 numpy, never pickle)."""
-    return ArrayRecord(
-        {k: Array(np.ascontiguousarray(v, dtype=v.dtype)) for k, v in tensors.items()}
-    )
+    """Flat mapping -> Flower ArrayRecord of raw little-endian bytes (never pickle)."""
+    out = {}
+    for key, value in tensors.items():
+        v = np.ascontiguousarray(value)
+        v = v.astype(v.dtype.newbyteorder("<"), copy=False)
+        out[key] = Array(dtype=v.dtype.str, shape=tuple(v.shape), stype=RAW_STYPE, data=v.tobytes())
+    return ArrayRecord(out)
 
 
 def from_arrayrecord(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Flower ArrayRecord -> flat mapping of numpy arrays."""
-    return {k: v.numpy() for k, v in record.items()}
+    """Flower ArrayRecord -> flat mapping of numpy arrays (raw or Flower's numpy form).
+
+    A raw array whose dtype is not a plain number, or whose byte count does not match
+    its shape, raises :class:`AdapterError` (a corrupt reply, not a crash).
+    """
+    out = {}
+    for key, array in record.items():
+        if array.stype != RAW_STYPE:
+            out[key] = array.numpy()
+            continue
+        if array.dtype not in _WIRE_DTYPES:
+            raise AdapterError(f"array '{key}' has dtype '{array.dtype}', not a plain number type")
+        dtype = np.dtype(array.dtype)
+        shape = tuple(int(d) for d in array.shape)
+        if any(d < 0 for d in shape) or len(array.data) != dtype.itemsize * math.prod(shape):
+            raise AdapterError(
+                f"array '{key}': {len(array.data)} bytes do not hold {dtype} of shape {shape}"
+            )
+        out[key] = np.frombuffer(array.data, dtype=dtype).reshape(shape).copy()
+    return out
+
+
+def wire_bytes(record: ArrayRecord) -> int:
+    """Bytes of ``record`` as Flower serialises it for the transport (protobuf)."""
+    from flwr.common import serde
+
+    return serde.array_record_to_proto(record).ByteSize()
 
 
 def resize_rank(factors: LoraFactors, rank: int) -> LoraFactors:
