@@ -25,6 +25,7 @@ from clients.node_state import NodeStore
 from fedlora import protocol
 from fedlora.adapters import (
     A_SUFFIX,
+    B_SUFFIX,
     from_arrayrecord,
     load_into_peft,
     merge_received_stacks,
@@ -32,6 +33,7 @@ from fedlora.adapters import (
     state_from_dict,
     state_from_peft,
 )
+from fedlora.compression import Codec, CompressionError
 from fedlora.config import ConfigError, NodeConfig, RunConfig
 from fedlora.data import (
     TEST_FRACTION,
@@ -42,6 +44,7 @@ from fedlora.data import (
     tokenize,
 )
 from fedlora.delta import fingerprint
+from fedlora.link import apply_downlink, encode_uplink, uplink_reference
 from fedlora.model import LoraSpec, apply_base_delta, build_lora_model, load_tokenizer, lora_spec
 from fedlora.privacy import PrivacyBudget, default_delta, make_private, new_budget
 from fedlora.train import evaluate, make_optimizer, sampled_loader, train_steps
@@ -87,6 +90,15 @@ class LocalJob:
         cfg = RunConfig.from_mapping(json.loads(str(config[protocol.RUN_CONFIG])))
         node = NodeConfig.from_mapping(context.node_config)
         arrays = msg.content.array_records.get(protocol.ARRAYS)
+        store = NodeStore(context, node.state_dir)
+        tensors = {} if arrays is None else from_arrayrecord(arrays)
+        if protocol.DOWNLINK_BASE in config:
+            tensors = receive_downlink(
+                store,
+                tensors,
+                int(config[protocol.DOWNLINK_BASE]),
+                int(config[protocol.SERVER_ROUND]),
+            )
         return cls(
             cfg=cfg,
             node=node,
@@ -99,9 +111,9 @@ class LocalJob:
             send_a=bool(config.get(protocol.SEND_A, True)),
             merge_rounds=tuple(int(r) for r in config.get(protocol.MERGE_ROUNDS, [])),
             reset_base=bool(config.get(protocol.RESET_BASE, False)),
-            store=NodeStore(context, node.state_dir),
+            store=store,
             label_names=tuple(str(x) for x in config.get(protocol.LABEL_NAMES, [])),
-            tensors={} if arrays is None else from_arrayrecord(arrays),
+            tensors=tensors,
         )
 
     @property
@@ -248,12 +260,16 @@ class LocalJob:
         tensors = state_from_peft(model, self.spec.scaling).to_state_dict()
         if not self.send_a:
             tensors = {k: v for k, v in tensors.items() if not k.endswith(A_SUFFIX)}
+        started = time.perf_counter()
+        tensors = self.encode_reply(tensors)
+        encode_seconds = time.perf_counter() - started
         metrics = {
             protocol.NUM_EXAMPLES: len(train_data),
             protocol.TRAIN_LOSS: result.mean_loss,
             protocol.TRAIN_LOSS_FIRST: result.first_loss,
             protocol.TRAIN_SECONDS: seconds,
             "train-steps": result.steps,
+            "encode-seconds": encode_seconds,
             protocol.LAST_MERGED: last_merged,
         }
         for i, value in enumerate(fingerprint(base)):
@@ -268,6 +284,20 @@ class LocalJob:
                 "dp-steps": private.budget.steps,
             }
         return tensors, metrics
+
+    def encode_reply(self, trained: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The reply's tensors, encoded as the run's uplink codec says."""
+        return encode_reply(
+            self.store,
+            trained,
+            self.tensors,
+            codec=self.cfg.uplink,
+            rank=self.rank,
+            reinit=self.reinit,
+            a_from_seed=self.a_from_seed,
+            init_seed=self.init_seed,
+            server_round=self.server_round,
+        )
 
     def privacy_budget(self, num_examples: int) -> PrivacyBudget:
         """This node's budget: restored from its store, or calibrated once on first use."""
@@ -298,6 +328,62 @@ class LocalJob:
             protocol.EVAL_LOSS: result.loss,
             protocol.EVAL_ACCURACY: result.accuracy,
         }
+
+
+def encode_reply(
+    store: NodeStore,
+    trained: dict[str, np.ndarray],
+    received: dict[str, np.ndarray],
+    *,
+    codec: Codec,
+    rank: int,
+    reinit: bool,
+    a_from_seed: bool,
+    init_seed: int,
+    server_round: int,
+) -> dict[str, np.ndarray]:
+    """A node's reply: the trained tensors, or encoded deltas with error feedback.
+
+    With DP this runs after clipping and noising, so it is post-processing and keeps the
+    guarantee. The residual of re-initialised factors (FLoRA's fresh adapters) is
+    dropped: the next round trains new factors, which it has nothing to add to.
+    """
+    if codec.identity:
+        return trained
+    reference = uplink_reference(
+        {k: v.shape for k, v in trained.items()},
+        received,
+        rank=rank,
+        reinit=reinit,
+        a_from_seed=a_from_seed,
+        init_seed=init_seed,
+    )
+    residual, _ = store.load(protocol.UPLINK_RESIDUAL)
+    if reinit:
+        residual = {k: v for k, v in residual.items() if not k.endswith((A_SUFFIX, B_SUFFIX))}
+    wire, residual = encode_uplink(trained, reference, residual, codec)
+    store.save(protocol.UPLINK_RESIDUAL, residual, {"round": server_round})
+    return wire
+
+
+def receive_downlink(
+    store: NodeStore, wire: dict[str, np.ndarray], base_round: int, server_round: int
+) -> dict[str, np.ndarray]:
+    """The payload the server meant, rebuilt from its deltas and what this node holds.
+
+    Raises when the server encoded against a payload this node does not hold (its state
+    was lost): the error reply makes the server send the next payload dense.
+    """
+    held, meta = store.load(protocol.DOWNLINK_HELD)
+    if base_round >= 0 and int(meta.get("round", -1)) != base_round:
+        raise CompressionError(
+            f"{protocol.DOWNLINK_BASE}={base_round}, but this node holds the payload of round "
+            f"{meta.get('round', 'none')}"
+        )
+    received = apply_downlink(wire, held if base_round >= 0 else None)
+    kept = {k: v for k, v in received.items() if not k.startswith(protocol.MERGE_PREFIX)}
+    store.save(protocol.DOWNLINK_HELD, kept, {"round": server_round})
+    return received
 
 
 def _progress_enabled() -> bool:

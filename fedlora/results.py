@@ -82,6 +82,17 @@ def summary_table(records: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def traffic(records: Sequence[Mapping[str, Any]]) -> str:
+    """Bytes up and down in all, each against the same tensors sent dense in float32."""
+    parts = []
+    for way in ("up", "down"):
+        sent = sum(r.get(f"bytes_{way}") or 0 for r in records)
+        dense = sum(r.get(f"dense_{way}") or 0 for r in records)
+        ratio = f" (dense fp32 {dense:,}: {dense / sent:.1f}x)" if sent and dense else ""
+        parts.append(f"{sent:,}{ratio}")
+    return " / ".join(parts)
+
+
 def privacy_ledger(records: Sequence[Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
     """Per node: the latest epsilon it reported, its rounds, and why it declined (if so)."""
     ledger: dict[int, dict[str, Any]] = {}
@@ -109,8 +120,7 @@ def write_summary(
         f"- **final accuracy**: {_fmt(final.get('eval_accuracy'), '.4f')} "
         f"(round {final.get('round', '-')})",
         f"- **rounds skipped**: {sum(bool(r.get('skipped')) for r in trained)}",
-        f"- **bytes up / down**: {sum(r.get('bytes_up') or 0 for r in trained):,} / "
-        f"{sum(r.get('bytes_down') or 0 for r in trained):,}",
+        f"- **bytes up / down**: {traffic(trained)}",
         "",
     ]
     ledger = privacy_ledger(trained)

@@ -63,6 +63,8 @@ def build_strategy(cfg: RunConfig) -> LoraStrategy:
         seed=cfg.seed,
         fraction_evaluate=cfg.fraction_evaluate,
         node_wait_timeout=cfg.round_timeout,
+        uplink=cfg.uplink,
+        downlink=cfg.downlink,
         extra=cfg.strategy_extra,
     )
     try:
@@ -138,6 +140,8 @@ def round_record(
             "train_loss_first": report.metrics.get(protocol.TRAIN_LOSS_FIRST),
             "bytes_up": report.bytes_up,
             "bytes_down": report.bytes_down,
+            "dense_up": report.dense_up,
+            "dense_down": report.dense_down,
             "metrics": dict(report.metrics),
             "nodes": [
                 {
@@ -147,6 +151,9 @@ def round_record(
                     "num_examples": o.num_examples,
                     "bytes_up": o.bytes_up,
                     "bytes_down": o.bytes_down,
+                    "dense_up": o.dense_up,
+                    "dense_down": o.dense_down,
+                    "encode_seconds": o.metrics.get("encode-seconds"),
                     "train_loss": o.metrics.get(protocol.TRAIN_LOSS),
                     "train_seconds": o.metrics.get(protocol.TRAIN_SECONDS),
                     "epsilon": o.metrics.get(protocol.EPSILON),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from typing import Any, ClassVar
 
@@ -31,6 +31,8 @@ from flwr.supercore import log
 
 from fedlora import protocol
 from fedlora.adapters import (
+    A_SUFFIX,
+    B_SUFFIX,
     AdapterError,
     AdapterState,
     LoraFactors,
@@ -39,7 +41,9 @@ from fedlora.adapters import (
     resize_rank,
     state_from_dict,
     to_arrayrecord,
+    wire_bytes,
 )
+from fedlora.compression import Codec, CompressionError, dense_bytes
 from fedlora.delta import (
     LowRankTerm,
     fingerprint,
@@ -49,6 +53,7 @@ from fedlora.delta import (
 )
 from fedlora.model import LoraSpec
 from fedlora.seeded import seeded_a
+from strategies.links import NodeLinks
 
 # The public API: a strategy plugin needs nothing outside this list (and numpy).
 __all__ = [
@@ -102,6 +107,9 @@ class StrategyOptions:
     node_wait_timeout : float (default: 900.0)
         Seconds to wait for ``clients_per_round`` nodes to connect before sampling
         from those that are there.
+    uplink, downlink : Codec (default: identity)
+        Compression of the replies and of the training payloads. Handled here, around
+        the hooks: a strategy only ever sees dense tensors.
     extra : Mapping[str, Any]
         Strategy-specific settings (from the run config).
 
@@ -114,6 +122,8 @@ class StrategyOptions:
     seed: int = 0
     fraction_evaluate: float = 0.0
     node_wait_timeout: float = 900.0
+    uplink: Codec = field(default_factory=Codec)
+    downlink: Codec = field(default_factory=Codec)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -168,6 +178,8 @@ class NodeOutcome:
     bytes_down: int = 0
     bytes_up: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
+    dense_down: int = 0  # the same payloads as dense float32, for comparison
+    dense_up: int = 0
 
 
 @dataclass
@@ -198,6 +210,16 @@ class RoundReport:
     def bytes_down(self) -> int:
         """Payload bytes sent to the nodes."""
         return sum(o.bytes_down for o in self.outcomes)
+
+    @property
+    def dense_up(self) -> int:
+        """What the received replies would weigh as dense float32 tensors."""
+        return sum(o.dense_up for o in self.outcomes)
+
+    @property
+    def dense_down(self) -> int:
+        """What the sent payloads would weigh as dense float32 tensors."""
+        return sum(o.dense_down for o in self.outcomes)
 
 
 def node_view(state: AdapterState, rank: int, scaling: float) -> AdapterState:
@@ -265,7 +287,9 @@ class LoraStrategy(Strategy):
         self.options = options
         self._rng = np.random.default_rng(options.seed)
         self._plans: dict[int, ClientPlan] = {}
-        self._sent_bytes: dict[int, int] = {}
+        self._sent_bytes: dict[int, tuple[int, int]] = {}  # node -> (actual, dense fp32)
+        self.links = NodeLinks(options.uplink, options.downlink)
+        self._decode_seconds = 0.0
         self._current: AdapterState | None = None
         self._round_started = 0.0
         self.last_report: RoundReport | None = None
@@ -501,13 +525,16 @@ class LoraStrategy(Strategy):
         self._current = current
         nodes = self.sample_nodes(grid, self.options.clients_per_round)
         self.last_report = RoundReport(server_round=server_round, sampled=list(nodes))
+        self._decode_seconds = 0.0
         self._plans.clear()
         self._sent_bytes.clear()
         messages = []
         for node_id in nodes:
             plan = self.client_plan(server_round, node_id)
-            record = to_arrayrecord(self.payload(server_round, node_id, plan, current))
-            node_config = ConfigRecord(dict(config))
+            payload = self.payload(server_round, node_id, plan, current)
+            wire, link_config = self.links.send(server_round, node_id, payload)
+            record = to_arrayrecord(wire)
+            node_config = ConfigRecord(dict(config) | link_config)
             node_config[protocol.SERVER_ROUND] = server_round
             node_config[protocol.RANK] = plan.rank
             node_config[protocol.FREEZE_A] = plan.freeze_a
@@ -519,7 +546,7 @@ class LoraStrategy(Strategy):
             for key, value in plan.config.items():
                 node_config[key] = value
             self._plans[node_id] = plan
-            self._sent_bytes[node_id] = record.count_bytes()
+            self._sent_bytes[node_id] = (wire_bytes(record), dense_bytes_of(payload))
             content = RecordDict({protocol.ARRAYS: record, protocol.CONFIG: node_config})
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         log(INFO, "configure_train: round %d, sampled nodes %s", server_round, nodes)
@@ -544,12 +571,15 @@ class LoraStrategy(Strategy):
                 updates.append(update)
         for node_id in report.sampled:
             if node_id not in seen:
+                down, dense_down = self._sent_bytes.get(node_id, (0, 0))
+                self.links.settle(node_id, replied=False)
                 report.outcomes.append(
                     NodeOutcome(
                         node_id,
                         "missing",
                         "no reply before the round timeout",
-                        bytes_down=self._sent_bytes.get(node_id, 0),
+                        bytes_down=down,
+                        dense_down=dense_down,
                     )
                 )
         result = self._aggregate_valid(server_round, updates, current, report)
@@ -561,6 +591,8 @@ class LoraStrategy(Strategy):
                 "num-failed": len(report.outcomes) - report.num_ok,
                 "bytes-up": report.bytes_up,
                 "bytes-down": report.bytes_down,
+                "dense-up": report.dense_up,
+                "dense-down": report.dense_down,
                 **({} if report.skipped else {"aggregation-error": report.aggregation_error}),
                 **report.metrics,
             }
@@ -622,20 +654,35 @@ class LoraStrategy(Strategy):
     def _decode_reply(
         self, server_round: int, node_id: int, msg: Message, current: AdapterState
     ) -> tuple[NodeOutcome, ClientUpdate | None]:
-        down = self._sent_bytes.get(node_id, 0)
-        if msg.has_error():
-            return NodeOutcome(node_id, "error", msg.error.reason, bytes_down=down), None
+        down, dense_down = self._sent_bytes.get(node_id, (0, 0))
+        self.links.settle(node_id, replied=not msg.has_error())
+        if msg.has_error():  # the node may not hold the payload: the next one goes dense
+            error = NodeOutcome(
+                node_id, "error", msg.error.reason, bytes_down=down, dense_down=dense_down
+            )
+            return error, None
+        up = sum(wire_bytes(r) for r in msg.content.array_records.values())
+        outcome, update = self._validate_reply(server_round, node_id, msg, current)
+        plan = update.plan if update is not None else None
+        dense_up = 0 if plan is None else dense_bytes(_reply_shapes(plan, current).values())
+        outcome = replace(
+            outcome, bytes_down=down, dense_down=dense_down, bytes_up=up, dense_up=dense_up
+        )
+        return outcome, update
+
+    def _validate_reply(
+        self, server_round: int, node_id: int, msg: Message, current: AdapterState
+    ) -> tuple[NodeOutcome, ClientUpdate | None]:
         plan = self._plans.get(node_id)
         if plan is None:
             return NodeOutcome(node_id, "dropped", "reply from a node that was not sampled"), None
         content = msg.content
-        up = sum(r.count_bytes() for r in content.array_records.values())
         reply_metrics = content.metric_records.get(protocol.METRICS)
         if reply_metrics is not None and reply_metrics.get(protocol.DECLINED):
             config = content.config_records.get(protocol.CONFIG)
             reason = str(config.get(protocol.REASON, "declined")) if config else "declined"
             self.exclude_node(node_id, reason)
-            return NodeOutcome(node_id, "declined", reason, bytes_down=down), None
+            return NodeOutcome(node_id, "declined", reason), None
         try:
             if protocol.ARRAYS not in content.array_records:
                 raise AdapterError(f"reply has no '{protocol.ARRAYS}' ArrayRecord")
@@ -651,7 +698,17 @@ class LoraStrategy(Strategy):
             n = metrics[protocol.NUM_EXAMPLES]
             if not np.isfinite(n) or n < 0:
                 raise AdapterError(f"'{protocol.NUM_EXAMPLES}' is {n}")
-            tensors = from_arrayrecord(content.array_records[protocol.ARRAYS])
+            started = time.perf_counter()
+            tensors = self.links.receive(
+                node_id,
+                from_arrayrecord(content.array_records[protocol.ARRAYS]),
+                _reply_shapes(plan, current),
+                rank=plan.rank,
+                reinit=plan.reinit,
+                a_from_seed=plan.a_from_seed,
+                init_seed=plan.init_seed,
+            )
+            self._decode_seconds += time.perf_counter() - started
             state = self.decode_update(server_round, plan, tensors, current)
             _check_against(state, current, plan.rank)
             state.check_finite()
@@ -659,10 +716,10 @@ class LoraStrategy(Strategy):
             veto = self.accept_update(server_round, update)
             if veto is not None:
                 raise AdapterError(veto)
-        except (AdapterError, ValueError, KeyError, TypeError) as err:
+        except (AdapterError, CompressionError, ValueError, KeyError, TypeError) as err:
             log(WARNING, "Round %d: reply from node %s dropped: %s", server_round, node_id, err)
-            return NodeOutcome(node_id, "dropped", str(err), bytes_down=down, bytes_up=up), None
-        return NodeOutcome(node_id, "ok", "", int(n), down, up, metrics), update
+            return NodeOutcome(node_id, "dropped", str(err)), None
+        return NodeOutcome(node_id, "ok", "", int(n), metrics=metrics), update
 
     def _weights(self, updates: Sequence[ClientUpdate]) -> np.ndarray | None:
         if self.options.weighting == "uniform":
@@ -708,6 +765,7 @@ class LoraStrategy(Strategy):
         report.aggregation_error = aggregation_error(updates, weights, result)
         report.metrics.update(_weighted_client_metrics(updates, weights))
         report.metrics.update(self.extra_round_metrics(updates, weights, current, result))
+        report.metrics["decode-seconds"] = self._decode_seconds
         log(
             INFO,
             "Round %d aggregated %d replies, aggregation error %.3e",
@@ -727,6 +785,22 @@ def _weighted_client_metrics(updates: Sequence[ClientUpdate], weights: np.ndarra
     seconds = [u.metrics.get(protocol.TRAIN_SECONDS, 0.0) for u in updates]
     out["max-train-seconds"] = float(max(seconds))
     return out
+
+
+def _reply_shapes(plan: ClientPlan, current: AdapterState) -> dict[str, tuple[int, ...]]:
+    """The tensors a node's reply carries, at the shapes its plan asks for."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for module, f in current.factors.items():
+        if plan.send_a:
+            shapes[module + A_SUFFIX] = (plan.rank, f.a.shape[1])
+        shapes[module + B_SUFFIX] = (f.b.shape[0], plan.rank)
+    shapes.update({k: tuple(v.shape) for k, v in current.dense.items()})
+    return shapes
+
+
+def dense_bytes_of(tensors: Mapping[str, np.ndarray]) -> int:
+    """Bytes of ``tensors`` as dense float32 (the uncompressed reference)."""
+    return dense_bytes(np.shape(v) for v in tensors.values())
 
 
 def _check_against(state: AdapterState, reference: AdapterState, rank: int | None) -> None:

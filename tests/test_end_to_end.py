@@ -145,12 +145,22 @@ def _assert_stopped(pids):
             assert fh.read().split()[2] == "Z", f"process {pid} still running"
 
 
+COMPRESSED = {
+    "uplink-density": 0.05,
+    "uplink-values": "int8",
+    "downlink-density": 0.25,
+    "downlink-values": "fp16",
+}
+
+
 @pytest.mark.parametrize(
     "strategy, extra",
     [
         ("ffa_lora", {"client-ranks": "2,4,8", "lora-rank": 8, "lora-alpha": 64.0}),
         ("flora", {"client-ranks": "2,4,8", "lora-rank": 8}),
         ("lora_fair", {}),
+        ("fedavg", {"dp": True, "dp-noise": 0.8, **COMPRESSED}),  # DP, then compression
+        ("flora", {"client-ranks": "2,4,8", "lora-rank": 8, **COMPRESSED}),
     ],
 )
 def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
@@ -181,6 +191,12 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
             assert r["metrics"]["base-fingerprint-max-diff"] == 0.0
         assert "truncation error" in (out / results.SUMMARY_FILE).read_text()
         assert (out / "merged-model" / "config.json").is_file()
+    if "uplink-density" in extra:  # a tiny model's tensors are small: keys weigh a lot
+        for r in records[1:]:
+            if extra.get("dp"):
+                assert all(n["epsilon"] > 0 for n in r["nodes"])
+            assert r["bytes_up"] < r["dense_up"] / 3, (r["bytes_up"], r["dense_up"])
+            assert r["bytes_down"] < r["dense_down"] * 1.2, (r["bytes_down"], r["dense_down"])
     ranks = {n["node_id"] for r in records[1:] for n in r["nodes"]}
     assert len(ranks) >= 2
 

@@ -1,0 +1,87 @@
+"""Server end of the compressed links: what each node holds, and decoding its replies.
+
+Strategies never see an encoding: :class:`NodeLinks` turns a strategy's payload into
+the wire form for one node and a reply's wire form back into dense tensors, before and
+after the strategy's own hooks. With both codecs the identity it passes tensors through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from fedlora import protocol
+from fedlora.compression import Codec
+from fedlora.link import (
+    apply_downlink,
+    decode_uplink,
+    encode_downlink,
+    uplink_reference,
+)
+
+
+class NodeLinks:
+    """Per-node state of the downlink (the payload each node holds) and the uplink."""
+
+    def __init__(self, uplink: Codec, downlink: Codec) -> None:
+        self.uplink = uplink
+        self.downlink = downlink
+        self._held: dict[int, tuple[int, dict[str, np.ndarray]]] = {}
+        self._pending: dict[int, tuple[int, dict[str, np.ndarray]]] = {}
+        self._received: dict[int, dict[str, np.ndarray]] = {}
+
+    def send(
+        self, server_round: int, node_id: int, payload: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """The wire form of ``payload`` for ``node_id`` and the config entries it needs."""
+        if self.downlink.identity:
+            self._received[node_id] = dict(payload)
+            return dict(payload), {}
+        held_round, held = self._held.get(node_id, (-1, None))
+        wire = encode_downlink(payload, held, self.downlink)
+        received = apply_downlink(wire, held)
+        self._received[node_id] = received
+        kept = {k: v for k, v in received.items() if not k.startswith(protocol.MERGE_PREFIX)}
+        self._pending[node_id] = (server_round, kept)
+        return wire, {protocol.DOWNLINK_BASE: held_round}
+
+    def settle(self, node_id: int, replied: bool) -> None:
+        """After the round: a node that replied holds this round's payload; else unknown.
+
+        Forgetting is safe: the next payload to that node goes dense.
+        """
+        pending = self._pending.pop(node_id, None)
+        if not replied:
+            self._held.pop(node_id, None)
+        elif pending is not None:
+            self._held[node_id] = pending
+        self._received.pop(node_id, None)
+
+    def held(self, node_id: int) -> tuple[int, dict[str, np.ndarray]] | None:
+        """The round and tensors of the payload ``node_id`` is known to hold (None: unknown)."""
+        return self._held.get(node_id)
+
+    def receive(
+        self,
+        node_id: int,
+        wire: Mapping[str, np.ndarray],
+        shapes: Mapping[str, tuple[int, ...]],
+        *,
+        rank: int,
+        reinit: bool,
+        a_from_seed: bool,
+        init_seed: int,
+    ) -> dict[str, np.ndarray]:
+        """The dense tensors ``node_id`` trained, from its reply (raises CompressionError)."""
+        if self.uplink.identity:
+            return dict(wire)
+        reference = uplink_reference(
+            shapes,
+            self._received.get(node_id, {}),
+            rank=rank,
+            reinit=reinit,
+            a_from_seed=a_from_seed,
+            init_seed=init_seed,
+        )
+        return decode_uplink(wire, shapes, reference)

@@ -1,0 +1,386 @@
+"""Sparse/quantised links: the codec against numpy, error feedback, fuzzing, and rounds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clients.local import encode_reply, receive_downlink
+from clients.node_state import NodeStore
+from fedlora import protocol
+from fedlora.adapters import AdapterState, LoraFactors, from_arrayrecord, to_arrayrecord
+from fedlora.compression import (
+    INDEX,
+    SCALE,
+    Codec,
+    CompressionError,
+    decode,
+    encode,
+    index_dtype,
+    kept,
+    with_feedback,
+)
+from fedlora.link import apply_downlink, decode_uplink, encode_downlink, encode_uplink
+from fedlora.model import LoraSpec
+from strategies.base import ClientPlan, StrategyOptions
+from strategies.conformance import SimulatedClient
+from strategies.fedavg import FedAvg
+from strategies.ffa_lora import FfaLora
+from strategies.flora import Flora
+from strategies.lora_fair import LoraFair
+from tests.helpers import FakeGrid, error_reply, reply
+
+CODECS = [Codec(d, v) for d in (1.0, 0.5, 0.1, 0.05, 0.01) for v in ("fp32", "fp16", "int8")]
+
+
+def test_index_type_is_the_smallest_that_fits():
+    assert index_dtype(256) == np.uint8 and index_dtype(257) == np.uint16
+    assert index_dtype(65_536) == np.uint16 and index_dtype(65_537) == np.uint32
+    assert index_dtype(2**32 + 1) == np.uint64
+
+
+def test_bad_codec_settings_name_the_value():
+    with pytest.raises(ValueError, match="density 0"):
+        Codec(0.0)
+    with pytest.raises(ValueError, match="'int4'"):
+        Codec(0.1, "int4")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 17), min_size=1, max_size=3),
+    codec=st.sampled_from(CODECS),
+    seed=st.integers(0, 2**16),
+)
+def test_round_trip_keeps_the_top_k_entries(shape, codec, seed):
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    wire = encode({"t": x}, codec)
+    y = decode(wire, {"t": x.shape})["t"]
+    if codec.identity:
+        np.testing.assert_array_equal(y, x)
+        return
+    k = kept(x.size, codec.density)
+    index = wire.get("#0" + INDEX, np.arange(x.size))  # no index field: all entries
+    assert index.size == k and (k == x.size or index.dtype == index_dtype(x.size))
+    # independent reference: the k largest magnitudes by a full sort
+    order = np.argsort(-np.abs(x.reshape(-1)), kind="stable")
+    threshold = np.abs(x.reshape(-1))[order[k - 1]]
+    sent = np.zeros(x.size, bool)
+    sent[index.astype(np.int64)] = True
+    assert np.all(np.abs(x.reshape(-1))[sent] >= threshold)
+    assert np.all(np.abs(x.reshape(-1))[~sent] <= threshold)
+    assert np.all(y.reshape(-1)[~sent] == 0)
+    err = np.abs(y.reshape(-1)[sent] - x.reshape(-1)[sent])
+    if codec.values == "fp32":
+        assert err.max() == 0
+    elif codec.values == "fp16":
+        assert np.all(err <= 1e-3 * np.abs(x.reshape(-1)[sent]) + 1e-7)
+    else:
+        assert err.max() <= float(wire["#0" + SCALE][0]) / 2 + 1e-6
+
+
+def test_identity_codec_sends_the_tensors_themselves():
+    x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    assert encode({"t": x}, Codec())["t"] is not None
+    np.testing.assert_array_equal(encode({"t": x}, Codec())["t"], x)
+
+
+@pytest.mark.parametrize("codec", [Codec(0.1), Codec(0.05, "int8"), Codec(0.3, "fp16")])
+def test_error_feedback_loses_nothing_over_rounds(codec):
+    """sum(sent) + final residual = sum(true updates), up to float32 rounding."""
+    rng = np.random.default_rng(1)
+    residual: dict = {}
+    total_true = np.zeros((20, 30))
+    total_sent = np.zeros((20, 30))
+    for _ in range(12):
+        u = rng.standard_normal((20, 30)).astype(np.float32)
+        wire, residual = with_feedback({"t": u}, residual, codec)
+        total_true += u
+        total_sent += decode(wire, {"t": u.shape})["t"]
+    np.testing.assert_allclose(total_sent + residual["t"], total_true, atol=1e-4)
+    assert np.abs(residual["t"]).max() > 0  # something really was held back
+
+
+def _valid(seed: int = 0) -> dict[str, np.ndarray]:
+    x = np.random.default_rng(seed).standard_normal((6, 9)).astype(np.float32)
+    return encode({"t": x}, Codec(0.2, "int8"))
+
+
+@pytest.mark.parametrize(
+    "corrupt, reason",
+    [
+        (lambda w: w | {"#0i": w["#0i"][::-1].copy()}, "strictly increasing"),
+        (lambda w: w | {"#0i": np.r_[w["#0i"][:-1], w["#0i"][:1]]}, "increasing"),
+        (lambda w: w | {"#0i": w["#0i"] + np.uint8(60)}, "out of range"),
+        (lambda w: w | {"#0i": w["#0i"].astype(np.int32)}, "unsigned"),
+        (lambda w: w | {"#0v": w["#0v"][:-1]}, "lengths must match"),
+        (lambda w: w | {"#0v": w["#0v"].astype(np.float64)}, "float64"),
+        (lambda w: w | {"#0s": np.array([np.nan], np.float32)}, "scale is nan"),
+        (lambda w: {k: v for k, v in w.items() if k != "#0s"}, "without a scale"),
+        (lambda w: w | {"#0i": np.arange(60, dtype=np.uint8)}, "60 indices but"),
+        (lambda w: {k: v for k, v in w.items() if k != "#0i"}, "without indices"),
+        (lambda w: w | {"#1i": np.array([1], np.uint8)}, "unknown field '#1i'"),
+        (lambda w: w | {"u": np.zeros(3, np.float32)}, "unexpected tensor"),
+        (lambda w: w | {"#names": np.array([7], np.uint32)}, "names digest differs"),
+        (lambda w: {k: v for k, v in w.items() if k != "#names"}, "missing or malformed"),
+    ],
+)
+def test_corrupt_encodings_are_rejected_with_a_reason(corrupt, reason):
+    with pytest.raises(CompressionError, match=reason):
+        decode(corrupt(_valid()), {"t": (6, 9)})
+
+
+_DTYPES = [np.uint8, np.uint16, np.int32, np.int64, np.float16, np.float32, np.float64, np.int8]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    field=st.sampled_from(["#0i", "#0v", "#0s", "#names", "#junk", "t", "#0"]),
+    dtype=st.sampled_from(_DTYPES),
+    size=st.integers(0, 70),
+    ndim=st.integers(0, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzzed_encodings_never_crash_the_decoder(field, dtype, size, ndim, seed):
+    rng = np.random.default_rng(seed)
+    raw = (
+        rng.integers(-300, 300, size=size)
+        if np.dtype(dtype).kind in "iu"
+        else rng.normal(0, 1e5, size)
+    )
+    raw = np.where(rng.random(size) < 0.1, np.nan, raw) if np.dtype(dtype).kind == "f" else raw
+    with np.errstate(all="ignore"):
+        junk = raw.astype(dtype)
+    if ndim == 0:  # a scalar where an array belongs
+        junk = np.asarray(junk[0] if size else 0, dtype=dtype)
+    elif ndim == 2:
+        junk = junk.reshape(size, 1)
+    wire = _valid(seed) | {field: junk}
+    try:
+        out = decode(wire, {"t": (6, 9)})
+    except CompressionError:
+        return
+    assert out["t"].shape == (6, 9) and np.all(np.isfinite(out["t"]))
+
+
+def test_uplink_delta_round_trip_against_a_direct_sum():
+    rng = np.random.default_rng(2)
+    ref = {"a": rng.standard_normal((4, 8)).astype(np.float32)}
+    trained = {"a": ref["a"] + 0.1, "head": rng.standard_normal(3).astype(np.float32)}
+    wire, residual = encode_uplink(trained, ref, {}, Codec(0.25))
+    assert "head" in wire and "#0i" in wire and "a" not in wire  # the head has no reference
+    got = decode_uplink(wire, {"a": (4, 8), "head": (3,)}, ref)
+    np.testing.assert_allclose(got["a"] + residual["a"], trained["a"], atol=1e-6)
+    np.testing.assert_array_equal(got["head"], trained["head"])
+    with pytest.raises(CompressionError, match="must be encoded"):
+        decode_uplink(trained, {"a": (4, 8), "head": (3,)}, ref)
+
+
+def test_downlink_error_feedback_converges_to_the_payload():
+    """Resending the same payload delivers it: the delta is from what the node holds."""
+    payload = {"b": np.random.default_rng(3).standard_normal((10, 10)).astype(np.float32)}
+    held = {"b": np.zeros((10, 10), np.float32)}
+    errors = []
+    for _ in range(12):
+        held = apply_downlink(encode_downlink(payload, held, Codec(0.2)), held)
+        errors.append(float(np.abs(held["b"] - payload["b"]).max()))
+    assert errors[-1] < 1e-6 < errors[0]
+
+
+# --------------------------------------------------------------------------- #
+# Rounds through the strategies, with the client's own encode/decode functions  #
+# --------------------------------------------------------------------------- #
+SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q", "v"))
+UP, DOWN = Codec(0.25, "int8"), Codec(0.5, "fp16")
+
+
+def _state(rng: np.random.Generator, rank: int = 4) -> AdapterState:
+    """An adapter big enough that the bytes of the encoding, not its keys, dominate."""
+    factors = {
+        m: LoraFactors(
+            a=rng.standard_normal((rank, d_in)).astype(np.float32),
+            b=rng.standard_normal((d_out, rank)).astype(np.float32),
+        )
+        for m, (d_out, d_in) in {"m.q": (96, 64), "m.v": (64, 80)}.items()
+    }
+    return AdapterState(
+        factors, {"m.head.weight": rng.standard_normal((10, 64)).astype(np.float32)}, SPEC.scaling
+    )
+
+
+class _Node:
+    """A node: the real client link functions over a real NodeStore, fake training."""
+
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+        context = Context(
+            run_id=1, node_id=node_id, node_config={}, state=RecordDict(), run_config={}
+        )
+        self.store = NodeStore(context, None)
+        self.sim = SimulatedClient(node_id, num_examples=10 * node_id, step=0.05)
+
+    def answer(self, msg, strategy, current, rng, corrupt=None):
+        cfg = msg.content.config_records[protocol.CONFIG]
+        wire = from_arrayrecord(msg.content.array_records[protocol.ARRAYS])
+        server_round = int(cfg[protocol.SERVER_ROUND])
+        received = wire
+        if protocol.DOWNLINK_BASE in cfg:
+            base = int(cfg[protocol.DOWNLINK_BASE])
+            try:
+                received = receive_downlink(self.store, wire, base, server_round)
+            except CompressionError as err:
+                return error_reply(msg, str(err))
+        plan = ClientPlan(
+            rank=int(cfg[protocol.RANK]),
+            freeze_a=bool(cfg[protocol.FREEZE_A]),
+            reinit=bool(cfg[protocol.REINIT]),
+            init_seed=int(cfg[protocol.INIT_SEED]),
+            a_from_seed=bool(cfg[protocol.A_FROM_SEED]),
+            send_a=bool(cfg[protocol.SEND_A]),
+            merge_rounds=tuple(int(r) for r in cfg[protocol.MERGE_ROUNDS]),
+            config={protocol.RESET_BASE: bool(cfg.get(protocol.RESET_BASE, False))},
+        )
+        metrics = self.sim.merge(plan, received, strategy.scaling)
+        trained = self.sim.train(plan, received, current, rng)
+        tensors = encode_reply(
+            self.store,
+            trained,
+            received,
+            codec=strategy.options.uplink,
+            rank=plan.rank,
+            reinit=plan.reinit,
+            a_from_seed=plan.a_from_seed,
+            init_seed=plan.init_seed,
+            server_round=server_round,
+        )
+        if corrupt is not None:
+            tensors = corrupt(tensors)
+        return reply(msg, tensors, self.sim.num_examples, **metrics)
+
+
+def _round(strategy, server_round, arrays, nodes, rng, corrupt=None):
+    config = ConfigRecord({protocol.RUN_CONFIG: "{}"})
+    grid = FakeGrid([n.node_id for n in nodes.values()])
+    messages = list(strategy.configure_train(server_round, arrays, config, grid))
+    current = strategy.global_state(arrays)
+    replies = [
+        nodes[m.metadata.dst_node_id].answer(
+            m, strategy, current, rng, (corrupt or {}).get(m.metadata.dst_node_id)
+        )
+        for m in messages
+    ]
+    new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+    return (new_arrays or arrays), metrics, messages
+
+
+@pytest.mark.parametrize("cls", [FedAvg, FfaLora, Flora, LoraFair])
+def test_compressed_rounds_agree_on_what_each_node_holds(cls):
+    rng = np.random.default_rng(4)
+    strategy = cls(
+        StrategyOptions(lora=SPEC, clients_per_round=2, min_replies=2, uplink=UP, downlink=DOWN)
+    )
+    state = strategy.initial_state(_state(rng))
+    arrays = to_arrayrecord(state.to_state_dict())
+    nodes = {i: _Node(i) for i in (1, 2, 3)}
+    for server_round in range(1, 6):
+        arrays, metrics, messages = _round(strategy, server_round, arrays, nodes, rng)
+        report = strategy.last_report
+        assert report.num_ok == 2, [o.reason for o in report.outcomes]
+        assert metrics["bytes-up"] < metrics["dense-up"] / 2
+        if cls.exact:  # the strategy aggregates the decoded updates exactly
+            assert report.aggregation_error < 1e-6
+        for m in messages:  # server and node hold the same payload, bit for bit
+            node = m.metadata.dst_node_id
+            held_round, held = strategy.links.held(node)
+            stored, meta = nodes[node].store.load(protocol.DOWNLINK_HELD)
+            assert held_round == meta["round"] == server_round
+            assert sorted(held) == sorted(stored)
+            for key, value in held.items():
+                np.testing.assert_array_equal(stored[key], value)
+    sent_later = [
+        m
+        for m in messages
+        if m.content.config_records[protocol.CONFIG][protocol.DOWNLINK_BASE] >= 0
+    ]
+    assert sent_later, "no node ever received a delta from what it held"
+
+
+def test_a_corrupt_sparse_reply_is_dropped_and_the_node_recovers():
+    rng = np.random.default_rng(5)
+    strategy = FedAvg(
+        StrategyOptions(lora=SPEC, clients_per_round=3, min_replies=2, uplink=UP, downlink=DOWN)
+    )
+    arrays = to_arrayrecord(_state(rng).to_state_dict())
+    nodes = {i: _Node(i) for i in (1, 2, 3)}
+
+    def duplicate(tensors):
+        key = next(k for k in tensors if k.startswith("#") and k.endswith(INDEX))
+        idx = tensors[key].copy()
+        idx[1] = idx[0]
+        return tensors | {key: idx}
+
+    arrays, _, _ = _round(strategy, 1, arrays, nodes, rng, corrupt={2: duplicate})
+    outcome = {o.node_id: o for o in strategy.last_report.outcomes}
+    assert outcome[2].status == "dropped" and "strictly increasing" in outcome[2].reason
+    assert outcome[1].status == outcome[3].status == "ok"
+    _round(strategy, 2, arrays, nodes, rng)
+    assert all(o.status == "ok" for o in strategy.last_report.outcomes)
+
+
+def test_a_node_that_lost_its_payload_gets_the_next_one_dense():
+    rng = np.random.default_rng(6)
+    strategy = FedAvg(
+        StrategyOptions(lora=SPEC, clients_per_round=2, min_replies=1, uplink=UP, downlink=DOWN)
+    )
+    arrays = to_arrayrecord(_state(rng).to_state_dict())
+    nodes = {i: _Node(i) for i in (1, 2)}
+    arrays, _, _ = _round(strategy, 1, arrays, nodes, rng)
+    nodes[2] = _Node(2)  # a restarted node without a state dir: its store is empty
+    arrays, _, _ = _round(strategy, 2, arrays, nodes, rng)
+    outcome = {o.node_id: o for o in strategy.last_report.outcomes}
+    assert outcome[2].status == "error" and protocol.DOWNLINK_BASE in outcome[2].reason
+    _, _, messages = _round(strategy, 3, arrays, nodes, rng)
+    base = {
+        m.metadata.dst_node_id: m.content.config_records[protocol.CONFIG][protocol.DOWNLINK_BASE]
+        for m in messages
+    }
+    assert base == {1: 2, 2: -1}
+    assert all(o.status == "ok" for o in strategy.last_report.outcomes)
+
+
+def test_dense_sizes_match_the_tensors():
+    rng = np.random.default_rng(7)
+    strategy = FedAvg(StrategyOptions(lora=SPEC, clients_per_round=2, min_replies=2))
+    state = _state(rng)
+    nodes = {i: _Node(i) for i in (1, 2)}
+    _, metrics, _ = _round(strategy, 1, to_arrayrecord(state.to_state_dict()), nodes, rng)
+    per_node = 4 * sum(math.prod(v.shape) for v in state.to_state_dict().values())
+    assert metrics["dense-down"] == metrics["dense-up"] == 2 * per_node
+
+
+def test_raw_arrays_round_trip_and_corrupt_ones_are_rejected():
+    from flwr.app import Array, ArrayRecord
+
+    from fedlora.adapters import AdapterError, wire_bytes
+
+    tensors = {
+        "a": np.arange(6, dtype=np.float16).reshape(2, 3),
+        "i": np.arange(5, dtype=np.uint16),
+    }
+    record = to_arrayrecord(tensors)
+    for key, value in from_arrayrecord(record).items():
+        np.testing.assert_array_equal(value, tensors[key])
+        assert value.dtype == tensors[key].dtype
+    # the raw form costs the data plus a few bytes per array, not an .npy header
+    assert wire_bytes(record) < 12 + 10 + 2 * 30
+    short = ArrayRecord({"a": Array(dtype="<f4", shape=(2, 3), stype="raw", data=b"\0" * 8)})
+    with pytest.raises(AdapterError, match="8 bytes do not hold"):
+        from_arrayrecord(short)
+    odd = ArrayRecord({"a": Array(dtype="|O", shape=(1,), stype="raw", data=b"\0" * 8)})
+    with pytest.raises(AdapterError, match="not a plain number type"):
+        from_arrayrecord(odd)
