@@ -135,16 +135,29 @@ def _mean_error(records: list[dict]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _ratio(runs: list[list[dict]], way: str) -> str:
+    """Dense float32 bytes over bytes sent, summed over a run (runs before byte accounting: -)."""
+    dense = sum(x.get(f"dense_{way}") or 0 for r in runs for x in r[1:])
+    sent = sum(x.get(f"bytes_{way}") or 0 for r in runs for x in r[1:])
+    return f"{dense / sent:.1f}x" if dense and sent else "-"
+
+
+def _value(record: dict, key: str) -> float:
+    """A record's number, NaN when absent (0.0 is a value: FLoRA's error is exactly 0)."""
+    value = record.get(key)
+    return np.nan if value is None else float(value)
+
+
 def table(data: dict[str, list[list[dict]]], out: Path, seeds: list[int]) -> str:
     """Markdown table: final accuracy, aggregation error, bytes per round, wall time."""
     rows = [
         "| scenario | seeds | final accuracy | best accuracy | mean agg. error | "
-        "up KiB/round | down KiB/round | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "up KiB/round | down KiB/round | dense ÷ sent (up / down) | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in data.items():
         if not runs:
-            rows.append(f"| {name} | 0 | - | - | - | - | - | - |")
+            rows.append(f"| {name} | 0 | - | - | - | - | - | - | - |")
             continue
         final = [r[-1].get("eval_accuracy") for r in runs]
         best = [max(x.get("eval_accuracy") or 0 for x in r) for r in runs]
@@ -154,7 +167,8 @@ def table(data: dict[str, list[list[dict]]], out: Path, seeds: list[int]) -> str
         wall = [sum(x.get("seconds") or 0 for x in r) for r in runs]
         rows.append(
             f"| {name} | {len(runs)} | {_stats(final)} | {_stats(best)} | "
-            f"{np.mean(err):.2e} | {np.mean(up):.1f} | {np.mean(down):.1f} | {np.mean(wall):.0f} |"
+            f"{np.mean(err):.2e} | {np.mean(up):.1f} | {np.mean(down):.1f} | "
+            f"{_ratio(runs, 'up')} / {_ratio(runs, 'down')} | {np.mean(wall):.0f} |"
         )
     central = [
         json.loads(p.read_text())["accuracy"]
@@ -163,7 +177,7 @@ def table(data: dict[str, list[list[dict]]], out: Path, seeds: list[int]) -> str
     if central:
         rows.append(
             f"| centralised (pooled data, same steps) | {len(central)} | "
-            f"{_stats(central)} | - | - | - | - | - |"
+            f"{_stats(central)} | - | - | - | - | - | - |"
         )
     return "\n".join(rows) + "\n"
 
@@ -180,20 +194,20 @@ def plots(data: dict[str, list[list[dict]]], out: Path) -> list[Path]:
         if not runs:
             continue
         n = min(len(r) for r in runs)
-        acc = np.array([[x.get("eval_accuracy") or np.nan for x in r[:n]] for r in runs])
+        acc = np.array([[_value(x, "eval_accuracy") for x in r[:n]] for r in runs])
         x = np.arange(n)
         line = axes[0].plot(x, np.nanmean(acc, 0), marker="o", ms=3, label=name)[0]
         axes[0].fill_between(
             x, np.nanmin(acc, 0), np.nanmax(acc, 0), alpha=0.2, color=line.get_color()
         )
-        err = np.array([[x.get("aggregation_error") or np.nan for x in r[1:n]] for r in runs])
-        axes[1].plot(x[1:], np.maximum(np.nanmean(err, 0), 1e-9), marker="o", ms=3, label=name)
+        err = np.array([[_value(x, "aggregation_error") for x in r[1:n]] for r in runs])
+        axes[1].plot(x[1:], np.maximum(np.nanmean(err, 0), 1e-12), marker="o", ms=3, label=name)
         up = np.array([[(x.get("bytes_up") or 0) / 1024 for x in r[1:n]] for r in runs])
         down = np.array([[(x.get("bytes_down") or 0) / 1024 for x in r[1:n]] for r in runs])
         axes[2].plot(x[1:], up.mean(0), label=f"{name} up", color=line.get_color())
         axes[2].plot(x[1:], down.mean(0), ls="--", color=line.get_color())
     axes[0].set(title="server-side accuracy (mean, min-max over seeds)", xlabel="round")
-    axes[1].set(title="relative aggregation error", xlabel="round", yscale="log")
+    axes[1].set(title="relative aggregation error (0 drawn at 1e-12)", xlabel="round", yscale="log")
     axes[2].set(title="KiB per round (solid up, dashed down)", xlabel="round")
     for ax in axes:
         ax.grid(alpha=0.3)
