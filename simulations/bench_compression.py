@@ -1,0 +1,116 @@
+"""Benchmark: bytes and codec time of compressed updates against dense float32, on MiniLM.
+
+    .venv/bin/python simulations/bench_compression.py [--reps 3] [--steps 20]
+
+One real client round (the embedded MiniLM + LoRA r=8 on query,value + head, the
+default batch size and sequence length, ``--steps`` local steps) gives a real update.
+Every codec setting then encodes that update as a node's reply, and the server decodes
+it, in this process, side by side. Bytes are the protobuf size Flower puts on the wire
+(``fedlora.adapters.wire_bytes``); the ratio is the dense float32 reply over the
+encoded one. Codec time is reported as a fraction of the round's training time. Each
+repetition trains a new round; min and median over repetitions are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedlora.adapters import state_from_peft, to_arrayrecord, wire_bytes
+from fedlora.compression import Codec, dense_bytes
+from fedlora.config import RunConfig
+from fedlora.link import decode_uplink, encode_uplink
+from fedlora.model import build_lora_model, lora_spec
+from fedlora.train import make_optimizer, train_steps
+
+SETTINGS = [Codec(d, v) for d in (1.0, 0.1, 0.05, 0.01) for v in ("fp32", "int8")]
+
+
+def one_round(cfg: RunConfig, steps: int, seed: int) -> tuple[dict, dict, float]:
+    """Start tensors, trained tensors and training seconds of one local round."""
+    torch.manual_seed(seed)
+    spec = lora_spec(cfg)
+    model = build_lora_model(cfg.model, 20, spec, seed=seed)
+    start = state_from_peft(model, spec.scaling).to_state_dict()
+    g = torch.Generator().manual_seed(seed)
+    n = cfg.batch_size * steps
+    data = torch.utils.data.TensorDataset(
+        torch.randint(1000, 20000, (n, cfg.max_seq_len), generator=g),
+        torch.ones(n, cfg.max_seq_len, dtype=torch.long),
+        torch.randint(0, 20, (n,), generator=g),
+    )
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, generator=g)
+    optimizer = make_optimizer(model, cfg.lr)
+    started = time.perf_counter()
+    train_steps(model, optimizer, loader, desc="train", show_progress=False)
+    seconds = time.perf_counter() - started
+    return start, state_from_peft(model, spec.scaling).to_state_dict(), seconds
+
+
+def measure(start: dict, trained: dict, codec: Codec) -> dict[str, float]:
+    """Bytes and codec seconds of one reply under ``codec``."""
+    shapes = {k: v.shape for k, v in trained.items()}
+    began = time.perf_counter()
+    if codec.identity:
+        wire = dict(trained)
+    else:
+        wire, _ = encode_uplink(trained, start, {}, codec)
+    encoded = time.perf_counter()
+    record = to_arrayrecord(wire)
+    serialised = time.perf_counter()
+    if not codec.identity:
+        decode_uplink(wire, shapes, start)
+    decoded = time.perf_counter()
+    return {
+        "bytes": wire_bytes(record),
+        "dense_fp32": dense_bytes(shapes.values()),
+        "encode_s": encoded - began,
+        "record_s": serialised - encoded,
+        "decode_s": decoded - serialised,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=None, help="write the raw numbers as JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    cfg = RunConfig()
+    rows: dict[str, list[dict]] = {}
+    for rep in range(args.reps):
+        start, trained, train_s = one_round(cfg, args.steps, seed=rep)
+        for codec in SETTINGS:
+            m = measure(start, trained, codec) | {"train_s": train_s}
+            rows.setdefault(f"{codec.density:g} {codec.values}", []).append(m)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch threads 1, "
+        f"torch {torch.__version__}, numpy {np.__version__}; {args.reps} reps, "
+        f"{args.steps} local steps of batch {cfg.batch_size} x {cfg.max_seq_len} tokens"
+    )
+    print(
+        "\n| uplink (density, values) | bytes / reply | dense fp32 / bytes "
+        "| (encode + decode) / training, min | median |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for name, ms in rows.items():
+        codec_frac = [(m["encode_s"] + m["decode_s"]) / m["train_s"] for m in ms]
+        print(
+            f"| {name} | {ms[0]['bytes']:,} | {ms[0]['dense_fp32'] / ms[0]['bytes']:.1f}x "
+            f"| {min(codec_frac):.4f} | {statistics.median(codec_frac):.4f} |"
+        )
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
