@@ -12,7 +12,8 @@ from flwr.clientapp import ClientApp
 
 from clients.local import LocalJob
 from fedlora import protocol
-from fedlora.adapters import to_arrayrecord
+from fedlora.adapters import to_arrayrecord, wire_bytes
+from fedlora.message_size import check_message_size
 from fedlora.privacy import BudgetExhaustedError
 
 app = ClientApp()
@@ -32,9 +33,15 @@ def train(msg: Message, context: Context) -> Message:
             }
         )
         return Message(declined, reply_to=msg)
-    content = RecordDict(
-        {protocol.ARRAYS: to_arrayrecord(tensors), protocol.METRICS: MetricRecord(metrics)}
+    record = to_arrayrecord(tensors)
+    # refused here, the server logs the reason and the round goes on without this node
+    check_message_size(
+        wire_bytes(record),
+        tensors,
+        job.cfg.max_message_bytes,
+        f"reply for round {job.server_round}",
     )
+    content = RecordDict({protocol.ARRAYS: record, protocol.METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 

