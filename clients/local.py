@@ -90,7 +90,7 @@ class LocalJob:
         cfg = RunConfig.from_mapping(json.loads(str(config[protocol.RUN_CONFIG])))
         node = NodeConfig.from_mapping(context.node_config)
         arrays = msg.content.array_records.get(protocol.ARRAYS)
-        store = NodeStore(context, node.state_dir)
+        store = NodeStore(context, node_state_dir(cfg, node))
         tensors = {} if arrays is None else from_arrayrecord(arrays)
         if protocol.DOWNLINK_BASE in config:
             tensors = receive_downlink(
@@ -328,6 +328,19 @@ class LocalJob:
             protocol.EVAL_LOSS: result.loss,
             protocol.EVAL_ACCURACY: result.accuracy,
         }
+
+
+def node_state_dir(cfg: RunConfig, node: NodeConfig) -> str | None:
+    """Where this node's state also goes on disk: its own state-dir, else one per partition.
+
+    Simulated nodes have no node config of their own, and a resumed simulation starts
+    new ones: ``node-state-dir`` lets them find their DP ledger and residuals again.
+    """
+    if node.state_dir:
+        return node.state_dir
+    if cfg.node_state_dir and node.partition_id is not None:
+        return str(Path(cfg.node_state_dir).expanduser() / f"partition-{node.partition_id}")
+    return None
 
 
 def encode_reply(

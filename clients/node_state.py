@@ -56,11 +56,14 @@ class NodeStore:
         if self.folder is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = self.folder / f"{name}.safetensors"
         if arrays:
             _atomic(
-                self.folder / f"{name}.safetensors",
+                tensors,
                 lambda p: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, p),
             )
+        else:  # an empty save must not read back the arrays of an earlier one
+            tensors.unlink(missing_ok=True)
         _atomic(self.folder / f"{name}.json", lambda p: Path(p).write_text(json.dumps(meta)))
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,10 @@ ADAPTER_FILE = "adapter_model.safetensors"
 STATE_FILE = "state.json"
 ARRAYS_FILE = "state_arrays.safetensors"
 _ARRAY_REF = "__array__"
+RESUMABLE_CHANGES = frozenset(
+    {"num-server-rounds", "resume", "round-timeout", "max-message-mib", "keep-checkpoints"}
+)
+"""Run-config keys that may differ between a checkpoint's run and its resumption."""
 
 
 class CheckpointError(RuntimeError):
@@ -89,6 +94,36 @@ def load_checkpoint(folder: Path) -> tuple[AdapterState, dict[str, Any]]:
             raise CheckpointError(f"Checkpoint {folder}: {ARRAYS_FILE} is missing or corrupt")
         meta = _join_arrays(meta, load_file(str(arrays_path)))
     return state_from_dict(_peft_keys_to_state(tensors), float(meta.get("scaling", 1.0))), meta
+
+
+def latest_checkpoint(folder: Path) -> Path:
+    """The newest ``round-*`` checkpoint under ``folder`` (half-written ones are hidden).
+
+    The newest is returned even if it is corrupt: :func:`load_checkpoint` then says so,
+    rather than an older round being used without anyone deciding it.
+    """
+    rounds = sorted(p for p in folder.glob("round-*") if p.is_dir())
+    if not rounds:
+        raise CheckpointError(f"No checkpoint to resume from in {folder}")
+    return rounds[-1]
+
+
+def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any], folder: Path) -> None:
+    """Refuse a checkpoint written under a different run configuration.
+
+    Only settings that do not change what a round computes may differ.
+    """
+    changed = sorted(
+        k
+        for k in set(saved) | set(current)
+        if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
+    )
+    if changed:
+        diff = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:6])
+        raise CheckpointError(
+            f"Checkpoint {folder} belongs to another run configuration ({diff}); resume "
+            f"with the same settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
+        )
 
 
 def serialise_state(state: dict[str, Any]) -> tuple[str, dict[str, np.ndarray]]:

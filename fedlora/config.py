@@ -167,6 +167,18 @@ class RunConfig:
     output_dir: str = _help(
         "Where rounds.jsonl, summary.md, the plot and checkpoints go.", "results/latest"
     )
+    node_state_dir: str = _help(
+        "Folder where nodes without a state-dir of their own (simulated ones) also keep "
+        "their state on disk, one subfolder per partition: DP ledger, compression "
+        "residuals, FLoRA's merged base. Needed for an exact resume of a simulation; empty "
+        "keeps it in memory only.",
+        "",
+    )
+    resume: str = _help(
+        "Continue a run from a checkpoint: 'latest' (the newest under output-dir/checkpoints) "
+        "or a checkpoint folder. Only num-server-rounds and transport settings may differ.",
+        "",
+    )
 
     def __post_init__(self) -> None:
         """Reject bad values with a message that names the key and the value."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,16 @@ def read_records(output_dir: Path) -> list[dict[str, Any]]:
         return []
     with path.open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def write_records(output_dir: Path, records: list[Mapping[str, Any]]) -> None:
+    """Replace the run's records atomically (a resumed run drops rounds after its checkpoint)."""
+    path = output_dir / ROUNDS_FILE
+    tmp = path.with_name(f".{ROUNDS_FILE}.tmp")
+    tmp.write_text(
+        "".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in records), encoding="utf-8"
+    )
+    os.replace(tmp, path)
 
 
 def _jsonable(value: Any) -> Any:

@@ -32,7 +32,12 @@ from fedlora.adapters import (
     state_from_peft,
     to_arrayrecord,
 )
-from fedlora.checkpoint import save_checkpoint
+from fedlora.checkpoint import (
+    check_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedlora.config import ConfigError, RunConfig
 from fedlora.data import TextTable, eval_subset, load_table, partition, tokenize
 from fedlora.delta import merge_product, truncated_svd
@@ -190,15 +195,20 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         {protocol.RUN_CONFIG: cfg.to_json(), protocol.LABEL_NAMES: list(table.label_names)}
     )
 
-    t0 = time.monotonic()
-    ev = evaluator(state)
-    results.append_record(out, round_record(0, None, ev, {}) | {"seconds": time.monotonic() - t0})
-    log(INFO, "Round 0: accuracy %.4f, loss %.4f", ev.accuracy, ev.loss)
+    done = 0
+    if cfg.resume:
+        done, state = _resume(out, cfg, strategy)
+    else:
+        t0 = time.monotonic()
+        ev = evaluator(state)
+        record = round_record(0, None, ev, {}) | {"seconds": time.monotonic() - t0}
+        results.append_record(out, record)
+        log(INFO, "Round 0: accuracy %.4f, loss %.4f", ev.accuracy, ev.loss)
 
     strategy.summary()
     arrays: ArrayRecord = to_arrayrecord(state.to_state_dict())
     failures: list[str] = []
-    for server_round in range(1, cfg.num_server_rounds + 1):
+    for server_round in range(done + 1, cfg.num_server_rounds + 1):
         t0 = time.monotonic()
         strategy.discover_nodes(grid, ConfigRecord(dict(base_config)), cfg.round_timeout)
         messages = strategy.configure_train(
@@ -274,12 +284,45 @@ def _write_summary(out: Path, cfg: RunConfig, started: float, extra: Mapping[str
     results.plot_rounds(out, records, title=f"{cfg.strategy} on {cfg.dataset}")
 
 
+def _resume(out: Path, cfg: RunConfig, strategy: LoraStrategy) -> tuple[int, AdapterState]:
+    """Restore the global adapter and strategy state of a checkpoint; return its round.
+
+    Records of rounds after the checkpoint (a round that ran but was not checkpointed)
+    are dropped, so the resumed run repeats no round and loses none.
+    """
+    folder = (
+        latest_checkpoint(out / "checkpoints")
+        if cfg.resume == "latest"
+        else Path(cfg.resume).expanduser().resolve()
+    )
+    state, meta = load_checkpoint(folder)
+    check_resumable(meta.get("run_config", {}), cfg.to_mapping(), folder)
+    done = int(meta["round"])
+    if done >= cfg.num_server_rounds:
+        raise ConfigError(
+            f"Invalid value for 'num-server-rounds': {cfg.num_server_rounds}, but checkpoint "
+            f"{folder} already holds round {done}; raise it to run more rounds"
+        )
+    strategy.load_state_dict(meta.get("strategy_state", {}))
+    if cfg.dp and not cfg.node_state_dir:
+        log(
+            WARNING,
+            "Resuming a DP run without node-state-dir: a node restarted without a state-dir "
+            "of its own starts a new privacy ledger and under-reports its epsilon",
+        )
+    kept = [r for r in results.read_records(out) if int(r["round"]) <= done]
+    results.write_records(out, kept)
+    log(INFO, "fedlora: resuming after round %d from %s", done, folder)
+    return done, state
+
+
 def _prepare_output(cfg: RunConfig) -> Path:
     out = Path(cfg.output_dir).expanduser().resolve()
-    if (out / results.ROUNDS_FILE).exists():
+    if (out / results.ROUNDS_FILE).exists() and not cfg.resume:
         raise ConfigError(
             f"Invalid value for 'output-dir': {str(out)!r} already holds a run "
-            f"({results.ROUNDS_FILE}); choose another folder or delete it"
+            f"({results.ROUNDS_FILE}); choose another folder, delete it, or continue it "
+            "with resume=latest"
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "run_config.json").write_text(cfg.to_json())

@@ -380,6 +380,7 @@ class LoraStrategy(Strategy):
             "node_ranks": {str(k): v for k, v in self.node_ranks.items()},
             "node_partitions": {str(k): v for k, v in self.node_partitions.items()},
             "excluded_nodes": {str(k): v for k, v in self.excluded_nodes.items()},
+            "links": self.links.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -389,6 +390,7 @@ class LoraStrategy(Strategy):
         self.node_ranks = {int(k): int(v) for k, v in state.get("node_ranks", {}).items()}
         self.node_partitions = {int(k): int(v) for k, v in state.get("node_partitions", {}).items()}
         self.excluded_nodes = {int(k): str(v) for k, v in state.get("excluded_nodes", {}).items()}
+        self.links.load_state_dict(state.get("links", {}))
 
     def extra_round_metrics(
         self,

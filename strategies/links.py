@@ -8,6 +8,7 @@ after the strategy's own hooks. With both codecs the identity it passes tensors 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +62,23 @@ class NodeLinks:
     def held(self, node_id: int) -> tuple[int, dict[str, np.ndarray]] | None:
         """The round and tensors of the payload ``node_id`` is known to hold (None: unknown)."""
         return self._held.get(node_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What each node holds, for a checkpoint (a resumed run then sends deltas too)."""
+        return {
+            str(node): {"round": held_round, "tensors": dict(tensors)}
+            for node, (held_round, tensors) in self._held.items()
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a node missing from it gets a dense payload next."""
+        self._held = {
+            int(node): (
+                int(entry["round"]),
+                {k: np.asarray(v, np.float32) for k, v in entry["tensors"].items()},
+            )
+            for node, entry in state.items()
+        }
 
     def receive(
         self,
