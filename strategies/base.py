@@ -296,6 +296,7 @@ class LoraStrategy(Strategy):
         self._plans: dict[int, ClientPlan] = {}
         self._sent_bytes: dict[int, tuple[int, int]] = {}  # node -> (actual, dense fp32)
         self._not_sent: dict[int, str] = {}  # node -> why its payload was not sent
+        self._sent: list[Message] = []  # this round's training messages
         self.links = NodeLinks(options.uplink, options.downlink)
         self._decode_seconds = 0.0
         self._current: AdapterState | None = None
@@ -441,7 +442,11 @@ class LoraStrategy(Strategy):
         One QUERY message per new node, once per run; a node that does not answer is
         asked again next round and meanwhile trains at the run's rank.
         """
-        self.wait_for_nodes(grid, self.options.clients_per_round)
+        # the first round waits for a full sample; later ones only for enough nodes to
+        # aggregate, so a node that died does not cost every round the full timeout
+        first = not self.node_ranks
+        o = self.options
+        self.wait_for_nodes(grid, o.clients_per_round if first else o.min_replies)
         seen = set(self.node_ranks) | set(self.excluded_nodes)
         new = sorted(n for n in grid.get_node_ids() if n not in seen)
         if not new:
@@ -576,6 +581,7 @@ class LoraStrategy(Strategy):
             self._sent_bytes[node_id] = (nbytes, dense_bytes_of(payload))
             content = RecordDict({protocol.ARRAYS: record, protocol.CONFIG: node_config})
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
+        self._sent = messages
         if nodes and not messages and self._not_sent:
             raise MessageTooLargeError(next(iter(self._not_sent.values())))
         log(INFO, "configure_train: round %d, sampled nodes %s", server_round, nodes)
@@ -591,8 +597,12 @@ class LoraStrategy(Strategy):
             raise RuntimeError("aggregate_train called before configure_train")
         updates: list[ClientUpdate] = []
         seen: set[int] = set()
+        # a reply the SuperLink makes for a lost node is not from that node: match replies
+        # to what was sent by message id (ids exist once the grid has pushed the messages)
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        sent_to.pop("", None)
         for msg in replies:
-            node_id = msg.metadata.src_node_id
+            node_id = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             seen.add(node_id)
             outcome, update = self._decode_reply(server_round, node_id, msg, current)
             report.outcomes.append(outcome)

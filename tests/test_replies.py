@@ -230,3 +230,19 @@ def test_node_whose_payload_is_too_large_is_left_out_and_round_goes_on(caplog):
     assert out is not None
     status = {o.node_id: o.status for o in capped.last_report.outcomes}
     assert status == {1: "ok", 2: "ok", 3: "too-large"}
+
+
+def test_error_reply_made_by_the_superlink_is_matched_to_the_lost_node():
+    """For a lost node the SuperLink replies itself: the reply is matched by message id."""
+    strategy, _, _, messages, rng = _setup(min_replies=2)
+    for node_id, m in messages.items():  # what the grid does when it pushes a message
+        m.metadata.__dict__["_message_id"] = f"msg-{node_id}"
+    n1, n2, n3 = sorted(messages)
+    lost = error_reply(messages[n3], "node lost")
+    lost.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's own id, not n3
+    out, _ = strategy.aggregate_train(
+        1, [reply(messages[n1], _good(rng), 10), reply(messages[n2], _good(rng), 10), lost]
+    )
+    assert out is not None
+    status = {o.node_id: o.status for o in strategy.last_report.outcomes}
+    assert status == {n1: "ok", n2: "ok", n3: "error"}  # one outcome per node, none "missing"
