@@ -694,14 +694,17 @@ class LoraStrategy(Strategy):
         self, server_round: int, node_id: int, msg: Message, current: AdapterState
     ) -> tuple[NodeOutcome, ClientUpdate | None]:
         down, dense_down = self._sent_bytes.get(node_id, (0, 0))
-        self.links.settle(node_id, replied=not msg.has_error())
         if msg.has_error():  # the node may not hold the payload: the next one goes dense
+            self.links.settle(node_id, replied=False)
             error = NodeOutcome(
                 node_id, "error", msg.error.reason, bytes_down=down, dense_down=dense_down
             )
             return error, None
         up = sum(wire_bytes(r) for r in msg.content.array_records.values())
         outcome, update = self._validate_reply(server_round, node_id, msg, current)
+        # after decoding: the uplink is decoded against what this node received, which
+        # settling forgets. A node whose reply is rejected still holds this payload.
+        self.links.settle(node_id, replied=True)
         plan = update.plan if update is not None else None
         dense_up = 0 if plan is None else dense_bytes(_reply_shapes(plan, current).values())
         outcome = replace(

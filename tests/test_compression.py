@@ -247,6 +247,7 @@ class _Node:
         )
         metrics = self.sim.merge(plan, received, strategy.scaling)
         trained = self.sim.train(plan, received, current, rng)
+        self.trained = trained
         tensors = encode_reply(
             self.store,
             trained,
@@ -308,6 +309,25 @@ def test_compressed_rounds_agree_on_what_each_node_holds(cls):
         if m.content.config_records[protocol.CONFIG][protocol.DOWNLINK_BASE] >= 0
     ]
     assert sent_later, "no node ever received a delta from what it held"
+
+
+@pytest.mark.parametrize("downlink", [Codec(), Codec(0.5, "fp16")], ids=["dense", "sparse"])
+def test_server_decodes_what_the_node_trained(downlink):
+    """One node per round, so FedAvg's new global is that node's decoded reply: it must be
+    what the node trained (up to fp16 rounding), not a delta taken for the tensors."""
+    rng = np.random.default_rng(6)
+    options = StrategyOptions(
+        lora=SPEC, clients_per_round=1, min_replies=1, uplink=Codec(1.0, "fp16"), downlink=downlink
+    )
+    strategy = FedAvg(options)
+    arrays = to_arrayrecord(strategy.initial_state(_state(rng)).to_state_dict())
+    nodes = {i: _Node(i) for i in (1, 2)}
+    for server_round in range(1, 5):
+        arrays, _, messages = _round(strategy, server_round, arrays, nodes, rng)
+        trained = nodes[messages[0].metadata.dst_node_id].trained
+        decoded = from_arrayrecord(arrays)
+        for key, value in trained.items():
+            np.testing.assert_allclose(decoded[key], value, rtol=2e-3, atol=2e-3, err_msg=key)
 
 
 def test_a_corrupt_sparse_reply_is_dropped_and_the_node_recovers():
