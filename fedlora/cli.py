@@ -65,20 +65,56 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
-    """SuperLink + N SuperNodes over gRPC on loopback, then a run against them."""
+    """SuperLink + N SuperNodes over gRPC on loopback (TLS and node auth on), then a run."""
+    import tempfile
+
+    from fedlora.certs import make_node_key, make_server_files
     from fedlora.launch import local_federation
 
     overrides = _config(args)
     overrides.setdefault("num-partitions", args.supernodes)
-    with local_federation(threads=1) as fed:
-        fed.start_superlink(simulation=False)
+    with tempfile.TemporaryDirectory(prefix="fedlora-certs-") as keys, local_federation() as fed:
+        tls: dict[str, str] | None = None
+        if args.insecure:
+            print(INSECURE_WARNING, file=sys.stderr)
+        else:
+            tls = make_server_files(Path(keys), ["127.0.0.1", "localhost"]).as_tls()
+        fed.start_superlink(simulation=False, tls=tls, node_auth=tls is not None)
         for i in range(args.supernodes):
-            fed.start_supernode(
-                f"supernode-{i}", {"partition-id": i, "num-partitions": args.supernodes}
-            )
+            key = None
+            if tls is not None:
+                node_key = make_node_key(Path(keys), f"supernode-{i}")
+                fed.register_node(node_key.public)
+                key = node_key.private
+            node_config = {"partition-id": i, "num-partitions": args.supernodes}
+            fed.start_supernode(f"supernode-{i}", node_config, tls=tls, auth_key=key)
         status = fed.run_app(overrides, stream_to=sys.stdout)
     print(f"\nrun {status['run-id']}: {status['status']} in {status['elapsed']:.1f}s")
     return cmd_report(argparse.Namespace(output_dir=overrides["output-dir"]))
+
+
+INSECURE_WARNING = (
+    "WARNING: --insecure: no TLS and no node authentication; anyone who can reach the "
+    "ports can join the federation or read the updates. Use it on a trusted machine only."
+)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    """Write a CA, the SuperLink's TLS certificate and one ECDSA key pair per SuperNode."""
+    from fedlora.certs import make_node_key, make_server_files
+
+    out = Path(args.out)
+    files = make_server_files(out, args.host)
+    nodes = [make_node_key(out, name) for name in args.node]
+    print(f"CA certificate (give to every SuperNode and flwr user): {files.ca}")
+    print(
+        f"SuperLink certificate and key (valid for {', '.join(args.host)}): "
+        f"{files.cert}, {files.key}"
+    )
+    for key in nodes:
+        print(f"SuperNode key {key.private} (stays on the node); register {key.public}")
+    print(f"CA private key: {out / 'ca.key'} (keep offline)")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -175,7 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("deploy-local", help=cmd_deploy_local.__doc__)
     with_config(p)
     p.add_argument("--supernodes", type=int, default=2, help="SuperNode processes (default 2)")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (warns)")
     p.set_defaults(func=cmd_deploy_local)
+
+    p = sub.add_parser("certs", help=cmd_certs.__doc__)
+    p.add_argument("--out", default="certs", help="folder for the files (default: certs)")
+    p.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        help="a name or IP address the SuperLink is reached at (repeatable)",
+    )
+    p.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        help="a SuperNode name to make a key pair for (repeatable)",
+    )
+    p.set_defaults(func=cmd_certs)
 
     p = sub.add_parser("report", help=cmd_report.__doc__)
     p.add_argument("output_dir", help="a run's output folder")

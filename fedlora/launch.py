@@ -143,9 +143,17 @@ class LocalFederation:
         return proc
 
     def start_superlink(
-        self, simulation: bool, tls: Mapping[str, str] | None = None, extra_args: Sequence[str] = ()
+        self,
+        simulation: bool,
+        tls: Mapping[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+        node_auth: bool = False,
     ) -> Process:
-        """Start a SuperLink (simulation runtime, or gRPC-rere Fleet API for deployment)."""
+        """Start a SuperLink (simulation runtime, or gRPC-rere Fleet API for deployment).
+
+        ``tls`` (``ca``, ``cert``, ``key`` paths) turns TLS on; ``node_auth`` admits only
+        SuperNodes whose public key was registered (:meth:`register_node`).
+        """
         control_port = free_port()
         self.control_address = f"127.0.0.1:{control_port}"
         argv = [
@@ -157,6 +165,8 @@ class LocalFederation:
             "--disable-runtime-dependency-installation",
         ]
         argv += _tls_args(tls)
+        if node_auth:
+            argv.append("--enable-supernode-auth")
         if simulation:
             argv.append("--simulation")
         else:
@@ -175,8 +185,13 @@ class LocalFederation:
         node_config: Mapping[str, Any],
         tls: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
+        auth_key: str | Path | None = None,
     ) -> Process:
-        """Start a SuperNode that connects to this SuperLink's Fleet API over gRPC-rere."""
+        """Start a SuperNode that connects to this SuperLink's Fleet API over gRPC-rere.
+
+        ``auth_key``: the node's private key (OpenSSH format), for a SuperLink with node
+        authentication.
+        """
         if not self.fleet_address:
             raise LaunchError("start_superlink(simulation=False) must come first")
         argv = [
@@ -193,9 +208,29 @@ class LocalFederation:
         ]
         if tls and tls.get("ca"):
             argv += ["--root-certificates", tls["ca"]]
-        else:
+        elif tls is None:
             argv.append("--insecure")
+        if auth_key is not None:
+            argv += ["--auth-supernode-private-key", str(auth_key)]
         return self.start(name, [*argv, *extra_args])
+
+    def register_node(self, public_key: str | Path) -> None:
+        """Admit the SuperNode holding the private half of ``public_key`` (OpenSSH format)."""
+        done = self.flwr("supernode", "register", str(public_key), self.connection)
+        if done.returncode != 0:
+            raise LaunchError(
+                f"flwr supernode register {public_key} failed:\n{done.stdout}\n{done.stderr}"
+            )
+
+    def node_list(self) -> list[dict[str, Any]]:
+        """The SuperNodes the SuperLink knows (``flwr supernode list``), with their status."""
+        done = self.flwr("supernode", "list", self.connection, "--format", "json")
+        try:
+            return list(json.loads(done.stdout).get("nodes", []))
+        except (json.JSONDecodeError, AttributeError):
+            raise LaunchError(
+                f"flwr supernode list failed:\n{done.stdout}\n{done.stderr}"
+            ) from None
 
     def _write_connection(self, tls: Mapping[str, str] | None) -> None:
         home = Path(self.env["FLWR_HOME"])

@@ -1,4 +1,4 @@
-"""Deployment faults on loopback: real SuperLink and SuperNode processes, stopped by PID."""
+"""Deployment on loopback: TLS, node authentication, faults; real processes stopped by PID."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import threading
 import time
 
 import psutil
+from cryptography import x509
 
 from fedlora import results
+from fedlora.certs import make_node_key, make_server_files
 from fedlora.launch import local_federation
 from tests.test_end_to_end import _assert_stopped, _tiny_run
 
@@ -68,4 +70,52 @@ def test_supernode_killed_mid_round_run_completes_with_the_others(tiny_model, tm
     lost = next(n for n in first["nodes"] if n["status"] != "ok")
     assert lost["status"] in ("missing", "error") and lost["reason"]
     assert not records[2]["skipped"] and records[2]["num_ok"] >= 2
+    _assert_stopped(pids)
+
+
+def test_server_certificate_names_every_address(tmp_path):
+    files = make_server_files(tmp_path, ["127.0.0.1", "superlink.example.org"])
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert names.get_values_for_type(x509.DNSName) == ["superlink.example.org"]
+    ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+    cert.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    assert oct(files.key.stat().st_mode & 0o777) == "0o600"
+    key = make_node_key(tmp_path, "site-a")
+    assert key.public.read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert b"OPENSSH PRIVATE KEY" in key.private.read_bytes()
+
+
+def test_tls_with_node_auth_admits_only_registered_nodes_that_trust_the_ca(tiny_model, tmp_path):
+    """TLS and SuperNode authentication on: a registered node completes a round; a node
+    whose key is not registered, and one without the CA, are refused and exit."""
+    files = make_server_files(tmp_path / "certs", ["127.0.0.1", "localhost"])
+    registered, stranger = (make_node_key(tmp_path / "certs", n) for n in ("site-a", "site-b"))
+    tls = files.as_tls()
+    out = tmp_path / "tls"
+    overrides = _tiny_run(
+        tiny_model,
+        out,
+        **{"num-server-rounds": 1, "num-partitions": 2, "clients-per-round": 1, "min-replies": 1},
+    )
+    with local_federation(tmp_path / "flwr") as fed:
+        fed.start_superlink(simulation=False, tls=tls, node_auth=True)
+        fed.register_node(registered.public)
+        node_config = {"partition-id": 0, "num-partitions": 2}
+        fed.start_supernode("site-a", node_config, tls=tls, auth_key=registered.private)
+        refused = [
+            fed.start_supernode("site-b", node_config, tls=tls, auth_key=stranger.private),
+            fed.start_supernode("no-ca", node_config, tls={}, auth_key=registered.private),
+        ]
+        status = fed.run_app(overrides, timeout=600)  # the CLI reaches the SuperLink over TLS
+        for proc in refused:
+            assert proc.popen.wait(timeout=120) != 0, proc.log_tail()
+        online = [n for n in fed.node_list() if n["status"] == "online"]
+        pids = [p.pid for p in fed.processes]
+    assert status["status"] == "finished:completed"
+    records = results.read_records(out)
+    assert records[1]["num_ok"] == 1 and len(online) == 1
+    assert "Failed to activate SuperNode" in refused[0].log_path.read_text()
+    assert "CERTIFICATE_VERIFY_FAILED" in refused[1].log_path.read_text()
     _assert_stopped(pids)
