@@ -9,11 +9,13 @@ import threading
 import time
 
 import psutil
+import pytest
 from cryptography import x509
+from safetensors.numpy import load_file
 
 from fedlora import results
 from fedlora.certs import make_node_key, make_server_files
-from fedlora.launch import local_federation
+from fedlora.launch import LaunchError, local_federation
 from tests.test_end_to_end import _assert_stopped, _tiny_run
 
 
@@ -118,4 +120,61 @@ def test_tls_with_node_auth_admits_only_registered_nodes_that_trust_the_ca(tiny_
     assert records[1]["num_ok"] == 1 and len(online) == 1
     assert "Failed to activate SuperNode" in refused[0].log_path.read_text()
     assert "CERTIFICATE_VERIFY_FAILED" in refused[1].log_path.read_text()
+    _assert_stopped(pids)
+
+
+def _serverapp_pids(superlink_pid: int) -> list[int]:
+    with contextlib.suppress(psutil.Error):
+        return [
+            p.pid
+            for p in psutil.Process(superlink_pid).children(recursive=True)
+            if any("serverapp" in part for part in p.cmdline())
+        ]
+    return []
+
+
+@pytest.mark.slow
+def test_serverapp_killed_after_round_2_resumes_to_the_same_adapter(tiny_model, tmp_path):
+    """SIGKILL the ServerApp once round 2 is checkpointed, resume: the final adapter equals
+    an uninterrupted run's, and rounds 0..4 are each recorded once."""
+    config = {"num-server-rounds": 4, "num-partitions": 2, "clients-per-round": 2}
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    with local_federation(tmp_path / "flwr") as fed:
+        superlink = fed.start_superlink(simulation=False)
+        for i in range(2):
+            node_config = {
+                "partition-id": i,
+                "num-partitions": 2,
+                "state-dir": str(tmp_path / f"n{i}"),
+            }
+            fed.start_supernode(f"supernode-{i}", node_config)
+        failure: dict = {}
+
+        def first_attempt() -> None:
+            try:
+                fed.run_app(_tiny_run(tiny_model, killed, **config), timeout=600)
+            except LaunchError as err:
+                failure["error"] = str(err)
+
+        runner = threading.Thread(target=first_attempt)
+        runner.start()
+        deadline = time.monotonic() + 600
+        while not (killed / "checkpoints" / "round-0002").is_dir():
+            assert time.monotonic() < deadline and runner.is_alive(), "round 2 never finished"
+            time.sleep(0.2)
+        victims = _serverapp_pids(superlink.pid)
+        assert victims, "no ServerApp process found"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        runner.join(timeout=600)
+        assert "failed" in failure.get("error", ""), failure
+        fed.run_app(_tiny_run(tiny_model, killed, **config, resume="latest"), timeout=600)
+        fed.run_app(_tiny_run(tiny_model, whole, **config), timeout=600)
+        pids = [p.pid for p in fed.processes]
+    a = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert abs(a[key] - b[key]).max() <= 1e-5, key
+    assert [r["round"] for r in results.read_records(killed)] == [0, 1, 2, 3, 4]
     _assert_stopped(pids)
