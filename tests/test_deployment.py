@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -15,7 +18,7 @@ from safetensors.numpy import load_file
 
 from fedlora import results
 from fedlora.certs import make_node_key, make_server_files
-from fedlora.launch import LaunchError, local_federation
+from fedlora.launch import BIN_DIR, LaunchError, free_port, local_federation, wait_for_port
 from tests.test_end_to_end import _assert_stopped, _tiny_run
 
 
@@ -177,4 +180,50 @@ def test_serverapp_killed_after_round_2_resumes_to_the_same_adapter(tiny_model, 
     for key in a:
         assert abs(a[key] - b[key]).max() <= 1e-5, key
     assert [r["round"] for r in results.read_records(killed)] == [0, 1, 2, 3, 4]
+    _assert_stopped(pids)
+
+
+@pytest.mark.slow
+def test_simulation_runs_on_an_existing_ray_cluster(tiny_model, tmp_path):
+    """A local `ray start --head` stands in for a cluster; the SuperLink joins it via
+    RAY_ADDRESS, and the cluster's processes are stopped by PID with the rest."""
+    out = tmp_path / "ray"
+    port = free_port()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fedlora-ray-", dir="/tmp"))  # short: socket paths
+    with local_federation(tmp_path / "flwr") as fed:
+        fed.env |= {"RAY_USAGE_STATS_ENABLED": "0"}
+        head = fed.start(
+            "ray-head",
+            [
+                str(BIN_DIR / "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--port",
+                str(port),
+                "--num-cpus",
+                "2",
+                "--include-dashboard",
+                "false",
+                "--temp-dir",
+                str(ray_tmp),
+            ],
+        )
+        wait_for_port(f"127.0.0.1:{port}", head, timeout=120)
+        fed.env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        fed.start_superlink(simulation=True)
+        # no init-args: a driver that joins a cluster must not size it
+        status = fed.run_app(
+            _tiny_run(tiny_model, out, **{"num-server-rounds": 1}),
+            {"num-supernodes": 3, "client-resources-num-cpus": 1},
+            timeout=600,
+        )
+        pids = [p.pid for p in fed.processes]
+        # the ClientApp actors ran in the cluster: its session holds their worker logs
+        files = [p for p in ray_tmp.rglob("*") if p.is_file()]
+        workers = [p.name for p in files if p.name.startswith("python-core-worker-")]
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert status["status"] == "finished:completed"
+    assert results.read_records(out)[1]["num_ok"] == 2
+    assert workers, f"no worker ran in the cluster ({len(files)} files in {ray_tmp})"
     _assert_stopped(pids)
