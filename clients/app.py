@@ -7,6 +7,9 @@ answer in records. Nothing here keeps state between messages except process cach
 
 from __future__ import annotations
 
+import time
+
+import psutil
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -22,6 +25,9 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune the received adapter on this node's data."""
+    # in deployment each message is a fresh process: its age is the process start cost
+    process_seconds = time.time() - psutil.Process().create_time()
+    started = time.perf_counter()
     job = LocalJob.from_message(msg, context)
     try:
         tensors, metrics = job.train()
@@ -34,6 +40,8 @@ def train(msg: Message, context: Context) -> Message:
         )
         return Message(declined, reply_to=msg)
     record = to_arrayrecord(tensors)
+    metrics[protocol.PROCESS_SECONDS] = process_seconds
+    metrics[protocol.HANDLER_SECONDS] = time.perf_counter() - started
     # refused here, the server logs the reason and the round goes on without this node
     check_message_size(
         wire_bytes(record),

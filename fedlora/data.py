@@ -229,7 +229,15 @@ def partition(
         columns[column] = values.map({g: i for i, g in enumerate(groups)}).to_numpy()
         partitioner = NaturalIdPartitioner(partition_by=column)
     partitioner.dataset = Dataset.from_dict(columns)
-    rows = np.asarray(partitioner.load_partition(partition_id)["_row"], dtype=np.int64)
+    try:
+        rows = np.asarray(partitioner.load_partition(partition_id)["_row"], dtype=np.int64)
+    except ValueError as err:  # flwr-datasets gives up on the Dirichlet draws
+        raise ConfigError(
+            f"Invalid value for 'num-partitions': {num_partitions} Dirichlet partitions "
+            f"(dirichlet-alpha={cfg.dirichlet_alpha}) of {len(frame)} examples could not be "
+            f"drawn ({err}). Use fewer partitions, a larger dirichlet-alpha, or "
+            "partitioner = \"iid\"."
+        ) from err
     return frame.iloc[np.sort(rows)].reset_index(drop=True)
 
 

@@ -21,6 +21,9 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 TRAIN_LOSS_FIRST = "train-loss-first"
 TRAIN_SECONDS = "train-seconds"
+# where a node's time goes besides training (the deployment overhead benchmark reads these)
+PROCESS_SECONDS = "process-seconds"  # age of the ClientApp process when the message arrived
+HANDLER_SECONDS = "handler-seconds"  # the whole train handler: setup, training, encoding
 EPSILON = "epsilon"  # DP epsilon spent so far by the node (cumulative over rounds)
 DELTA = "delta"
 DECLINED = "declined"  # 1 when the node refuses the round (privacy budget spent)

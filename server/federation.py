@@ -162,6 +162,8 @@ def round_record(
                     "encode_seconds": o.metrics.get("encode-seconds"),
                     "train_loss": o.metrics.get(protocol.TRAIN_LOSS),
                     "train_seconds": o.metrics.get(protocol.TRAIN_SECONDS),
+                    "process_seconds": o.metrics.get(protocol.PROCESS_SECONDS),
+                    "handler_seconds": o.metrics.get(protocol.HANDLER_SECONDS),
                     "epsilon": o.metrics.get(protocol.EPSILON),
                 }
                 for o in report.outcomes
@@ -170,6 +172,19 @@ def round_record(
     if fed_eval:
         record["federated_eval"] = fed_eval
     return record
+
+
+class _PhaseClock:
+    """Seconds spent in each phase of a round, for the results (where the time goes)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def lap(self, phase: str) -> None:
+        now = time.monotonic()
+        self.laps[phase] = now - self._last
+        self._last = now
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> Path:
@@ -210,20 +225,28 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     failures: list[str] = []
     for server_round in range(done + 1, cfg.num_server_rounds + 1):
         t0 = time.monotonic()
+        clock = _PhaseClock()
         strategy.discover_nodes(grid, ConfigRecord(dict(base_config)), cfg.round_timeout)
         messages = strategy.configure_train(
             server_round, arrays, ConfigRecord(dict(base_config)), grid
         )
+        clock.lap("configure")
         replies = grid.send_and_receive(list(messages), timeout=cfg.round_timeout)
+        clock.lap("train")
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         report = strategy.last_report
         if new_arrays is not None:
             arrays = new_arrays
         state = strategy.global_state(arrays)
+        clock.lap("aggregate")
         fed_eval = _federated_evaluation(grid, strategy, server_round, arrays, base_config, cfg)
+        clock.lap("federated_eval")
         ev = evaluator(state, strategy.base_delta())
+        clock.lap("evaluate")
         record = round_record(server_round, report, ev, fed_eval)
         record["seconds"] = time.monotonic() - t0
+        record["phase_seconds"] = clock.laps
+        # the record goes first: a crash between the two leaves a record that resume drops
         results.append_record(out, record)
         _checkpoint(
             out,

@@ -81,3 +81,13 @@ def test_tokenize_and_eval_subset(tiny_model):
     ids, mask, labels = data.tensors
     assert ids.shape == (50, 32) and mask.shape == (50, 32)
     assert np.array_equal(labels.numpy(), sub["label"].to_numpy())
+
+
+def test_impossible_dirichlet_partitioning_names_the_setting():
+    """flwr-datasets gives up after 10 draws; the user gets the setting to change."""
+    table = load_table(RunConfig())
+    cfg = RunConfig(partitioner="dirichlet", dirichlet_alpha=0.5)
+    with pytest.raises(ConfigError, match=r"'num-partitions': 1000 Dirichlet .*iid"):
+        partition(table.train, cfg, 0, 1000)
+    iid = partition(table.train, RunConfig(partitioner="iid"), 999, 1000)
+    assert len(iid) == len(table.train) // 1000 or len(iid) == len(table.train) // 1000 + 1
