@@ -236,7 +236,7 @@ def partition(
             f"Invalid value for 'num-partitions': {num_partitions} Dirichlet partitions "
             f"(dirichlet-alpha={cfg.dirichlet_alpha}) of {len(frame)} examples could not be "
             f"drawn ({err}). Use fewer partitions, a larger dirichlet-alpha, or "
-            "partitioner = \"iid\"."
+            'partitioner = "iid".'
         ) from err
     return frame.iloc[np.sort(rows)].reset_index(drop=True)
 

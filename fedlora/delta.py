@@ -21,10 +21,60 @@ def sum_sq_norm(terms: Sequence[LowRankTerm]) -> float:
     terms = [t for t in terms if t[0] != 0.0 and t[1].shape[1] > 0]
     if not terms:
         return 0.0
-    b = np.concatenate([c * np.asarray(b, np.float64) for c, b, _ in terms], axis=1)
-    a = np.concatenate([np.asarray(a, np.float64) for _, _, a in terms], axis=0)
+    b, a = _stack(terms)
     value = float(np.sum((b.T @ b) * (a @ a.T)))
     return max(value, 0.0)
+
+
+def _stack(terms: Sequence[LowRankTerm]) -> tuple[np.ndarray, np.ndarray]:
+    """[c_1 B_1, c_2 B_2, ...] and [A_1; A_2; ...] in float64."""
+    b = np.concatenate([c * np.asarray(b, np.float64) for c, b, _ in terms], axis=1)
+    a = np.concatenate([np.asarray(a, np.float64) for _, _, a in terms], axis=0)
+    return b, a
+
+
+class ProductSum:
+    """T = sum_i c_i B_i A_i, held as stacked factors, with ||T||_F^2 computed once.
+
+    Measuring many candidates S against one T (LoRA-FAIR's before/after, FedAvg's error,
+    the row-space floor) then costs R x r products each instead of a new R x R Gram:
+    ||T - S||^2 = ||T||^2 - 2 <T, S> + ||S||^2.
+    """
+
+    def __init__(self, terms: Sequence[LowRankTerm]) -> None:
+        terms = [t for t in terms if t[0] != 0.0 and t[1].shape[1] > 0]
+        if terms:
+            self.b, self.a = _stack(terms)
+        else:
+            self.b = np.zeros((0, 0))
+            self.a = np.zeros((0, 0))
+        self.sq_norm = max(float(np.sum((self.b.T @ self.b) * (self.a @ self.a.T))), 0.0)
+
+    def times_at(self, a: np.ndarray) -> np.ndarray:
+        """T @ a^T (d_out x r) without forming T."""
+        if self.b.size == 0:
+            return np.zeros((0, a.shape[0]))
+        return self.b @ (self.a @ np.asarray(a, np.float64).T)
+
+    def inner(self, terms: Sequence[LowRankTerm]) -> float:
+        """<T, sum_j c_j B_j A_j>_F."""
+        terms = [t for t in terms if t[0] != 0.0 and t[1].shape[1] > 0]
+        if not terms or self.b.size == 0:
+            return 0.0
+        b, a = _stack(terms)
+        return float(np.sum((self.b.T @ b) * (self.a @ a.T)))
+
+    def distance_sq(self, terms: Sequence[LowRankTerm]) -> float:
+        """||T - sum_j c_j B_j A_j||_F^2."""
+        value = self.sq_norm - 2.0 * self.inner(terms) + sum_sq_norm(terms)
+        return max(value, 0.0)
+
+    def outside_rows_sq(self, a: np.ndarray) -> float:
+        """||T (I - P)||_F^2, P the projector onto the row space of ``a`` (Pythagoras)."""
+        a = np.asarray(a, np.float64)
+        m = self.times_at(a)
+        inside = float(np.trace(m.T @ m @ np.linalg.pinv(a @ a.T))) if m.size else 0.0
+        return max(self.sq_norm - inside, 0.0)
 
 
 def relative_error(

@@ -26,6 +26,7 @@ import time
 
 import torch
 from flwr.app import ConfigRecord, Context, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import train as client_train
 from clients.local import LocalJob
@@ -66,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--config", nargs="*", default=[], help="run-config overrides")
     args = parser.parse_args(argv)
 
-    cfg = RunConfig.from_mapping(parse_overrides(args.config))
+    # one node: the strategy would otherwise wait for clients-per-round to connect
+    overrides = parse_overrides(args.config) | {"clients-per-round": 1, "min-replies": 1}
+    cfg = RunConfig.from_mapping(overrides)
     table = load_table(cfg)
+    # outside a Flower runtime, messages need the identity the runtime would set
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     strategy = build_strategy(cfg)
     spec = lora_spec(cfg)
     model = build_lora_model(cfg.model, table.num_labels, spec, seed=cfg.seed)

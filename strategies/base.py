@@ -46,6 +46,7 @@ from fedlora.adapters import (
 from fedlora.compression import Codec, CompressionError, dense_bytes
 from fedlora.delta import (
     LowRankTerm,
+    ProductSum,
     fingerprint,
     relative_error,
     sum_sq_norm,
@@ -67,6 +68,7 @@ __all__ = [
     "LoraStrategy",
     "LowRankTerm",
     "NodeOutcome",
+    "ProductSum",
     "RoundReport",
     "StrategyOptions",
     "aggregation_error",
@@ -243,10 +245,14 @@ def node_view(state: AdapterState, rank: int, scaling: float) -> AdapterState:
 
 
 def weighted_average(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """sum_k w_k x_k in float64, returned as float32."""
-    out = np.zeros_like(arrays[0], dtype=np.float64)
+    """sum_k w_k x_k accumulated in float64, returned as float32.
+
+    Each product is rounded to float32 (one ulp) and summed in float64, so no float64
+    copy of a client's tensor is made: the aggregation streams the updates once.
+    """
+    out = np.zeros(np.shape(arrays[0]), dtype=np.float64)
     for x, w in zip(arrays, weights, strict=True):
-        out += float(w) * np.asarray(x, dtype=np.float64)
+        out += np.asarray(x, dtype=np.float32) * np.float32(w)
     return out.astype(np.float32)
 
 

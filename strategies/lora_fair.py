@@ -28,9 +28,8 @@ from strategies.base import (
     LoraFactors,
     LoraStrategy,
     LowRankTerm,
+    ProductSum,
     StrategyOptions,
-    aggregation_error,
-    relative_error,
 )
 from strategies.fedavg import fedavg_states
 
@@ -97,16 +96,16 @@ def cosine_correction(
 
 def row_space_floor(target: Sequence[Sequence[LowRankTerm]], a_bars: Sequence[np.ndarray]) -> float:
     """||dW* (I - P_A)|| / ||dW*||: the error left for the best B given A_bar (per module lists)."""
-    residual: list[list[LowRankTerm]] = []
-    for terms, a_bar in zip(target, a_bars, strict=True):
-        a = a_bar.astype(np.float64)
-        pinv = np.linalg.pinv(a @ a.T)
-        projected = [
-            (c, np.asarray(b, np.float64) @ (np.asarray(ak, np.float64) @ a.T @ pinv), a)
-            for c, b, ak in terms
-        ]
-        residual.append(projected)
-    return relative_error(target, residual)
+    sums = [ProductSum(terms) for terms in target]
+    return _floor(sums, a_bars)
+
+
+def _floor(sums: Sequence[ProductSum], a_bars: Sequence[np.ndarray]) -> float:
+    den = sum(t.sq_norm for t in sums)
+    if den <= 0.0:
+        return 0.0
+    num = sum(t.outside_rows_sq(a) for t, a in zip(sums, a_bars, strict=True))
+    return float(np.sqrt(num / den))
 
 
 class LoraFair(LoraStrategy):
@@ -147,24 +146,27 @@ class LoraFair(LoraStrategy):
         """FedAvg, then B <- B_bar + dB per module (kept only if it lowers the error)."""
         avg = fedavg_states([u.state for u in updates], weights, current.rank, current.scaling)
         factors: dict[str, LoraFactors] = {}
-        for module, f in avg.factors.items():
-            target = _target_terms(updates, weights, module)
+        sums: list[ProductSum] = []
+        before_sq = after_sq = 0.0
+        for module, f in sorted(avg.factors.items()):
+            terms = _target_terms(updates, weights, module)
+            target = ProductSum(terms)  # the one R x R Gram per module
+            sums.append(target)
             if self.method == "ridge":
-                db = ridge_correction(target, f.a, f.b, avg.scaling, self.lam)
+                db = ridge_correction(terms, f.a, f.b, avg.scaling, self.lam)
             else:
-                db = cosine_correction(target, f.a, f.b, avg.scaling, self.lam, self.steps, self.lr)
+                db = cosine_correction(terms, f.a, f.b, avg.scaling, self.lam, self.steps, self.lr)
             corrected = LoraFactors(a=f.a, b=(f.b + db).astype(np.float32))
-            before = relative_error([target], [[(avg.scaling, f.b, f.a)]])
-            after = relative_error([target], [[(avg.scaling, corrected.b, corrected.a)]])
+            before = target.distance_sq([(avg.scaling, f.b, f.a)])
+            after = target.distance_sq([(avg.scaling, corrected.b, corrected.a)])
             factors[module] = corrected if after <= before else f
+            before_sq += before
+            after_sq += min(before, after)
         result = AdapterState(factors=factors, dense=avg.dense, scaling=avg.scaling)
-        modules = sorted(avg.factors)
+        den = sum(t.sq_norm for t in sums)
         self._last = {
-            "fedavg-error": aggregation_error(updates, weights, avg),
-            "fair-floor": row_space_floor(
-                [_target_terms(updates, weights, m) for m in modules],
-                [avg.factors[m].a for m in modules],
-            ),
+            "fedavg-error": float(np.sqrt(before_sq / den)) if den > 0 else 0.0,
+            "fair-floor": _floor(sums, [avg.factors[m].a for m in sorted(avg.factors)]),
         }
         return result
 

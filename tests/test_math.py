@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlora.adapters import LoraFactors, resize_rank
-from fedlora.delta import relative_error, sum_sq_norm
+from fedlora.delta import ProductSum, relative_error, sum_sq_norm
 from strategies.base import ClientPlan, ClientUpdate, aggregation_error
 from strategies.fedavg import fedavg_states
 from tests.helpers import random_state
@@ -116,3 +116,32 @@ def test_fedavg_property_random_inputs(k, rank, seed, weights):
     assert 0.0 <= err < np.inf
     if k == 1:
         assert err < 1e-5
+
+
+def _random_terms(rng, n, d_out, d_in, ranks):
+    return [
+        (float(rng.uniform(-1, 1)), rng.normal(size=(d_out, r)), rng.normal(size=(r, d_in)))
+        for r in ranks[:n]
+    ]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 5), d_out=st.integers(1, 9))
+def test_product_sum_against_dense_numpy(seed, n, d_out):
+    """<T, S>, ||T - S|| and the part of T outside a row space, against dense matrices."""
+    rng = np.random.default_rng(seed)
+    d_in = int(rng.integers(1, 9))
+    ranks = [int(r) for r in rng.integers(1, 5, size=5)]
+    t_terms = _random_terms(rng, n, d_out, d_in, ranks)
+    s_terms = _random_terms(rng, 2, d_out, d_in, ranks)
+    t = sum(c * b @ a for c, b, a in t_terms)
+    s = sum(c * b @ a for c, b, a in s_terms)
+    target = ProductSum(t_terms)
+    scale = max(np.sum(t**2) + np.sum(s**2), 1e-12)
+    assert np.isclose(target.sq_norm, np.sum(t**2), rtol=1e-9, atol=1e-9 * scale)
+    assert np.isclose(target.inner(s_terms), np.sum(t * s), rtol=1e-9, atol=1e-9 * scale)
+    assert np.isclose(target.distance_sq(s_terms), np.sum((t - s) ** 2), atol=1e-9 * scale)
+    a = rng.normal(size=(int(rng.integers(1, 4)), d_in))
+    projector = a.T @ np.linalg.pinv(a @ a.T) @ a
+    want = np.sum((t - t @ projector) ** 2)
+    assert np.isclose(target.outside_rows_sq(a), want, atol=1e-8 * scale)

@@ -95,12 +95,26 @@ def test_fedavg_with_mixed_ranks_is_inexact_but_measured():
 
 
 def test_lora_fair_never_worse_than_fedavg_and_reports_floor():
-    strategy, _, updates, w, out = _round(LoraFair, (8, 8, 8, 8), n=(5, 10, 20, 40))
+    strategy, current, updates, w, out = _round(LoraFair, (8, 8, 8, 8), n=(5, 10, 20, 40))
     e_fair = aggregation_error(updates, w, out)
     extra = strategy.extra_round_metrics(updates, w, None, out)
     assert e_fair <= extra["fedavg-error"] + 1e-9
     assert extra["fair-floor"] <= e_fair + 1e-6
     assert e_fair < extra["fedavg-error"]  # the correction helps on random clients
+    # the recorded e(FedAvg) is the base class's error of a plain FedAvg of the same round
+    fedavg = _make(FedAvg, (8, 8, 8, 8))[0].aggregate(1, updates, w, current)
+    assert np.isclose(extra["fedavg-error"], aggregation_error(updates, w, fedavg), rtol=1e-6)
+    # the floor against dense matrices: the ideal product outside the row space of A_bar
+    num = den = 0.0
+    for m, f in fedavg.factors.items():
+        ideal = sum(
+            wk * u.state.scaling * u.state.factors[m].b.astype(np.float64) @ u.state.factors[m].a
+            for u, wk in zip(updates, w, strict=True)
+        )
+        a = f.a.astype(np.float64)
+        num += np.sum((ideal - ideal @ a.T @ np.linalg.pinv(a @ a.T) @ a) ** 2)
+        den += np.sum(ideal**2)
+    assert np.isclose(extra["fair-floor"], np.sqrt(num / den), rtol=1e-6, atol=1e-7)
 
 
 def test_ridge_with_lambda_zero_is_least_squares():
