@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         *args.config,
     ]
     cmd = [str(fedlora), "deploy-local", "--supernodes", str(args.supernodes)]
-    cmd += ["--output-dir", str(out), "-c", *overrides]
+    cmd += ["--output-dir", str(out)]
+    cmd += [arg for pair in overrides for arg in ("-c", pair)]
     if args.insecure:
         cmd.append("--insecure")
     log = out.parent / f"{out.name}.log"

@@ -80,13 +80,13 @@ def run(clients: int, rounds: int, per_round: int, extra: list[str], out: Path) 
     """One simulated run; its peak memory and per-round training-phase seconds."""
     fedlora = Path(sys.executable).with_name("fedlora")
     cmd = [str(fedlora), "simulate", "--supernodes", str(clients), "--output-dir", str(out)]
-    cmd += [
-        "-c",
+    overrides = [
         f"num-server-rounds={rounds}",
         f"clients-per-round={per_round}",
         f"min-replies={per_round}",
         *extra,
     ]
+    cmd += [arg for pair in overrides for arg in ("-c", pair)]
     log = out.parent / f"{out.name}.log"
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)

@@ -148,27 +148,40 @@ def _value(record: dict, key: str) -> float:
     return np.nan if value is None else float(value)
 
 
+def _max_epsilon(records: list[dict]) -> float:
+    """The largest epsilon any node reported in a run (NaN for a run without DP)."""
+    values = [
+        n["epsilon"] for x in records for n in x.get("nodes", []) if n.get("epsilon") is not None
+    ]
+    return float(max(values)) if values else float("nan")
+
+
+def _up_kib(records: list[dict]) -> float:
+    return float(np.mean([x.get("bytes_up") or 0 for x in records[1:]])) / 1024
+
+
 def table(data: dict[str, list[list[dict]]], out: Path, seeds: list[int]) -> str:
     """Markdown table: final accuracy, aggregation error, bytes per round, wall time."""
     rows = [
         "| scenario | seeds | final accuracy | best accuracy | mean agg. error | "
-        "up KiB/round | down KiB/round | dense ÷ sent (up / down) | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "up KiB/round | down KiB/round | dense ÷ sent (up / down) | max epsilon | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in data.items():
         if not runs:
-            rows.append(f"| {name} | 0 | - | - | - | - | - | - | - |")
+            rows.append(f"| {name} | 0 | - | - | - | - | - | - | - | - |")
             continue
         final = [r[-1].get("eval_accuracy") for r in runs]
         best = [max(x.get("eval_accuracy") or 0 for x in r) for r in runs]
         err = [_mean_error(r) for r in runs]
-        up = [np.mean([x.get("bytes_up") or 0 for x in r[1:]]) / 1024 for r in runs]
+        up = [_up_kib(r) for r in runs]
         down = [np.mean([x.get("bytes_down") or 0 for x in r[1:]]) / 1024 for r in runs]
         wall = [sum(x.get("seconds") or 0 for x in r) for r in runs]
         rows.append(
             f"| {name} | {len(runs)} | {_stats(final)} | {_stats(best)} | "
             f"{np.mean(err):.2e} | {np.mean(up):.1f} | {np.mean(down):.1f} | "
-            f"{_ratio(runs, 'up')} / {_ratio(runs, 'down')} | {np.mean(wall):.0f} |"
+            f"{_ratio(runs, 'up')} / {_ratio(runs, 'down')} | "
+            f"{_stats([_max_epsilon(r) for r in runs])} | {np.mean(wall):.0f} |"
         )
     central = [
         json.loads(p.read_text())["accuracy"]
@@ -177,7 +190,7 @@ def table(data: dict[str, list[list[dict]]], out: Path, seeds: list[int]) -> str
     if central:
         rows.append(
             f"| centralised (pooled data, same steps) | {len(central)} | "
-            f"{_stats(central)} | - | - | - | - | - | - |"
+            f"{_stats(central)} | - | - | - | - | - | - | - |"
         )
     return "\n".join(rows) + "\n"
 
@@ -216,7 +229,40 @@ def plots(data: dict[str, list[list[dict]]], out: Path) -> list[Path]:
     path = out / "comparison.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return [path]
+    return [path, tradeoffs(data, out)]
+
+
+def tradeoffs(data: dict[str, list[list[dict]]], out: Path) -> Path:
+    """Final accuracy against uplink KiB per round and against the largest epsilon spent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, runs in data.items():
+        if not runs:
+            continue
+        acc = np.array([_value(r[-1], "eval_accuracy") for r in runs])
+        up = np.array([_up_kib(r) for r in runs])
+        eps = np.array([_max_epsilon(r) for r in runs])
+        axes[0].errorbar(up.mean(), acc.mean(), yerr=acc.std(), fmt="o", capsize=3, label=name)
+        if np.isfinite(eps).any():
+            axes[1].errorbar(
+                np.nanmean(eps), acc.mean(), yerr=acc.std(), fmt="o", capsize=3, label=name
+            )
+    axes[0].set(title="final accuracy vs uplink", xlabel="uplink KiB per round", xscale="log")
+    axes[1].set(title="final accuracy vs privacy (DP runs)", xlabel="largest epsilon spent")
+    for ax in axes:
+        ax.set_ylabel("final accuracy (mean, ±1 sd over seeds)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "tradeoffs.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
