@@ -21,6 +21,7 @@ from flwr.app import Context, Message
 from peft import PeftModel
 from torch.utils.data import TensorDataset
 
+from clients.data_cache import cache_dir, cache_key, file_stamp, load_or_build
 from clients.node_state import NodeStore
 from fedlora import protocol
 from fedlora.adapters import (
@@ -53,6 +54,9 @@ BASE_STATE = "merged-base"
 """Store name of the node's merged FLoRA base."""
 PRIVACY_STATE = "privacy"
 """Store name of the node's DP budget (accountant history, sigma, q, delta)."""
+
+DATA_FORMAT = 1
+"""Bump when tokenisation changes, so cached data from older code is not reused."""
 
 _DATA_CACHE: dict[tuple[Any, ...], tuple[TensorDataset, TensorDataset]] = {}
 
@@ -147,12 +151,19 @@ class LocalJob:
             self.label_names,
         )
         if key not in _DATA_CACHE:
-            train_frame, test_frame = self._frames()
-            tokenizer = load_tokenizer(c.model)
-            _DATA_CACHE[key] = (
-                tokenize(train_frame, tokenizer, c.max_seq_len),
-                tokenize(test_frame, tokenizer, c.max_seq_len),
-            )
+
+            def build() -> tuple[TensorDataset, TensorDataset]:
+                train_frame, test_frame = self._frames()
+                tokenizer = load_tokenizer(c.model)
+                return (
+                    tokenize(train_frame, tokenizer, c.max_seq_len),
+                    tokenize(test_frame, tokenizer, c.max_seq_len),
+                )
+
+            # a fresh process (deployment) finds the tokenised data on disk
+            folder = cache_dir(node_state_dir(c, n))
+            stamped = (*key, file_stamp(n.data_path), DATA_FORMAT)
+            _DATA_CACHE[key] = load_or_build(folder, cache_key(stamped), build)
         return _DATA_CACHE[key]
 
     def _frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
@@ -191,6 +189,15 @@ def partition(
     frame: pd.DataFrame, cfg: RunConfig, partition_id: int, num_partitions: int
 ) -> pd.DataFrame:
     """The rows of ``frame`` that belong to partition ``partition_id`` of ``num_partitions``."""
+    # imported here: flwr-datasets pulls in its plotting stack (about 1 s), which a
+    # ClientApp process that reads its partition from the data cache never needs
+    from datasets import Dataset
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+    )
+
     if num_partitions > len(frame):
         raise ConfigError(
             f"Invalid value for 'num-partitions': {num_partitions} exceeds the {len(frame)} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from tests.helpers import make_tiny_bert
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# tests (and the Flower processes they start) cache tokenised data here, not in ~/.cache
+os.environ.setdefault("FEDLORA_CACHE_DIR", tempfile.mkdtemp(prefix="fedlora-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,128 @@
+"""The on-disk cache of a node's tokenised data: reused by a fresh process, never trusted."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from clients.data_cache import cache_dir, cache_key, file_stamp, load_or_build
+
+
+def _splits(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    g = torch.Generator().manual_seed(seed)
+
+    def one(n: int) -> TensorDataset:
+        ids = torch.randint(0, 1000, (n, 8), generator=g)
+        return TensorDataset(ids, torch.ones_like(ids), torch.randint(0, 5, (n,), generator=g))
+
+    return one(12), one(3)
+
+
+def _equal(a: tuple[TensorDataset, ...], b: tuple[TensorDataset, ...]) -> bool:
+    return all(
+        torch.equal(x, y)
+        for da, db in zip(a, b, strict=True)
+        for x, y in zip(da.tensors, db.tensors, strict=True)
+    )
+
+
+def test_second_load_reads_the_file_instead_of_building(tmp_path):
+    calls = []
+
+    def build():
+        calls.append(1)
+        return _splits()
+
+    first = load_or_build(tmp_path, "k", build)
+    second = load_or_build(tmp_path, "k", lambda: pytest.fail("rebuilt despite the cache"))
+    assert len(calls) == 1
+    assert _equal(first, second)
+    assert (tmp_path / "k.safetensors").is_file()
+    assert not list(tmp_path.glob(".tmp-*"))  # the atomic write left nothing behind
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong-shapes"])
+def test_a_damaged_file_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
+    load_or_build(tmp_path, "k", _splits)
+    path = tmp_path / "k.safetensors"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:50])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00" * 200)
+    else:  # a valid safetensors file whose tensors disagree
+        from safetensors.torch import save_file
+
+        bad = {}
+        for split in ("train", "test"):
+            bad[f"{split}.input_ids"] = torch.zeros(3, 8, dtype=torch.long)
+            bad[f"{split}.attention_mask"] = torch.zeros(3, 8, dtype=torch.long)
+            bad[f"{split}.labels"] = torch.zeros(4, dtype=torch.long)  # one label too many
+        save_file(bad, str(path))
+    with caplog.at_level(logging.WARNING):
+        got = load_or_build(tmp_path, "k", lambda: _splits(1))
+    assert _equal(got, _splits(1))
+    assert "unreadable" in caplog.text and str(path) in caplog.text
+    assert _equal(load_or_build(tmp_path, "k", lambda: pytest.fail("not rewritten")), _splits(1))
+
+
+def test_location_and_off_switch(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDLORA_CACHE_DIR", "off")
+    assert cache_dir("/some/state") is None
+    assert _equal(load_or_build(None, "k", _splits), _splits())
+    monkeypatch.delenv("FEDLORA_CACHE_DIR")
+    assert cache_dir(str(tmp_path)) == tmp_path / "data-cache"
+    monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path / "c"))
+    assert cache_dir(None) == tmp_path / "c"
+
+
+def test_key_changes_with_what_shapes_the_data(tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\na,x\n")
+    before = cache_key(("m", 64, file_stamp(str(data))))
+    data.write_text("text,label\na,x\nb,y\n")
+    assert cache_key(("m", 64, file_stamp(str(data)))) != before
+    assert cache_key(("m", 64)) != cache_key(("m", 128))
+    assert cache_key(("m", 64)) == cache_key(("m", 64))
+
+
+def test_a_fresh_process_reads_its_partition_from_the_cache(tiny_model, tmp_path, monkeypatch):
+    """What a new ClientApp process does in deployment: no re-partitioning, same data."""
+    from flwr.app import Context, RecordDict
+
+    from clients import local
+    from clients.node_state import NodeStore
+    from fedlora.config import NodeConfig, RunConfig
+
+    monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path))
+    cfg = RunConfig(model=str(tiny_model), num_partitions=4)
+    node = NodeConfig.from_mapping({"partition-id": 1, "num-partitions": 4})
+    context = Context(1, 1, {}, RecordDict(), {})
+    job = local.LocalJob(
+        cfg=cfg,
+        node=node,
+        server_round=1,
+        rank=cfg.lora_rank,
+        freeze_a=False,
+        reinit=False,
+        init_seed=0,
+        a_from_seed=False,
+        send_a=True,
+        merge_rounds=(),
+        reset_base=False,
+        store=NodeStore(context, None),
+        label_names=(),
+        tensors={},
+    )
+    monkeypatch.setattr(local, "_DATA_CACHE", {})
+    first = job.data()
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    monkeypatch.setattr(local, "_DATA_CACHE", {})  # a new process: nothing in memory
+
+    def no_partitioning(self):
+        raise AssertionError("the partition was rebuilt although it is cached")
+
+    monkeypatch.setattr(local.LocalJob, "_frames", no_partitioning)
+    assert _equal(job.data(), first)
