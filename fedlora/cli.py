@@ -10,6 +10,7 @@ from typing import Any
 
 from fedlora import results
 from fedlora.config import ConfigError, RunConfig
+from fedlora.tracking import check_available as check_tracker
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -34,7 +35,8 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     # The ServerApp runs in another working directory: always pass an absolute path.
     default = RunConfig().output_dir
     overrides["output-dir"] = str(Path(overrides.get("output-dir", default)).resolve())
-    RunConfig.from_mapping(overrides)  # fail here, before any process starts
+    cfg = RunConfig.from_mapping(overrides)  # fail here, before any process starts
+    check_tracker(cfg.tracking)
     return overrides
 
 

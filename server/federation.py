@@ -8,6 +8,7 @@ PEFT-format checkpoint per round, and the summary table and plot at the end.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -43,6 +44,7 @@ from fedlora.data import TextTable, eval_subset, load_table, partition, tokenize
 from fedlora.delta import merge_product, truncated_svd
 from fedlora.model import apply_base_delta, build_lora_model, load_tokenizer, lora_spec
 from fedlora.registry import load_strategy_class
+from fedlora.tracking import make_tracker
 from fedlora.train import EvalResult, evaluate
 from strategies.base import LoraStrategy, RoundReport, StrategyOptions
 
@@ -191,96 +193,102 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     """Run every round of a federated LoRA fine-tuning; return the output folder."""
     started = time.monotonic()
     out = _prepare_output(cfg)
-    table = load_table(cfg)
-    check_partitions(cfg, table)
-    strategy = build_strategy(cfg)
-    # Flower processes inherit OMP_NUM_THREADS=1 (clients share the cores); the server
-    # evaluates while clients are idle, so it may use all of them.
-    torch.set_num_threads(int(os.environ.get("FEDLORA_SERVER_THREADS", os.cpu_count() or 1)))
-    spec = lora_spec(cfg)
-    fresh = build_lora_model(cfg.model, table.num_labels, spec, seed=cfg.seed)
-    state = strategy.initial_state(state_from_peft(fresh, spec.scaling))
-    eval_data = tokenize(
-        eval_subset(table.test, cfg.eval_examples, cfg.seed),
-        load_tokenizer(cfg.model),
-        cfg.max_seq_len,
-    )
-    evaluator = ServerEvaluator(cfg, table.num_labels, eval_data)
-    base_config = ConfigRecord(
-        {protocol.RUN_CONFIG: cfg.to_json(), protocol.LABEL_NAMES: list(table.label_names)}
-    )
-
-    done = 0
-    if cfg.resume:
-        done, state = _resume(out, cfg, strategy)
-    else:
-        t0 = time.monotonic()
-        ev = evaluator(state)
-        record = round_record(0, None, ev, {}) | {"seconds": time.monotonic() - t0}
-        results.append_record(out, record)
-        log(INFO, "Round 0: accuracy %.4f, loss %.4f", ev.accuracy, ev.loss)
-
-    strategy.summary()
-    arrays: ArrayRecord = to_arrayrecord(state.to_state_dict())
-    failures: list[str] = []
-    for server_round in range(done + 1, cfg.num_server_rounds + 1):
-        t0 = time.monotonic()
-        clock = _PhaseClock()
-        strategy.discover_nodes(grid, ConfigRecord(dict(base_config)), cfg.round_timeout)
-        messages = strategy.configure_train(
-            server_round, arrays, ConfigRecord(dict(base_config)), grid
+    tracker = make_tracker(cfg.tracking, out, json.loads(cfg.to_json()))
+    try:
+        table = load_table(cfg)
+        check_partitions(cfg, table)
+        strategy = build_strategy(cfg)
+        # Flower processes inherit OMP_NUM_THREADS=1 (clients share the cores); the server
+        # evaluates while clients are idle, so it may use all of them.
+        torch.set_num_threads(int(os.environ.get("FEDLORA_SERVER_THREADS", os.cpu_count() or 1)))
+        spec = lora_spec(cfg)
+        fresh = build_lora_model(cfg.model, table.num_labels, spec, seed=cfg.seed)
+        state = strategy.initial_state(state_from_peft(fresh, spec.scaling))
+        eval_data = tokenize(
+            eval_subset(table.test, cfg.eval_examples, cfg.seed),
+            load_tokenizer(cfg.model),
+            cfg.max_seq_len,
         )
-        clock.lap("configure")
-        replies = grid.send_and_receive(list(messages), timeout=cfg.round_timeout)
-        clock.lap("train")
-        new_arrays, _ = strategy.aggregate_train(server_round, replies)
-        report = strategy.last_report
-        if new_arrays is not None:
-            arrays = new_arrays
-        state = strategy.global_state(arrays)
-        clock.lap("aggregate")
-        fed_eval = _federated_evaluation(grid, strategy, server_round, arrays, base_config, cfg)
-        clock.lap("federated_eval")
-        ev = evaluator(state, strategy.base_delta())
-        clock.lap("evaluate")
-        record = round_record(server_round, report, ev, fed_eval)
-        record["seconds"] = time.monotonic() - t0
-        record["phase_seconds"] = clock.laps
-        # the record goes first: a crash between the two leaves a record that resume drops
-        results.append_record(out, record)
-        _checkpoint(
-            out,
-            cfg,
-            server_round,
-            evaluator.model_for(state, strategy.base_delta()),
-            state,
-            strategy,
-        )
-        if report is not None and report.skipped:
-            log(WARNING, "Round %d skipped: %s", server_round, report.skip_reason)
-        if report is not None and report.strategy_error:
-            failures.append(f"round {server_round}: {report.strategy_error}")
-            if len(failures) >= cfg.max_failed_rounds:
-                _write_summary(out, cfg, started, {"stopped": "strategy failed"})
-                raise StrategyFailedError(
-                    f"Strategy {cfg.strategy!r} failed in {len(failures)} rounds "
-                    f"(max-failed-rounds={cfg.max_failed_rounds}); the global adapter was kept "
-                    f"unchanged each time. Failures: {'; '.join(failures)}"
-                )
-        log(
-            INFO,
-            "Round %d/%d: accuracy %.4f, eval loss %.4f, train loss %s, agg. error %s, %.1fs",
-            server_round,
-            cfg.num_server_rounds,
-            ev.accuracy,
-            ev.loss,
-            record.get("train_loss"),
-            record.get("aggregation_error"),
-            record["seconds"],
+        evaluator = ServerEvaluator(cfg, table.num_labels, eval_data)
+        base_config = ConfigRecord(
+            {protocol.RUN_CONFIG: cfg.to_json(), protocol.LABEL_NAMES: list(table.label_names)}
         )
 
-    export = export_adapter(out, cfg, evaluator, state, strategy)
-    _write_summary(out, cfg, started, export)
+        done = 0
+        if cfg.resume:
+            done, state = _resume(out, cfg, strategy)
+        else:
+            t0 = time.monotonic()
+            ev = evaluator(state)
+            record = round_record(0, None, ev, {}) | {"seconds": time.monotonic() - t0}
+            results.append_record(out, record)
+            tracker.log_round(record)
+            log(INFO, "Round 0: accuracy %.4f, loss %.4f", ev.accuracy, ev.loss)
+
+        strategy.summary()
+        arrays: ArrayRecord = to_arrayrecord(state.to_state_dict())
+        failures: list[str] = []
+        for server_round in range(done + 1, cfg.num_server_rounds + 1):
+            t0 = time.monotonic()
+            clock = _PhaseClock()
+            strategy.discover_nodes(grid, ConfigRecord(dict(base_config)), cfg.round_timeout)
+            messages = strategy.configure_train(
+                server_round, arrays, ConfigRecord(dict(base_config)), grid
+            )
+            clock.lap("configure")
+            replies = grid.send_and_receive(list(messages), timeout=cfg.round_timeout)
+            clock.lap("train")
+            new_arrays, _ = strategy.aggregate_train(server_round, replies)
+            report = strategy.last_report
+            if new_arrays is not None:
+                arrays = new_arrays
+            state = strategy.global_state(arrays)
+            clock.lap("aggregate")
+            fed_eval = _federated_evaluation(grid, strategy, server_round, arrays, base_config, cfg)
+            clock.lap("federated_eval")
+            ev = evaluator(state, strategy.base_delta())
+            clock.lap("evaluate")
+            record = round_record(server_round, report, ev, fed_eval)
+            record["seconds"] = time.monotonic() - t0
+            record["phase_seconds"] = clock.laps
+            # the record goes first: a crash between the two leaves a record that resume drops
+            results.append_record(out, record)
+            tracker.log_round(record)
+            _checkpoint(
+                out,
+                cfg,
+                server_round,
+                evaluator.model_for(state, strategy.base_delta()),
+                state,
+                strategy,
+            )
+            if report is not None and report.skipped:
+                log(WARNING, "Round %d skipped: %s", server_round, report.skip_reason)
+            if report is not None and report.strategy_error:
+                failures.append(f"round {server_round}: {report.strategy_error}")
+                if len(failures) >= cfg.max_failed_rounds:
+                    _write_summary(out, cfg, started, {"stopped": "strategy failed"})
+                    raise StrategyFailedError(
+                        f"Strategy {cfg.strategy!r} failed in {len(failures)} rounds "
+                        f"(max-failed-rounds={cfg.max_failed_rounds}); the global adapter was kept "
+                        f"unchanged each time. Failures: {'; '.join(failures)}"
+                    )
+            log(
+                INFO,
+                "Round %d/%d: accuracy %.4f, eval loss %.4f, train loss %s, agg. error %s, %.1fs",
+                server_round,
+                cfg.num_server_rounds,
+                ev.accuracy,
+                ev.loss,
+                record.get("train_loss"),
+                record.get("aggregation_error"),
+                record["seconds"],
+            )
+
+        export = export_adapter(out, cfg, evaluator, state, strategy)
+        _write_summary(out, cfg, started, export)
+    finally:
+        tracker.close()
     log(INFO, "fedlora: run finished; summary in %s", out / results.SUMMARY_FILE)
     return out
 

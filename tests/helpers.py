@@ -106,3 +106,23 @@ def instruction(node_id: int) -> Message:
         dst_node_id=node_id,
         message_type=MessageType.TRAIN,
     )
+
+
+def read_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """Scalars of the TensorBoard event files under ``folder`` (TFRecord framing, read
+    directly so the test needs no TensorBoard install)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4  # length, its crc, the record, its crc
+            for value in event.summary.value:
+                out.setdefault(value.tag, {})[event.step] = value.simple_value
+    return out

@@ -21,6 +21,7 @@ from fedlora.launch import local_federation
 from fedlora.model import load_base_model, load_tokenizer
 from fedlora.train import evaluate
 from server.app import make_server_app
+from tests.helpers import read_scalars
 
 
 def _tiny_run(tiny_model, out, **extra):
@@ -47,6 +48,18 @@ def _check_results(out, rounds):
         assert r["aggregation_error"] is not None and r["aggregation_error"] > 0
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0
         assert all(n["status"] == "ok" for n in r["nodes"])
+        # where the round's time went, as the overhead benchmark reads it
+        assert set(r["phase_seconds"]) == {
+            "configure",
+            "train",
+            "aggregate",
+            "federated_eval",
+            "evaluate",
+        }
+        assert sum(r["phase_seconds"].values()) <= r["seconds"]
+        for n in r["nodes"]:
+            assert n["handler_seconds"] >= n["train_seconds"] > 0
+            assert n["process_seconds"] > 0
     assert (out / results.SUMMARY_FILE).is_file() and (out / results.PLOT_FILE).is_file()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     return records
@@ -54,7 +67,7 @@ def _check_results(out, rounds):
 
 def test_in_process_simulation_learns_and_writes_results(tiny_model, tmp_path):
     out = tmp_path / "run"
-    overrides = _tiny_run(tiny_model, out, **{"fraction-evaluate": 0.5})
+    overrides = _tiny_run(tiny_model, out, **{"fraction-evaluate": 0.5, "tracking": "tensorboard"})
     run_simulation(
         make_server_app(overrides),
         client_app,
@@ -66,6 +79,12 @@ def test_in_process_simulation_learns_and_writes_results(tiny_model, tmp_path):
     # label prior of its skewed partition, so held-out loss is not asserted here)
     assert records[2]["train_loss"] < records[1]["train_loss_first"]
     assert "federated_eval" in records[1]
+    # the same numbers reach TensorBoard, one step per round
+    scalars = read_scalars(out / "tensorboard")
+    assert scalars["eval_accuracy"] == pytest.approx(
+        {r["round"]: r["eval_accuracy"] for r in records}
+    )
+    assert sorted(scalars["aggregation_error"]) == [1, 2]
 
     # The exported adapter loads with peft alone and reproduces the reported accuracy.
     cfg = RunConfig.from_mapping(overrides)

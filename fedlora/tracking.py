@@ -1,0 +1,126 @@
+"""Optional experiment tracking: the per-round record as TensorBoard or MLflow scalars.
+
+Off by default; neither package is a dependency. The tracker is chosen once, at the
+start of a run, so a missing package fails before any round with the package to
+install, not after an hour of training.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from fedlora.config import ConfigError
+
+# record keys worth a curve (others are lists, strings or per-node detail)
+SCALARS = (
+    "eval_accuracy",
+    "eval_loss",
+    "train_loss",
+    "aggregation_error",
+    "bytes_up",
+    "bytes_down",
+    "seconds",
+)
+
+
+class Tracker(Protocol):
+    """Receives every round record; closed once at the end of the run."""
+
+    def log_round(self, record: Mapping[str, Any]) -> None:
+        """Record one round (called after the record is written to rounds.jsonl)."""
+
+    def close(self) -> None:
+        """Flush and release whatever the tracker holds."""
+
+
+def round_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a round record to plot, including the strategy's own metrics."""
+    out = {k: float(record[k]) for k in SCALARS if isinstance(record.get(k), int | float)}
+    for key, value in (record.get("metrics") or {}).items():
+        if isinstance(value, int | float):
+            out[f"strategy/{key}"] = float(value)
+    epsilons = [n["epsilon"] for n in record.get("nodes", []) if n.get("epsilon") is not None]
+    if epsilons:
+        out["dp/max_epsilon"] = float(max(epsilons))
+    return out
+
+
+class _NoTracker:
+    def log_round(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _summary_writer() -> type:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError as err:
+            raise ConfigError(
+                "Invalid value for 'tracking': 'tensorboard' needs the tensorboard or "
+                "tensorboardX package (pip install tensorboard)"
+            ) from err
+    return SummaryWriter
+
+
+def _mlflow() -> Any:
+    try:
+        import mlflow
+    except ImportError as err:
+        raise ConfigError(
+            "Invalid value for 'tracking': 'mlflow' needs the mlflow package (pip install mlflow)"
+        ) from err
+    return mlflow
+
+
+def check_available(kind: str) -> None:
+    """Raise :class:`ConfigError` now if the package ``kind`` needs is not installed."""
+    if kind == "tensorboard":
+        _summary_writer()
+    elif kind == "mlflow":
+        _mlflow()
+
+
+class _TensorBoard:
+    def __init__(self, folder: Path) -> None:
+        self.writer = _summary_writer()(log_dir=str(folder))
+
+    def log_round(self, record: Mapping[str, Any]) -> None:
+        for key, value in round_scalars(record).items():
+            self.writer.add_scalar(key, value, global_step=int(record["round"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _MLflow:
+    def __init__(self, folder: Path, params: Mapping[str, Any]) -> None:
+        mlflow = _mlflow()
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri(folder.resolve().as_uri())
+        self.mlflow = mlflow
+        self.run = mlflow.start_run(run_name=Path(str(params.get("output-dir", "fedlora"))).name)
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+    def log_round(self, record: Mapping[str, Any]) -> None:
+        self.mlflow.log_metrics(round_scalars(record), step=int(record["round"]))
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def make_tracker(kind: str, output_dir: Path, params: Mapping[str, Any]) -> Tracker:
+    """The tracker ``kind`` names (see the ``tracking`` run-config key)."""
+    if kind == "tensorboard":
+        return _TensorBoard(output_dir / "tensorboard")
+    if kind == "mlflow":
+        return _MLflow(output_dir / "mlruns", params)
+    return _NoTracker()
