@@ -286,7 +286,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             )
 
         export = export_adapter(out, cfg, evaluator, state, strategy)
-        _write_summary(out, cfg, started, export)
+        excluded = {
+            "excluded nodes": "; ".join(f"{n}: {r}" for n, r in strategy.excluded_nodes.items())
+        }
+        _write_summary(
+            out, cfg, started, {**export, **(excluded if strategy.excluded_nodes else {})}
+        )
     finally:
         tracker.close()
     log(INFO, "fedlora: run finished; summary in %s", out / results.SUMMARY_FILE)

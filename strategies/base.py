@@ -469,7 +469,10 @@ class LoraStrategy(Strategy):
             node_id = msg.metadata.src_node_id
             if msg.has_error() or protocol.METRICS not in msg.content.metric_records:
                 reason = msg.error.reason if msg.has_error() else "no metrics in reply"
-                log(WARNING, "Node %s did not describe itself: %s", node_id, reason)
+                if "ConfigError" in reason:  # its own settings are wrong: retrying cannot help
+                    self.exclude_node(node_id, f"invalid node configuration: {reason}")
+                else:
+                    log(WARNING, "Node %s did not describe itself: %s", node_id, reason)
                 continue
             info = msg.content.metric_records[protocol.METRICS]
             partition = int(info.get(protocol.NODE_PARTITION, -1))

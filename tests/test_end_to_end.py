@@ -118,21 +118,29 @@ def test_flwr_run_simulation_one_round(tiny_model, tmp_path):
 
 
 def test_loopback_deployment_one_round(tiny_model, tmp_path):
+    """Two SuperNodes train (one on the built-in partition, one on its own CSV file); a
+    third with a wrong node-config is excluded at the start with the reason recorded."""
     out = tmp_path / "deploy"
+    table = load_table(RunConfig())
+    own = table.train.iloc[:60].assign(label=lambda f: [table.label_names[i] for i in f["label"]])
+    csv = tmp_path / "site-b.csv"
+    own[["text", "label"]].to_csv(csv, index=False)
     with local_federation(tmp_path / "flwr") as fed:
         fed.start_superlink(simulation=False)
-        for i in range(2):
-            fed.start_supernode(f"supernode-{i}", {"partition-id": i, "num-partitions": 2})
-        status = fed.run_app(
-            _tiny_run(tiny_model, out, **{"num-server-rounds": 1, "num-partitions": 2}),
-            timeout=600,
-        )
+        fed.start_supernode("site-a", {"partition-id": 0, "num-partitions": 2})
+        fed.start_supernode("site-b", {"data-path": str(csv)})
+        fed.start_supernode("misconfigured", {"partition-id": 5, "num-partitions": 2})
+        run = {"num-server-rounds": 1, "num-partitions": 2, "clients-per-round": 3}
+        status = fed.run_app(_tiny_run(tiny_model, out, **run), timeout=600)
         pids = [p.pid for p in fed.processes]
-        assert len(pids) == 3
+        assert len(pids) == 4
     assert status["status"] == "finished:completed"
     records = _check_results(out, rounds=1)
     assert json.loads((out / "run_config.json").read_text())["num-partitions"] == 2
-    assert len({n["node_id"] for n in records[1]["nodes"]}) == 2
+    trained = {n["num_examples"] for n in records[1]["nodes"]}
+    assert len(trained) == 2 and 60 - round(0.2 * 60) in trained  # the CSV node's rows
+    summary = (out / results.SUMMARY_FILE).read_text()
+    assert "excluded nodes" in summary and "'partition-id': 5" in summary
     _assert_stopped(pids)
 
 
