@@ -48,14 +48,24 @@ def cache_key(parts: Sequence[object]) -> str:
 
 
 def file_stamp(path: str | None) -> str:
-    """Size and modification time of a user's data file: a changed file is a new key."""
-    if path is None:
+    """Absolute path, size and newest modification time of a local file or folder.
+
+    An edited data file or a changed local tokenizer makes a new key. A name that is not
+    on disk (a built-in dataset, a hub id) is returned as it is.
+    """
+    if not path:
         return ""
+    target = Path(path).expanduser()
+    if not target.exists():
+        return str(path)
     try:
-        stat = Path(path).stat()
+        files = [target] if target.is_file() else [p for p in target.rglob("*") if p.is_file()]
+        stats = [f.stat() for f in files]
     except OSError:
-        return "missing"
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
+        return f"{target.resolve()}:unreadable"
+    size = sum(st.st_size for st in stats)
+    newest = max((st.st_mtime_ns for st in stats), default=0)
+    return f"{target.resolve()}:{size}:{newest}"
 
 
 def load_or_build(folder: Path | None, key: str, build: Callable[[], Splits]) -> Splits:
@@ -71,7 +81,7 @@ def load_or_build(folder: Path | None, key: str, build: Callable[[], Splits]) ->
     splits = build()
     try:
         _write(path, splits)
-    except OSError as err:  # a read-only home must not stop training
+    except Exception as err:  # a read-only home or a full disk must not stop training
         log(WARNING, "Cannot write the data cache %s (%s); continuing without it", path, err)
     return splits
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import transformers
 from flwr.app import Context, Message
 from peft import PeftModel
 from torch.utils.data import TensorDataset
@@ -162,7 +163,8 @@ class LocalJob:
 
             # a fresh process (deployment) finds the tokenised data on disk
             folder = cache_dir(node_state_dir(c, n))
-            stamped = (*key, file_stamp(n.data_path), DATA_FORMAT)
+            stamps = (file_stamp(n.data_path), file_stamp(c.dataset), file_stamp(c.model))
+            stamped = (*key, *stamps, transformers.__version__, DATA_FORMAT)
             _DATA_CACHE[key] = load_or_build(folder, cache_key(stamped), build)
         return _DATA_CACHE[key]
 
@@ -183,7 +185,18 @@ class LocalJob:
         return partition(table.train, c, pid, num), partition(table.test, c, pid, num)
 
     def node_info(self) -> dict[str, float]:
-        """What this node tells the server about itself: its rank and partition."""
+        """What this node tells the server about itself: its rank and partition.
+
+        Also where a wrong node-config shows, at the start of the run: a partition
+        outside the run's partitions fails here rather than in every training round.
+        """
+        num = self.node.num_partitions or self.cfg.num_partitions
+        pid_ = self.node.partition_id
+        if pid_ is not None and not 0 <= pid_ < num:
+            raise ConfigError(
+                f"Invalid value for 'partition-id': {pid_} not in [0, {num}) "
+                "(the run's num-partitions, unless the node-config sets its own)"
+            )
         rank = self.node.lora_rank or self.cfg.rank_of_partition(self.node.partition_id)
         pid = -1 if self.node.partition_id is None else self.node.partition_id
         return {protocol.NODE_RANK: rank, protocol.NODE_PARTITION: pid}

@@ -30,7 +30,14 @@ STATE_FILE = "state.json"
 ARRAYS_FILE = "state_arrays.safetensors"
 _ARRAY_REF = "__array__"
 RESUMABLE_CHANGES = frozenset(
-    {"num-server-rounds", "resume", "round-timeout", "max-message-mib", "keep-checkpoints"}
+    {
+        "num-server-rounds",
+        "resume",
+        "round-timeout",
+        "max-message-mib",
+        "keep-checkpoints",
+        "tracking",
+    }
 )
 """Run-config keys that may differ between a checkpoint's run and its resumption."""
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from logging import WARNING
 from pathlib import Path
 from typing import Any, Protocol
+
+from flwr.supercore import log
 
 from fedlora.config import ConfigError
 
@@ -32,8 +35,8 @@ class Tracker(Protocol):
     def log_round(self, record: Mapping[str, Any]) -> None:
         """Record one round (called after the record is written to rounds.jsonl)."""
 
-    def close(self) -> None:
-        """Flush and release whatever the tracker holds."""
+    def close(self, failed: bool = False) -> None:
+        """Flush and release whatever the tracker holds; ``failed``: the run raised."""
 
 
 def round_scalars(record: Mapping[str, Any]) -> dict[str, float]:
@@ -48,12 +51,45 @@ def round_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-class _NoTracker:
-    def log_round(self, record: Mapping[str, Any]) -> None:
-        pass
+class _Writer(Protocol):
+    def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None: ...
 
-    def close(self) -> None:
-        pass
+    def close(self, failed: bool) -> None: ...
+
+
+class _Guarded:
+    """A tracker that never stops the run: a failing backend is warned about and dropped.
+
+    It also keeps the largest epsilon so far, so that curve never goes down when a round
+    samples nodes that have spent less.
+    """
+
+    def __init__(self, writer: _Writer | None) -> None:
+        self.writer = writer
+        self.max_epsilon: float | None = None
+
+    def log_round(self, record: Mapping[str, Any]) -> None:
+        if self.writer is None:
+            return
+        scalars = round_scalars(record)
+        if "dp/max_epsilon" in scalars:
+            self.max_epsilon = max(self.max_epsilon or 0.0, scalars["dp/max_epsilon"])
+        if self.max_epsilon is not None:
+            scalars["dp/max_epsilon"] = self.max_epsilon
+        try:
+            self.writer.log_scalars(int(record["round"]), scalars)
+        except Exception as err:
+            log(WARNING, "Experiment tracking failed (%s); the run goes on without it", err)
+            self.writer = None
+
+    def close(self, failed: bool = False) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.close(failed)
+        except Exception as err:
+            log(WARNING, "Closing the experiment tracker failed: %s", err)
+        self.writer = None
 
 
 def _summary_writer() -> type:
@@ -92,12 +128,12 @@ class _TensorBoard:
     def __init__(self, folder: Path) -> None:
         self.writer = _summary_writer()(log_dir=str(folder))
 
-    def log_round(self, record: Mapping[str, Any]) -> None:
-        for key, value in round_scalars(record).items():
-            self.writer.add_scalar(key, value, global_step=int(record["round"]))
+    def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, global_step=step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool) -> None:
         self.writer.close()
 
 
@@ -107,20 +143,20 @@ class _MLflow:
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             mlflow.set_tracking_uri(folder.resolve().as_uri())
         self.mlflow = mlflow
-        self.run = mlflow.start_run(run_name=Path(str(params.get("output-dir", "fedlora"))).name)
+        mlflow.start_run(run_name=Path(str(params.get("output-dir", "fedlora"))).name)
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
 
-    def log_round(self, record: Mapping[str, Any]) -> None:
-        self.mlflow.log_metrics(round_scalars(record), step=int(record["round"]))
+    def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        self.mlflow.log_metrics(dict(scalars), step=step)
 
-    def close(self) -> None:
-        self.mlflow.end_run()
+    def close(self, failed: bool) -> None:
+        self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
 
 
 def make_tracker(kind: str, output_dir: Path, params: Mapping[str, Any]) -> Tracker:
     """The tracker ``kind`` names (see the ``tracking`` run-config key)."""
     if kind == "tensorboard":
-        return _TensorBoard(output_dir / "tensorboard")
+        return _Guarded(_TensorBoard(output_dir / "tensorboard"))
     if kind == "mlflow":
-        return _MLflow(output_dir / "mlruns", params)
-    return _NoTracker()
+        return _Guarded(_MLflow(output_dir / "mlruns", params))
+    return _Guarded(None)

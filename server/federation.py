@@ -292,8 +292,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         _write_summary(
             out, cfg, started, {**export, **(excluded if strategy.excluded_nodes else {})}
         )
-    finally:
-        tracker.close()
+    except BaseException:
+        tracker.close(failed=True)
+        raise
+    tracker.close()
     log(INFO, "fedlora: run finished; summary in %s", out / results.SUMMARY_FILE)
     return out
 

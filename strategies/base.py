@@ -245,14 +245,17 @@ def node_view(state: AdapterState, rank: int, scaling: float) -> AdapterState:
 
 
 def weighted_average(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """sum_k w_k x_k accumulated in float64, returned as float32.
+    """sum_k w_k x_k in float64, returned as float32.
 
-    Each product is rounded to float32 (one ulp) and summed in float64, so no float64
-    copy of a client's tensor is made: the aggregation streams the updates once.
+    Products go through one float64 scratch buffer instead of a float64 copy of each
+    client's tensor: the updates are streamed once, and equal inputs average back to
+    themselves exactly.
     """
     out = np.zeros(np.shape(arrays[0]), dtype=np.float64)
+    scratch = np.empty_like(out)
     for x, w in zip(arrays, weights, strict=True):
-        out += np.asarray(x, dtype=np.float32) * np.float32(w)
+        np.multiply(x, float(w), out=scratch, dtype=np.float64)
+        out += scratch
     return out.astype(np.float32)
 
 
@@ -469,8 +472,8 @@ class LoraStrategy(Strategy):
             node_id = msg.metadata.src_node_id
             if msg.has_error() or protocol.METRICS not in msg.content.metric_records:
                 reason = msg.error.reason if msg.has_error() else "no metrics in reply"
-                if "ConfigError" in reason:  # its own settings are wrong: retrying cannot help
-                    self.exclude_node(node_id, f"invalid node configuration: {reason}")
+                if "ConfigError" in reason:  # its settings are wrong: retrying cannot help
+                    self.exclude_node(node_id, f"invalid configuration: {reason}")
                 else:
                     log(WARNING, "Node %s did not describe itself: %s", node_id, reason)
                 continue

@@ -146,12 +146,10 @@ class LoraFair(LoraStrategy):
         """FedAvg, then B <- B_bar + dB per module (kept only if it lowers the error)."""
         avg = fedavg_states([u.state for u in updates], weights, current.rank, current.scaling)
         factors: dict[str, LoraFactors] = {}
-        sums: list[ProductSum] = []
-        before_sq = after_sq = 0.0
+        target_sq = before_sq = after_sq = floor_sq = 0.0
         for module, f in sorted(avg.factors.items()):
             terms = _target_terms(updates, weights, module)
-            target = ProductSum(terms)  # the one R x R Gram per module
-            sums.append(target)
+            target = ProductSum(terms)  # the one R x R Gram of this module, dropped after it
             if self.method == "ridge":
                 db = ridge_correction(terms, f.a, f.b, avg.scaling, self.lam)
             else:
@@ -160,13 +158,19 @@ class LoraFair(LoraStrategy):
             before = target.distance_sq([(avg.scaling, f.b, f.a)])
             after = target.distance_sq([(avg.scaling, corrected.b, corrected.a)])
             factors[module] = corrected if after <= before else f
+            target_sq += target.sq_norm
             before_sq += before
             after_sq += min(before, after)
+            floor_sq += target.outside_rows_sq(f.a)
         result = AdapterState(factors=factors, dense=avg.dense, scaling=avg.scaling)
-        den = sum(t.sq_norm for t in sums)
+
+        def rel(value: float) -> float:
+            return float(np.sqrt(value / target_sq)) if target_sq > 0 else 0.0
+
         self._last = {
-            "fedavg-error": float(np.sqrt(before_sq / den)) if den > 0 else 0.0,
-            "fair-floor": _floor(sums, [avg.factors[m].a for m in sorted(avg.factors)]),
+            "fedavg-error": rel(before_sq),
+            "fair-error": rel(after_sq),  # the base class measures it again, independently
+            "fair-floor": rel(floor_sq),
         }
         return result
 

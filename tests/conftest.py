@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,8 +16,11 @@ from tests.helpers import make_tiny_bert
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# tests (and the Flower processes they start) cache tokenised data here, not in ~/.cache
-os.environ.setdefault("FEDLORA_CACHE_DIR", tempfile.mkdtemp(prefix="fedlora-test-cache-"))
+# tests (and the Flower processes they start) cache tokenised data in a folder of their
+# own, never in ~/.cache or a developer's FEDLORA_CACHE_DIR; removed at exit
+_CACHE = tempfile.mkdtemp(prefix="fedlora-test-cache-")
+os.environ["FEDLORA_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

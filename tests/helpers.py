@@ -126,3 +126,31 @@ def read_scalars(folder: Path) -> dict[str, dict[int, float]]:
             for value in event.summary.value:
                 out.setdefault(value.tag, {})[event.step] = value.simple_value
     return out
+
+
+def make_job(cfg, node_config: dict, **fields):
+    """A node's LocalJob for ``cfg`` without a message (round 1, no received tensors)."""
+    from flwr.app import Context, RecordDict
+
+    from clients.local import LocalJob
+    from clients.node_state import NodeStore
+    from fedlora.config import NodeConfig
+
+    context = Context(1, 1, dict(node_config), RecordDict(), {})
+    values = {
+        "cfg": cfg,
+        "node": NodeConfig.from_mapping(node_config),
+        "server_round": 1,
+        "rank": cfg.lora_rank,
+        "freeze_a": False,
+        "reinit": False,
+        "init_seed": 0,
+        "a_from_seed": False,
+        "send_a": True,
+        "merge_rounds": (),
+        "reset_base": False,
+        "store": NodeStore(context, None),
+        "label_names": (),
+        "tensors": {},
+    }
+    return LocalJob(**(values | fields))

@@ -152,3 +152,14 @@ def test_every_scenario_is_a_valid_run_config():
     for path in scenarios:
         cfg = RunConfig.from_mapping(tomllib.loads(path.read_text()))
         build_strategy(cfg)  # the strategy accepts the scenario's ranks and options
+
+
+def test_node_partition_outside_the_run_fails_when_the_node_describes_itself():
+    from tests.helpers import make_job
+
+    job = make_job(RunConfig(num_partitions=3), {"partition-id": 7})
+    with pytest.raises(ConfigError, match="'partition-id': 7 not in \\[0, 3\\)"):
+        job.node_info()
+    assert (
+        make_job(RunConfig(num_partitions=3), {"partition-id": 2}).node_info()["partition-id"] == 2
+    )

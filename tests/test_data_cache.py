@@ -90,32 +90,13 @@ def test_key_changes_with_what_shapes_the_data(tmp_path):
 
 def test_a_fresh_process_reads_its_partition_from_the_cache(tiny_model, tmp_path, monkeypatch):
     """What a new ClientApp process does in deployment: no re-partitioning, same data."""
-    from flwr.app import Context, RecordDict
-
     from clients import local
-    from clients.node_state import NodeStore
-    from fedlora.config import NodeConfig, RunConfig
+    from fedlora.config import RunConfig
+    from tests.helpers import make_job
 
     monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path))
     cfg = RunConfig(model=str(tiny_model), num_partitions=4)
-    node = NodeConfig.from_mapping({"partition-id": 1, "num-partitions": 4})
-    context = Context(1, 1, {}, RecordDict(), {})
-    job = local.LocalJob(
-        cfg=cfg,
-        node=node,
-        server_round=1,
-        rank=cfg.lora_rank,
-        freeze_a=False,
-        reinit=False,
-        init_seed=0,
-        a_from_seed=False,
-        send_a=True,
-        merge_rounds=(),
-        reset_base=False,
-        store=NodeStore(context, None),
-        label_names=(),
-        tensors={},
-    )
+    job = make_job(cfg, {"partition-id": 1, "num-partitions": 4})
     monkeypatch.setattr(local, "_DATA_CACHE", {})
     first = job.data()
     assert len(list(tmp_path.glob("*.safetensors"))) == 1

@@ -101,6 +101,7 @@ def test_lora_fair_never_worse_than_fedavg_and_reports_floor():
     assert e_fair <= extra["fedavg-error"] + 1e-9
     assert extra["fair-floor"] <= e_fair + 1e-6
     assert e_fair < extra["fedavg-error"]  # the correction helps on random clients
+    assert np.isclose(extra["fair-error"], e_fair, rtol=1e-6, atol=1e-9)
     # the recorded e(FedAvg) is the base class's error of a plain FedAvg of the same round
     fedavg = _make(FedAvg, (8, 8, 8, 8))[0].aggregate(1, updates, w, current)
     assert np.isclose(extra["fedavg-error"], aggregation_error(updates, w, fedavg), rtol=1e-6)

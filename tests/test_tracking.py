@@ -50,3 +50,31 @@ def test_unknown_tracker_is_rejected_by_name():
 def test_missing_mlflow_fails_before_any_round(tmp_path):
     with pytest.raises(ConfigError, match="pip install mlflow"):
         make_tracker("mlflow", tmp_path, {})
+
+
+def test_a_failing_backend_is_dropped_with_a_warning_and_epsilon_never_falls(caplog):
+    from fedlora.tracking import _Guarded
+
+    class Flaky:
+        def __init__(self):
+            self.calls = []
+
+        def log_scalars(self, step, scalars):
+            self.calls.append((step, dict(scalars)))
+            if step == 5:
+                raise ConnectionError("tracking server went away")
+
+        def close(self, failed):
+            raise AssertionError("a dropped backend is not closed again")
+
+    writer = Flaky()
+    tracker = _Guarded(writer)
+    tracker.log_round(RECORD)  # epsilon 2.5
+    tracker.log_round({**RECORD, "round": 4, "nodes": [{"epsilon": 1.0}]})
+    assert writer.calls[1][1]["dp/max_epsilon"] == 2.5  # the running maximum
+    with caplog.at_level("WARNING"):
+        tracker.log_round({**RECORD, "round": 5})
+        tracker.log_round({**RECORD, "round": 6})  # not sent: the backend was dropped
+    assert [step for step, _ in writer.calls] == [3, 4, 5]
+    assert "tracking server went away" in caplog.text
+    tracker.close(failed=True)
