@@ -232,6 +232,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             t0 = time.monotonic()
             clock = _PhaseClock()
             strategy.discover_nodes(grid, ConfigRecord(dict(base_config)), cfg.round_timeout)
+            clock.lap("discover")
             messages = strategy.configure_train(
                 server_round, arrays, ConfigRecord(dict(base_config)), grid
             )

@@ -64,7 +64,9 @@ def plain_peft_loop(job: LocalJob, batches: list) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("-c", "--config", nargs="*", default=[], help="run-config overrides")
+    parser.add_argument(
+        "-c", "--config", action="extend", nargs="+", default=[], help="run-config overrides"
+    )
     args = parser.parse_args(argv)
 
     # one node: the strategy would otherwise wait for clients-per-round to connect

@@ -50,6 +50,7 @@ def _check_results(out, rounds):
         assert all(n["status"] == "ok" for n in r["nodes"])
         # where the round's time went, as the overhead benchmark reads it
         assert set(r["phase_seconds"]) == {
+            "discover",
             "configure",
             "train",
             "aggregate",
