@@ -245,17 +245,17 @@ def node_view(state: AdapterState, rank: int, scaling: float) -> AdapterState:
 
 
 def weighted_average(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """sum_k w_k x_k in float64, returned as float32.
+    """sum_k w_k x_k, summed in float64, returned as float32.
 
-    Products go through one float64 scratch buffer instead of a float64 copy of each
-    client's tensor: the updates are streamed once, and equal inputs average back to
-    themselves exactly.
+    Each product w_k x_k is formed in float32 (within one float32 ulp of exact) and added
+    to a float64 accumulator, so no float64 copy of a client's tensor is made: the
+    updates stream through once, about 1.5x a plain float32 weighted sum
+    (simulations/bench_aggregation.py). The error is at most one float32 rounding of
+    each product, 2^-24 sum_k |w_k x_k|, plus the final rounding to float32.
     """
     out = np.zeros(np.shape(arrays[0]), dtype=np.float64)
-    scratch = np.empty_like(out)
     for x, w in zip(arrays, weights, strict=True):
-        np.multiply(x, float(w), out=scratch, dtype=np.float64)
-        out += scratch
+        out += np.asarray(x, dtype=np.float32) * np.float32(w)
     return out.astype(np.float32)
 
 

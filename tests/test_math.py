@@ -145,3 +145,19 @@ def test_product_sum_against_dense_numpy(seed, n, d_out):
     projector = a.T @ np.linalg.pinv(a @ a.T) @ a
     want = np.sum((t - t @ projector) ** 2)
     assert np.isclose(target.outside_rows_sq(a), want, atol=1e-8 * scale)
+
+
+def test_weighted_average_of_many_clients_within_its_error_bound():
+    from strategies.base import weighted_average
+
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((64, 16)).astype(np.float32) for _ in range(100)]
+    w = rng.random(100)
+    w /= w.sum()
+    exact = sum(wk * x.astype(np.float64) for wk, x in zip(w, xs, strict=True))
+    got = weighted_average(xs, w)
+    assert got.dtype == np.float32
+    # one float32 rounding per product, then one for the result
+    magnitude = sum(wk * np.abs(x.astype(np.float64)) for wk, x in zip(w, xs, strict=True))
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(got - exact) <= 2.0**-24 * magnitude + ulp)
