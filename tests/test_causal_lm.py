@@ -1,0 +1,282 @@
+"""The causal-LM path: loss masks, the LM loss and exact match, DP-SGD, and the federation.
+
+A tiny random Llama (2 layers, hidden 32) with the embedded SmolLM2 tokenizer and its chat
+template stands in for the decoder; the data is the real chatterbot corpus.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from flwr.simulation import run_simulation
+from peft import PeftModel
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import AutoModelForCausalLM
+
+from clients.app import app as client_app
+from fedlora import results
+from fedlora.adapters import state_from_peft
+from fedlora.config import ConfigError, RunConfig
+from fedlora.data import eval_subset, load_table, tokenize
+from fedlora.instruct import (
+    IGNORE_INDEX,
+    RESPONSE,
+    TEXT,
+    encode_example,
+    read_instruction_file,
+    render_prompt,
+    user_turn,
+)
+from fedlora.lm import evaluate_lm, example_mean_loss
+from fedlora.model import LoraSpec, build_lora_model, load_tokenizer
+from fedlora.privacy import make_private, new_budget
+from fedlora.train import make_optimizer, train_steps
+from server.app import make_server_app
+
+SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("auto",), task="causal-lm")
+
+
+def _tokenizer(tiny_llama):
+    return load_tokenizer(str(tiny_llama), "causal-lm")
+
+
+def test_loss_mask_counts_only_response_tokens(tiny_llama):
+    tok = _tokenizer(tiny_llama)
+    frame = pd.DataFrame({TEXT: [user_turn("What is two plus two?")], RESPONSE: ["Four."]})
+    ids, mask, labels = tokenize(frame, tok, 64, "causal-lm").tensors
+    body, header = render_prompt(tok, [{"role": "user", "content": "What is two plus two?"}])
+    prompt_len = len(tok(body + header, add_special_tokens=False)["input_ids"])
+    answer = [*tok("Four.", add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    length = prompt_len + len(answer)
+    # prompt tokens are ignored, the answer and its EOS count, padding is ignored
+    assert labels[0, :prompt_len].tolist() == [IGNORE_INDEX] * prompt_len
+    assert labels[0, prompt_len:length].tolist() == answer
+    assert labels[0, length:].tolist() == [IGNORE_INDEX] * (64 - length)
+    assert ids[0, prompt_len:length].tolist() == answer
+    assert mask[0].tolist() == [1] * length + [0] * (64 - length)
+    assert tok.decode(ids[0, :prompt_len]).endswith("<|im_start|>assistant\n")
+    assert tok.decode(labels[0, prompt_len:length]) == "Four.<|im_end|>"
+
+
+def test_truncation_keeps_the_assistant_header_and_the_answer(tiny_llama):
+    tok = _tokenizer(tiny_llama)
+    ids, labels = encode_example(tok, user_turn("word " * 200), "Yes.", 48)
+    assert len(ids) == 48
+    answer = [*tok("Yes.", add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    assert [t for t in labels if t != IGNORE_INDEX] == answer
+    assert tok.decode(ids[: -len(answer)]).endswith("<|im_start|>assistant\n")
+    with pytest.raises(ConfigError, match="'max-seq-len': 4"):
+        encode_example(tok, user_turn("hi"), "Yes.", 4)
+
+
+def test_example_mean_loss_matches_a_direct_per_example_computation():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=g)
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    labels[0, :4] = IGNORE_INDEX
+    labels[1, :2] = IGNORE_INDEX
+    labels[2, 5:] = IGNORE_INDEX
+    expected = []
+    for b in range(3):
+        terms = []
+        for t in range(6):
+            target = int(labels[b, t + 1])
+            if target != IGNORE_INDEX:
+                log_p = logits[b, t].double().log_softmax(-1)
+                terms.append(-float(log_p[target]))
+        expected.append(np.mean(terms))
+    assert float(example_mean_loss(logits, labels)) == pytest.approx(np.mean(expected), rel=1e-6)
+
+
+def test_exact_match_is_the_greedy_answer(tiny_llama):
+    """Teacher-forced exact match equals comparing ``generate``'s greedy output."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tok = _tokenizer(tiny_llama)
+    prompts = [tok(f"question {i}: ", return_tensors="pt")["input_ids"][0] for i in range(4)]
+    rows, labels = [], []
+    for i, prompt in enumerate(prompts):
+        greedy = model.generate(
+            prompt[None], max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0
+        )[0, len(prompt) :]
+        answer = greedy.clone()
+        if i % 2:  # every other reference differs from the greedy answer in its last token
+            answer[-1] = (answer[-1] + 1) % len(tok)
+        rows.append(torch.cat([prompt, answer]))
+        labels.append(torch.cat([torch.full_like(prompt, IGNORE_INDEX), answer]))
+    width = max(len(r) for r in rows)
+
+    def pad(t, value):
+        return torch.cat([t, torch.full((width - len(t),), value, dtype=t.dtype)])
+
+    data = TensorDataset(
+        torch.stack([pad(r, 0) for r in rows]),
+        torch.stack([pad(torch.ones_like(r), 0) for r in rows]),
+        torch.stack([pad(lab, IGNORE_INDEX) for lab in labels]),
+    )
+    _, exact, count = evaluate_lm(model, data, batch_size=4, show_progress=False)
+    assert count == 4 and exact == 0.5
+
+
+def _lm_data(tiny_llama, n=48):
+    cfg = RunConfig.from_mapping({"task": "causal-lm", "dataset": "chatterbot"})
+    frame = load_table(cfg).train.head(n)
+    return tokenize(frame, _tokenizer(tiny_llama), 48, "causal-lm")
+
+
+def test_dp_sgd_on_token_losses_equals_plain_training_without_noise_or_clipping(tiny_llama):
+    data = _lm_data(tiny_llama)
+    batches = list(DataLoader(data, batch_size=12, shuffle=False))
+    plain = build_lora_model(str(tiny_llama), 1, SPEC, seed=0)
+    dp = copy.deepcopy(plain)
+    train_steps(plain, make_optimizer(plain, 1e-2), batches, show_progress=False)
+    budget = new_budget(
+        accountant="rdp",
+        target_epsilon=float("inf"),
+        delta=1e-5,
+        num_examples=len(data),
+        batch_size=12,
+        steps_per_round=4,
+        expected_rounds=1,
+        noise_multiplier=0.0,
+    )
+    run = make_private(
+        dp, make_optimizer(dp, 1e-2), data, budget=budget, clip_norm=1e6, steps=4, seed=0
+    )
+    train_steps(run.model, run.optimizer, batches, show_progress=False)
+    run.finish()
+    a, b = state_from_peft(plain, 1.0).to_state_dict(), state_from_peft(dp, 1.0).to_state_dict()
+    assert set(a) == set(b) and any(k.endswith("o_proj.lora_B.weight") for k in a)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_dp_sgd_with_noise_spends_budget_on_the_decoder(tiny_llama):
+    data = _lm_data(tiny_llama)
+    model = build_lora_model(str(tiny_llama), 1, SPEC, seed=0)
+    budget = new_budget(
+        accountant="rdp",
+        target_epsilon=8.0,
+        delta=1e-5,
+        num_examples=len(data),
+        batch_size=12,
+        steps_per_round=4,
+        expected_rounds=2,
+    )
+    before = state_from_peft(model, 1.0).to_state_dict()
+    run = make_private(
+        model, make_optimizer(model, 1e-2), data, budget=budget, clip_norm=1.0, steps=4, seed=0
+    )
+    result = train_steps(run.model, run.optimizer, run.loader, show_progress=False)
+    run.finish()
+    after = state_from_peft(model, 1.0).to_state_dict()
+    assert result.steps > 0 and np.isfinite(result.mean_loss)
+    assert 0 < budget.epsilon() < 8.0 and budget.steps == 4
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_instruction_file_in_both_forms(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pd.DataFrame({"q": ["hi", "bye"], "a": ["hello", "see you"]}).to_json(
+        pairs, orient="records", lines=True
+    )
+    frame = read_instruction_file(pairs, "q", "a")
+    assert list(frame[RESPONSE]) == ["hello", "see you"]
+    chat = tmp_path / "chat.jsonl"
+    turns = [
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+        ]
+    ]
+    pd.DataFrame({"messages": turns}).to_json(chat, orient="records", lines=True)
+    frame = read_instruction_file(chat, "prompt", "response")
+    assert list(frame[RESPONSE]) == ["hello"] and "Be brief." in frame[TEXT][0]
+    with pytest.raises(ConfigError, match="'response-column': 'answer'"):
+        read_instruction_file(pairs, "q", "answer")
+    with pytest.raises(ConfigError, match="'dataset': 'chatterbot' has no labels"):
+        RunConfig.from_mapping({"dataset": "chatterbot"})
+
+
+def _run(tiny_llama, out, **extra):
+    return {
+        "task": "causal-lm",
+        "model": str(tiny_llama),
+        "dataset": "chatterbot",
+        "partitioner": "iid",
+        "num-server-rounds": 2,
+        "clients-per-round": 2,
+        "min-replies": 2,
+        "num-partitions": 3,
+        "local-steps": 6,
+        "batch-size": 8,
+        "lr": 0.05,
+        "max-seq-len": 48,
+        "eval-examples": 48,
+        "eval-batch-size": 16,
+        "output-dir": str(out),
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    "strategy, extra",
+    [
+        ("fedavg", {}),
+        ("ffa_lora", {"lora-alpha": 32.0}),
+        ("flora", {"client-ranks": "2,4,8", "lora-rank": 8}),
+        ("lora_fair", {}),
+        ("fedavg", {"dp": True, "dp-noise": 0.8, "uplink-density": 0.25, "uplink-values": "int8"}),
+    ],
+)
+def test_two_federated_rounds_of_instruction_tuning(tiny_llama, tmp_path, strategy, extra):
+    out = tmp_path / strategy
+    overrides = _run(tiny_llama, out, strategy=strategy, **extra)
+    run_simulation(
+        make_server_app(overrides),
+        client_app,
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+    )
+    records = results.read_records(out)
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for r in records[1:]:
+        assert not r["skipped"] and r["num_ok"] == 2, r.get("nodes")
+        assert np.isfinite(r["eval_loss"]) and r["eval_perplexity"] == pytest.approx(
+            np.exp(r["eval_loss"])
+        )
+    if strategy in ("ffa_lora", "flora"):
+        assert max(r["aggregation_error"] for r in records[1:]) < 1e-5
+    if not extra.get("dp"):  # the held-out loss of the tiny random decoder falls
+        assert records[-1]["eval_loss"] < records[0]["eval_loss"]
+    else:
+        assert all(n["epsilon"] > 0 for r in records[1:] for n in r["nodes"])
+        assert records[-1]["bytes_up"] < records[-1]["dense_up"] / 2
+    samples = (out / results.SAMPLES_FILE).read_text()
+    assert "before training" in samples and "after training" in samples
+    assert "held-out perplexity" in (out / results.SUMMARY_FILE).read_text()
+    if strategy == "flora":
+        assert (out / "merged-model" / "config.json").is_file()
+    if strategy != "fedavg" or extra:
+        return
+    # the exported adapter loads with peft alone, reproduces the last evaluation, generates
+    cfg = RunConfig.from_mapping(overrides)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), out / "adapter"
+    )
+    data = tokenize(
+        eval_subset(load_table(cfg).test, cfg.eval_examples, cfg.seed),
+        _tokenizer(tiny_llama),
+        cfg.max_seq_len,
+        cfg.task,
+    )
+    loss, exact, _ = evaluate_lm(model, data, 16, show_progress=False)
+    assert loss == pytest.approx(records[-1]["eval_loss"], rel=1e-5)
+    assert exact == records[-1]["eval_accuracy"]
+    prompt = _tokenizer(tiny_llama)("hello", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 4
