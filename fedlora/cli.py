@@ -28,7 +28,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-SCENARIO_DIR = Path("simulations") / "scenarios"
+SCENARIO_DIR = Path(__file__).resolve().parents[1] / "simulations" / "scenarios"
 
 
 def load_scenario(name: str, folder: Path = SCENARIO_DIR, _seen: tuple[str, ...] = ()) -> dict:
@@ -51,8 +51,8 @@ def load_scenario(name: str, folder: Path = SCENARIO_DIR, _seen: tuple[str, ...]
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"Invalid value for 'scenario': {path} is not TOML ({err})") from None
     parent = overrides.pop("extends", None)
-    if parent is not None:
-        overrides = load_scenario(str(parent), folder, (*_seen, name)) | overrides
+    if parent is not None:  # looked up beside the file that extends it
+        overrides = load_scenario(str(parent), path.parent, (*_seen, name)) | overrides
     return overrides
 
 

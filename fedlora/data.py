@@ -89,17 +89,26 @@ def _instruction_table(cfg: RunConfig) -> TextTable:
         folder = package_dir("chatterbot_corpus") / "data" / "english"
         return _split_and_encode(instruct.chatterbot_frame(folder), cfg.seed)
     if cfg.dataset in BUILTIN_DATASETS:
-        table = _label_table(cfg)
-        return TextTable(
-            instruct.questions_from_labels(table.train, table.label_names, cfg.dataset),
-            instruct.questions_from_labels(table.test, table.label_names, cfg.dataset),
-            table.label_names,
-        )
+        return _as_questions(cfg)
+    columns = set(read_frame(Path(cfg.dataset)).columns)
+    labelled = {cfg.text_column, cfg.label_column} <= columns
+    if labelled and not {instruct.MESSAGES, cfg.prompt_column} & columns:
+        return _as_questions(cfg)  # a labelled file: ask for the label
     frame = instruct.read_instruction_file(
         Path(cfg.dataset), cfg.prompt_column, cfg.response_column
     )
     _check_partition_column(cfg, frame)
     return _split_and_encode(frame, cfg.seed)
+
+
+def _as_questions(cfg: RunConfig) -> TextTable:
+    """A labelled dataset as questions whose answer is the label name."""
+    table = _label_table(cfg)
+    return TextTable(
+        instruct.questions_from_labels(table.train, table.label_names, cfg.dataset),
+        instruct.questions_from_labels(table.test, table.label_names, cfg.dataset),
+        table.label_names,
+    )
 
 
 def _check_partition_column(cfg: RunConfig, frame: pd.DataFrame) -> None:

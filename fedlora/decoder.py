@@ -9,6 +9,8 @@ that folder like any local model. Numbers measured on it are on de-quantised Q4_
 
 from __future__ import annotations
 
+import atexit
+import importlib.metadata
 import os
 import shutil
 import tempfile
@@ -43,9 +45,10 @@ def embedded_decoder_dir(package_folder: Path) -> Path:
     processes (simulated clients starting together) never see a half-written model.
     """
     root = model_cache_root()
-    if root is None:
+    if root is None:  # caching off: this process's own copy, removed when it exits
         root = Path(tempfile.gettempdir()) / f"fedlora-models-{os.getpid()}"
-    target = root / FORMAT
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+    target = root / f"{FORMAT}-{_package_version()}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -60,6 +63,13 @@ def embedded_decoder_dir(package_folder: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version(DECODER_PACKAGE.replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _convert(package_folder: Path, out: Path) -> None:

@@ -13,10 +13,11 @@ of the data path, partitioning and caching included, handles it like any text) a
 
 Tokenisation: the prompt is rendered with the tokenizer's chat template (a plain
 ``role: content`` layout for a tokenizer without one), the response follows with EOS, and
-only response tokens carry labels (prompt and padding are -100). Too-long examples lose
-the end of the prompt first; the assistant header and the response (up to half of
-``max-seq-len``) always survive. No packing: each example is its own row, which per-example
-DP-SGD clipping and the exact-match metric both need.
+only response tokens carry labels (prompt and padding are -100). A too-long example loses
+the end of its last user turn's text (re-rendered, so the template stays whole); the
+response keeps up to half of ``max-seq-len`` tokens (cut short, it has no EOS). No
+packing: each example is its own row, which per-example DP-SGD clipping and the
+exact-match metric both need.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Sequence
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from flwr.supercore import log
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
@@ -126,7 +129,8 @@ def read_instruction_file(path: Path, prompt_column: str, response_column: str) 
     for column in frame.columns:
         if column not in (MESSAGES, prompt_column, response_column, *out.columns):
             out[column] = frame[column].to_numpy()
-    out[LABEL] = 0  # one class: Dirichlet then skews sizes only; natural/iid as usual
+    if LABEL not in out.columns:  # one class: Dirichlet then skews sizes only
+        out[LABEL] = "all"
     return out
 
 
@@ -142,23 +146,74 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, turns: Turns) -> tuple[str
     return body, "assistant: "
 
 
+MIN_PROMPT_TEXT = 8
+"""Fewest tokens of the prompt's own text kept; below that the answer is cut instead."""
+
+
+class PromptTooLongError(ConfigError):
+    """The prompt's template (all but its text) does not fit the token budget."""
+
+    def __init__(self, template_tokens: int, budget: int) -> None:
+        self.template_tokens = template_tokens
+        super().__init__(
+            f"Invalid value for 'max-seq-len': the chat template takes {template_tokens} "
+            f"tokens, which leaves fewer than {MIN_PROMPT_TEXT} of {budget} for the prompt's "
+            "text; raise max-seq-len"
+        )
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, stored_prompt: str, budget: int
+) -> tuple[list[int], bool]:
+    """The rendered prompt's token ids in at most ``budget`` tokens, and whether it was cut.
+
+    Too long a prompt loses the end of its last user turn's text; the turn is then
+    rendered again, so the template (system prompt, turn ends, assistant header) stays
+    intact. Raises when the template alone does not fit.
+    """
+    turns = prompt_turns(stored_prompt)
+    for attempt in range(8):  # re-tokenising the cut text can shift a token or two
+        body, header = render_prompt(tokenizer, turns)
+        ids = tokenizer(body + header, add_special_tokens=False)["input_ids"]
+        over = len(ids) - budget
+        if over <= 0:
+            return ids, attempt > 0
+        turns = _shorten_last_user_turn(tokenizer, turns, over, budget)
+    raise ConfigError(f"Prompt {stored_prompt[:60]!r} cannot be cut to {budget} tokens")
+
+
+def _shorten_last_user_turn(
+    tokenizer: PreTrainedTokenizerBase, turns: Turns, over: int, budget: int
+) -> Turns:
+    users = [i for i, t in enumerate(turns) if t.get("role") == "user"]
+    last = users[-1] if users else len(turns) - 1
+    content = tokenizer(turns[last]["content"], add_special_tokens=False)["input_ids"]
+    if len(content) - over < MIN_PROMPT_TEXT:
+        raise PromptTooLongError(budget + over - len(content), budget)
+    cut = tokenizer.decode(content[: len(content) - over], skip_special_tokens=True)
+    return [*turns[:last], {**turns[last], "content": cut}, *turns[last + 1 :]]
+
+
 def encode_example(
     tokenizer: PreTrainedTokenizerBase, stored_prompt: str, response: str, max_len: int
-) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one example (labels: -100 on the prompt)."""
-    body, header = render_prompt(tokenizer, prompt_turns(stored_prompt))
-    body_ids = tokenizer(body, add_special_tokens=False)["input_ids"]
-    header_ids = tokenizer(header, add_special_tokens=False)["input_ids"] if header else []
+) -> tuple[list[int], list[int], bool]:
+    """Token ids and labels of one example (labels: -100 on the prompt), and whether it was cut.
+
+    The answer keeps at most half of ``max_len`` (less when the template needs the room);
+    an answer cut short ends without EOS, so the model is not taught to stop mid-answer.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("The model's tokenizer has no EOS token; causal-lm needs one")
     answer = tokenizer(response, add_special_tokens=False)["input_ids"]
-    answer = [*answer[: max(1, max_len // 2) - 1], tokenizer.eos_token_id]
-    room = max_len - len(header_ids) - len(answer)
-    if room < 1:
-        raise ConfigError(
-            f"Invalid value for 'max-seq-len': {max_len} leaves no room for the prompt "
-            f"(assistant header {len(header_ids)} and answer {len(answer)} tokens)"
-        )
-    prompt_ids = body_ids[:room] + header_ids
-    return prompt_ids + answer, [IGNORE_INDEX] * len(prompt_ids) + answer
+    limit = max(1, max_len // 2)
+    answer = answer[:limit] if len(answer) >= limit else [*answer, tokenizer.eos_token_id]
+    try:
+        prompt_ids, cut = encode_prompt(tokenizer, stored_prompt, max_len - len(answer))
+    except PromptTooLongError as err:  # a long answer left too little room: cut it instead
+        answer = answer[: max(1, max_len - err.template_tokens - MIN_PROMPT_TEXT)]
+        prompt_ids, cut = encode_prompt(tokenizer, stored_prompt, max_len - len(answer))
+    cut = cut or answer[-1] != tokenizer.eos_token_id
+    return prompt_ids + answer, [IGNORE_INDEX] * len(prompt_ids) + answer, cut
 
 
 def tokenize_instructions(
@@ -169,9 +224,20 @@ def tokenize_instructions(
     ids = np.full((n, max_len), tokenizer.pad_token_id, dtype=np.int64)
     mask = np.zeros((n, max_len), dtype=np.int64)
     labels = np.full((n, max_len), IGNORE_INDEX, dtype=np.int64)
+    cut = 0
     for i, (prompt, response) in enumerate(zip(frame[TEXT], frame[RESPONSE], strict=True)):
-        row_ids, row_labels = encode_example(tokenizer, prompt, str(response), max_len)
+        row_ids, row_labels, was_cut = encode_example(tokenizer, prompt, str(response), max_len)
         ids[i, : len(row_ids)] = row_ids
         mask[i, : len(row_ids)] = 1
         labels[i, : len(row_labels)] = row_labels
+        cut += was_cut
+    if cut > n // 4:
+        log(
+            WARNING,
+            "%d of %d examples were cut to max-seq-len=%d tokens (prompt text or answer); "
+            "consider a larger max-seq-len",
+            cut,
+            n,
+            max_len,
+        )
     return TensorDataset(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels))

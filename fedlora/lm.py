@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.instruct import IGNORE_INDEX, prompt_turns, render_prompt
+from fedlora.instruct import IGNORE_INDEX, encode_prompt
 
 
 def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +65,7 @@ def evaluate_lm(
     for input_ids, attention_mask, labels in tqdm(
         loader, desc=desc, leave=False, disable=not show_progress, mininterval=2.0
     ):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         losses, mask = token_losses(logits, labels)
         total += float((losses * mask).sum())
         tokens += int(mask.sum())
@@ -82,22 +82,26 @@ def generate_answers(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
+    max_len: int,
     max_new_tokens: int = 32,
 ) -> list[str]:
-    """Greedy answers to stored prompts (one at a time: no padding to get wrong)."""
+    """Greedy answers to stored prompts, cut as in training to ``max_len`` tokens.
+
+    One prompt at a time: no padding side to get wrong.
+    """
     model.eval()
     answers = []
     for stored in prompts:
-        body, header = render_prompt(tokenizer, prompt_turns(stored))
-        ids = tokenizer(body + header, add_special_tokens=False, return_tensors="pt")
+        prompt = torch.tensor([encode_prompt(tokenizer, stored, max_len)[0]])
         out = model.generate(
-            **ids,
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
         answers.append(
-            tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+            tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True).strip()
         )
     return answers

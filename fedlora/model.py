@@ -209,6 +209,8 @@ def apply_base_delta(
             weight = layer.get_base_layer().weight
             if module not in original:
                 original[module] = weight.detach().clone()
+            if getattr(layer, "fan_in_fan_out", False):  # GPT-2's Conv1D stores W transposed
+                d = d.T
             if tuple(weight.shape) != tuple(d.shape):
                 raise ValueError(
                     f"Base delta for '{module}' has shape {tuple(d.shape)}, the layer "

@@ -99,8 +99,8 @@ def batch_loss(
 ) -> torch.Tensor:
     """The training loss: cross-entropy of the class, or (token labels) the causal-LM loss."""
     if labels.dim() == 2:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return example_mean_loss(logits, labels)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return example_mean_loss(out.logits, labels)
     return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
 

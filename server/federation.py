@@ -133,7 +133,9 @@ class SampleWriter:
         if self.frame.empty:
             return
         tokenizer = load_tokenizer(self.cfg.model, self.cfg.task)
-        self.answers[stage] = generate_answers(model, tokenizer, list(self.frame[TEXT]))
+        self.answers[stage] = generate_answers(
+            model, tokenizer, list(self.frame[TEXT]), self.cfg.max_seq_len
+        )
         results.write_samples(
             self.out,
             [last_user_content(p) for p in self.frame[TEXT]],
@@ -369,7 +371,9 @@ def _resume(out: Path, cfg: RunConfig, strategy: LoraStrategy) -> tuple[int, Ada
         else Path(cfg.resume).expanduser().resolve()
     )
     state, meta = load_checkpoint(folder)
-    check_resumable(meta.get("run_config", {}), cfg.to_mapping(), folder)
+    # keys added since the checkpoint was written take their defaults
+    saved = RunConfig().to_mapping() | dict(meta.get("run_config", {}))
+    check_resumable(saved, cfg.to_mapping(), folder)
     done = int(meta["round"])
     if done >= cfg.num_server_rounds:
         raise ConfigError(

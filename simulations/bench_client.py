@@ -10,6 +10,9 @@ backward, step, nothing else. Both use the client's thread count. Repetitions al
 which of the two runs first; the first call of each is a warm-up (caches of the base
 model and the data, as in a simulation worker that has served one round).
 
+``-c task=causal-lm ...`` measures the decoder path the same way (the plain loop then uses
+transformers' own causal-LM loss).
+
 Ratios: the handler's training loop / the plain loop (goal <= 1.05), and the whole
 handler (model from the cached base, load the received adapter, train, extract, encode,
 size check) / the plain loop.
@@ -117,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} thread(s)"
     )
     print(
-        f"{cfg.model} + LoRA r={cfg.lora_rank} ({cfg.lora_targets}) + head, "
+        f"{cfg.task}: {cfg.model} + LoRA r={cfg.lora_rank} ({cfg.lora_targets})"
+        f"{' + head' if cfg.task == 'sequence-classification' else ''}, "
         f"{len(batches)} steps of {cfg.batch_size} x {cfg.max_seq_len} tokens, "
         f"{args.reps} repetitions after a warm-up\n"
     )
@@ -129,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     ):
         ratios = [v / p for v, p in zip(values, plain, strict=True)]
         print(f"| {name} | {min(ratios):.3f} | {statistics.median(ratios):.3f} | {goal} |")
-    print(f"\n(plain loop median {statistics.median(plain):.1f} s on this machine)")
+    median = statistics.median(plain)
+    print(
+        f"\n(plain loop median {median:.1f} s, {median / len(batches):.2f} s/step on this machine)"
+    )
     return 0
 
 

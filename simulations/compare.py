@@ -162,13 +162,14 @@ def _up_kib(records: list[dict]) -> float:
 def table(data: dict[str, list[list[dict]]], out: Path, seeds: list[int]) -> str:
     """Markdown table: final accuracy, aggregation error, bytes per round, wall time."""
     rows = [
-        "| scenario | seeds | final accuracy | best accuracy | mean agg. error | "
-        "up KiB/round | down KiB/round | dense ÷ sent (up / down) | max epsilon | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| scenario | seeds | final accuracy | best accuracy | held-out loss, round 0 -> final | "
+        "mean agg. error | up KiB/round | down KiB/round | dense ÷ sent (up / down) | "
+        "max epsilon | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in data.items():
         if not runs:
-            rows.append(f"| {name} | 0 | - | - | - | - | - | - | - | - |")
+            rows.append(f"| {name} | 0 | - | - | - | - | - | - | - | - | - |")
             continue
         final = [r[-1].get("eval_accuracy") for r in runs]
         best = [max(x.get("eval_accuracy") or 0 for x in r) for r in runs]
@@ -176,8 +177,10 @@ def table(data: dict[str, list[list[dict]]], out: Path, seeds: list[int]) -> str
         up = [_up_kib(r) for r in runs]
         down = [np.mean([x.get("bytes_down") or 0 for x in r[1:]]) / 1024 for r in runs]
         wall = [sum(x.get("seconds") or 0 for x in r) for r in runs]
+        loss = f"{_stats([r[0].get('eval_loss') for r in runs])} -> "
+        loss += _stats([r[-1].get("eval_loss") for r in runs])
         rows.append(
-            f"| {name} | {len(runs)} | {_stats(final)} | {_stats(best)} | "
+            f"| {name} | {len(runs)} | {_stats(final)} | {_stats(best)} | {loss} | "
             f"{np.mean(err):.2e} | {np.mean(up):.1f} | {np.mean(down):.1f} | "
             f"{_ratio(runs, 'up')} / {_ratio(runs, 'down')} | "
             f"{_stats([_max_epsilon(r) for r in runs])} | {np.mean(wall):.0f} |"
@@ -189,7 +192,7 @@ def table(data: dict[str, list[list[dict]]], out: Path, seeds: list[int]) -> str
     if central:
         rows.append(
             f"| centralised (pooled data, same steps) | {len(central)} | "
-            f"{_stats(central)} | - | - | - | - | - | - | - |"
+            f"{_stats(central)} | - | - | - | - | - | - | - | - |"
         )
     return "\n".join(rows) + "\n"
 
@@ -201,7 +204,7 @@ def plots(data: dict[str, list[list[dict]]], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
     for name, runs in data.items():
         if not runs:
             continue
@@ -212,6 +215,8 @@ def plots(data: dict[str, list[list[dict]]], out: Path) -> list[Path]:
         axes[0].fill_between(
             x, np.nanmin(acc, 0), np.nanmax(acc, 0), alpha=0.2, color=line.get_color()
         )
+        loss = np.array([[_value(x, "eval_loss") for x in r[:n]] for r in runs])
+        axes[3].plot(x, np.nanmean(loss, 0), marker="o", ms=3, label=name, color=line.get_color())
         err = np.array([[_value(x, "aggregation_error") for x in r[1:n]] for r in runs])
         axes[1].plot(x[1:], np.maximum(np.nanmean(err, 0), 1e-12), marker="o", ms=3, label=name)
         up = np.array([[(x.get("bytes_up") or 0) / 1024 for x in r[1:n]] for r in runs])
@@ -221,6 +226,7 @@ def plots(data: dict[str, list[list[dict]]], out: Path) -> list[Path]:
     axes[0].set(title="server-side accuracy (mean, min-max over seeds)", xlabel="round")
     axes[1].set(title="relative aggregation error (0 drawn at 1e-12)", xlabel="round", yscale="log")
     axes[2].set(title="KiB per round (solid up, dashed down)", xlabel="round")
+    axes[3].set(title="held-out loss (mean over seeds)", xlabel="round")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -65,6 +65,30 @@ def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def make_tiny_gpt2(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer GPT-2 (Conv1D layers, fused c_attn) whose tokenizer has no chat template."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from fedlora.decoder import DECODER_PACKAGE, GGUF_FILE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir(DECODER_PACKAGE), gguf_file=GGUF_FILE)
+    tokenizer.chat_template = None
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 # --------------------------------------------------------------------------- #
 # Random adapters and replies for strategy tests                               #
 # --------------------------------------------------------------------------- #

@@ -7,6 +7,7 @@ template stands in for the decoder; the data is the real chatterbot corpus.
 from __future__ import annotations
 
 import copy
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,7 @@ from fedlora.model import LoraSpec, build_lora_model, load_tokenizer
 from fedlora.privacy import make_private, new_budget
 from fedlora.train import make_optimizer, train_steps
 from server.app import make_server_app
+from tests.helpers import make_tiny_gpt2
 
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("auto",), task="causal-lm")
 
@@ -62,15 +64,23 @@ def test_loss_mask_counts_only_response_tokens(tiny_llama):
     assert tok.decode(labels[0, prompt_len:length]) == "Four.<|im_end|>"
 
 
-def test_truncation_keeps_the_assistant_header_and_the_answer(tiny_llama):
+def test_truncation_cuts_the_prompt_text_not_the_template_or_the_answer(tiny_llama):
     tok = _tokenizer(tiny_llama)
-    ids, labels = encode_example(tok, user_turn("word " * 200), "Yes.", 48)
-    assert len(ids) == 48
+    ids, labels, cut = encode_example(tok, user_turn("word " * 200), "Yes.", 48)
+    assert cut and len(ids) == 48
     answer = [*tok("Yes.", add_special_tokens=False)["input_ids"], tok.eos_token_id]
     assert [t for t in labels if t != IGNORE_INDEX] == answer
-    assert tok.decode(ids[: -len(answer)]).endswith("<|im_start|>assistant\n")
-    with pytest.raises(ConfigError, match="'max-seq-len': 4"):
-        encode_example(tok, user_turn("hi"), "Yes.", 4)
+    prompt = tok.decode(ids[: -len(answer)])
+    assert prompt.startswith("<|im_start|>system") and "<|im_start|>user\nword word" in prompt
+    assert prompt.endswith("word<|im_end|>\n<|im_start|>assistant\n")  # the turn is closed
+    # an answer longer than half the budget is cut and has no EOS: it did not end there
+    ids, labels, cut = encode_example(tok, user_turn("hi"), "yes " * 100, 64)
+    kept = [t for t in labels if t != IGNORE_INDEX]
+    assert cut and len(kept) == 32 and tok.eos_token_id not in kept
+    _, _, cut = encode_example(tok, user_turn("hi"), "Yes.", 64)
+    assert not cut
+    with pytest.raises(ConfigError, match="'max-seq-len'"):
+        encode_example(tok, user_turn("hi"), "Yes.", 12)
 
 
 def test_example_mean_loss_matches_a_direct_per_example_computation():
@@ -99,10 +109,8 @@ def test_exact_match_is_the_greedy_answer(tiny_llama):
     prompts = [tok(f"question {i}: ", return_tensors="pt")["input_ids"][0] for i in range(4)]
     rows, labels = [], []
     for i, prompt in enumerate(prompts):
-        greedy = model.generate(
-            prompt[None], max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0
-        )[0, len(prompt) :]
-        answer = greedy.clone()
+        greedy = model.generate(prompt[None], max_new_tokens=5, do_sample=False)
+        answer = greedy[0, len(prompt) :].clone()  # what greedy decoding answers (EOS or not)
         if i % 2:  # every other reference differs from the greedy answer in its last token
             answer[-1] = (answer[-1] + 1) % len(tok)
         rows.append(torch.cat([prompt, answer]))
@@ -202,6 +210,49 @@ def test_instruction_file_in_both_forms(tmp_path):
         RunConfig.from_mapping({"dataset": "chatterbot"})
 
 
+def test_a_labelled_file_becomes_questions_whose_answer_is_the_label(tmp_path):
+    path = tmp_path / "tickets.csv"
+    path.write_text("body,queue\n" + "".join(f"ticket {i},{'ab'[i % 2]}\n" for i in range(20)))
+    cfg = RunConfig.from_mapping(
+        {"task": "causal-lm", "dataset": str(path), "text-column": "body", "label-column": "queue"}
+    )
+    table = load_table(cfg)
+    assert set(table.train[RESPONSE]) == {"a", "b"} and table.label_names == ("a", "b")
+    assert "one of: a, b" in table.train[TEXT][0]
+
+
+def test_embedded_decoder_is_converted_once_and_shared(tmp_path, monkeypatch):
+    from fedlora import decoder
+
+    monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fake_convert(package_folder, out):
+        calls.append(out)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_text("")
+
+    monkeypatch.setattr(decoder, "_convert", fake_convert)
+    first = decoder.embedded_decoder_dir(tmp_path)
+    again = decoder.embedded_decoder_dir(tmp_path)
+    assert first == again and first.parent == tmp_path / "models" and len(calls) == 1
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".tmp-")]
+
+    # a process that loses the race keeps the winner's copy and removes its own
+    shutil.rmtree(first)
+
+    def racing_convert(package_folder, out):
+        fake_convert(package_folder, out)
+        first.mkdir()  # another process renames its finished copy into place meanwhile
+        (first / "config.json").write_text('{"winner": true}')
+        (first / "model.safetensors").write_text("")
+
+    monkeypatch.setattr(decoder, "_convert", racing_convert)
+    assert decoder.embedded_decoder_dir(tmp_path) == first
+    assert (first / "config.json").read_text() == '{"winner": true}'
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
 def _run(tiny_llama, out, **extra):
     return {
         "task": "causal-lm",
@@ -230,7 +281,16 @@ def _run(tiny_llama, out, **extra):
         ("ffa_lora", {"lora-alpha": 32.0}),
         ("flora", {"client-ranks": "2,4,8", "lora-rank": 8}),
         ("lora_fair", {}),
-        ("fedavg", {"dp": True, "dp-noise": 0.8, "uplink-density": 0.25, "uplink-values": "int8"}),
+        (
+            "fedavg",
+            {
+                "dp": True,
+                "dp-noise": 0.8,
+                "uplink-density": 0.25,
+                "uplink-values": "int8",
+                "downlink-values": "fp16",
+            },
+        ),
     ],
 )
 def test_two_federated_rounds_of_instruction_tuning(tiny_llama, tmp_path, strategy, extra):
@@ -280,3 +340,26 @@ def test_two_federated_rounds_of_instruction_tuning(tiny_llama, tmp_path, strate
     prompt = _tokenizer(tiny_llama)("hello", return_tensors="pt")
     generated = model.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 4
+
+
+def test_gpt_style_decoder_without_a_chat_template_runs_flora(tmp_path):
+    """GPT-2 keeps W transposed (Conv1D): FLoRA's merged stacks must land the right way."""
+    gpt2 = make_tiny_gpt2(tmp_path / "gpt2")
+    tok = _tokenizer(gpt2)
+    assert not tok.chat_template
+    _, labels, _ = encode_example(tok, user_turn("hi"), "hello", 32)
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "hello<|im_end|>"
+    out = tmp_path / "run"
+    overrides = _run(gpt2, out, strategy="flora", **{"client-ranks": "2,4,8", "lora-rank": 8})
+    run_simulation(
+        make_server_app(overrides),
+        client_app,
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+    )
+    records = results.read_records(out)
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for r in records[1:]:
+        assert r["num_ok"] == 2 and r["aggregation_error"] < 1e-5
+    assert records[-1]["eval_loss"] < records[0]["eval_loss"]
+    assert (out / "merged-model" / "config.json").is_file()
