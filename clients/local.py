@@ -36,7 +36,7 @@ from fedlora.adapters import (
     state_from_peft,
 )
 from fedlora.compression import Codec, CompressionError
-from fedlora.config import ConfigError, NodeConfig, RunConfig
+from fedlora.config import CAUSAL_LM, ConfigError, NodeConfig, RunConfig
 from fedlora.data import (
     TEST_FRACTION,
     encode_labels,
@@ -174,7 +174,7 @@ class LocalJob:
 
     def _frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         c, n = self.cfg, self.node
-        if n.data_path is not None and c.task == "causal-lm":
+        if n.data_path is not None and c.task == CAUSAL_LM:
             frame = read_instruction_file(Path(n.data_path), c.prompt_column, c.response_column)
         elif n.data_path is not None:
             if not self.label_names:

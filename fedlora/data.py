@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
 from fedlora import instruct
-from fedlora.config import BUILTIN_DATASETS, ConfigError, RunConfig
+from fedlora.config import BUILTIN_DATASETS, CAUSAL_LM, CLASSIFY, ConfigError, RunConfig
 from fedlora.files import read_frame
 from fedlora.model import package_dir
 
@@ -78,7 +78,7 @@ def load_table(cfg: RunConfig) -> TextTable:
 
 
 def _load_table(cfg: RunConfig) -> TextTable:
-    if cfg.task == "causal-lm":
+    if cfg.task == CAUSAL_LM:
         return _instruction_table(cfg)
     return _label_table(cfg)
 
@@ -289,13 +289,13 @@ def tokenize(
     frame: pd.DataFrame,
     tokenizer: PreTrainedTokenizerBase,
     max_len: int,
-    task: str = "sequence-classification",
+    task: str = CLASSIFY,
 ) -> TensorDataset:
     """Fixed-length token ids, attention masks and labels as a TensorDataset.
 
     Labels are one class per example, or (causal-lm) one target per token.
     """
-    if task == "causal-lm":
+    if task == CAUSAL_LM:
         return instruct.tokenize_instructions(frame, tokenizer, max_len)
     enc = tokenizer(
         list(frame[TEXT]),

