@@ -46,7 +46,8 @@ from fedlora.data import (
     tokenize,
 )
 from fedlora.delta import fingerprint
-from fedlora.instruct import read_instruction_file
+from fedlora.files import read_frame
+from fedlora.instruct import is_labelled_only, questions_from_labels, read_instruction_file
 from fedlora.link import apply_downlink, encode_uplink, uplink_reference
 from fedlora.model import LoraSpec, apply_base_delta, build_lora_model, load_tokenizer, lora_spec
 from fedlora.privacy import PrivacyBudget, default_delta, make_private, new_budget
@@ -174,14 +175,8 @@ class LocalJob:
 
     def _frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         c, n = self.cfg, self.node
-        if n.data_path is not None and c.task == CAUSAL_LM:
-            frame = read_instruction_file(Path(n.data_path), c.prompt_column, c.response_column)
-        elif n.data_path is not None:
-            if not self.label_names:
-                raise ConfigError("The server sent no label names for a node with data-path")
-            frame = read_user_file(Path(n.data_path), c.text_column, c.label_column)
-            frame = encode_labels(frame, self.label_names, source=f"data-path {n.data_path}")
         if n.data_path is not None:
+            frame = self._own_file(Path(n.data_path))
             order = np.random.default_rng(c.seed).permutation(len(frame))
             n_test = round(TEST_FRACTION * len(frame)) if len(frame) >= 5 else 0
             test, train = frame.iloc[order[:n_test]], frame.iloc[order[n_test:]]
@@ -190,6 +185,25 @@ class LocalJob:
         num = n.num_partitions or c.num_partitions
         pid = int(n.partition_id or 0)
         return partition(table.train, c, pid, num), partition(table.test, c, pid, num)
+
+    def _own_file(self, path: Path) -> pd.DataFrame:
+        """This node's own data file: labelled rows, or (causal-lm) prompts and responses.
+
+        A labelled file on the causal-lm path becomes questions whose answer is the label,
+        as the server's own labelled data does.
+        """
+        c = self.cfg
+        columns = set(read_frame(path).columns)
+        labelled = is_labelled_only(columns, c.text_column, c.label_column, c.prompt_column)
+        if c.task == CAUSAL_LM and not labelled:
+            return read_instruction_file(path, c.prompt_column, c.response_column)
+        if not self.label_names:
+            raise ConfigError("The server sent no label names for a node with data-path")
+        frame = read_user_file(path, c.text_column, c.label_column)
+        frame = encode_labels(frame, self.label_names, source=f"data-path {path}")
+        if c.task == CAUSAL_LM:
+            frame = questions_from_labels(frame, self.label_names, str(path))
+        return frame
 
     def node_info(self) -> dict[str, float]:
         """What this node tells the server about itself: its rank and partition.

@@ -91,9 +91,8 @@ def _instruction_table(cfg: RunConfig) -> TextTable:
     if cfg.dataset in BUILTIN_DATASETS:
         return _as_questions(cfg)
     columns = set(read_frame(Path(cfg.dataset)).columns)
-    labelled = {cfg.text_column, cfg.label_column} <= columns
-    if labelled and not {instruct.MESSAGES, cfg.prompt_column} & columns:
-        return _as_questions(cfg)  # a labelled file: ask for the label
+    if instruct.is_labelled_only(columns, cfg.text_column, cfg.label_column, cfg.prompt_column):
+        return _as_questions(cfg)
     frame = instruct.read_instruction_file(
         Path(cfg.dataset), cfg.prompt_column, cfg.response_column
     )

@@ -87,6 +87,11 @@ def chatterbot_frame(folder: Path) -> pd.DataFrame:
     return frame
 
 
+def is_labelled_only(columns: set[str], text: str, label: str, prompt: str) -> bool:
+    """A file with text and label columns but no prompts or chat turns: ask for its labels."""
+    return {text, label} <= columns and not {MESSAGES, prompt} & columns
+
+
 def questions_from_labels(
     frame: pd.DataFrame, label_names: Sequence[str], dataset: str
 ) -> pd.DataFrame:

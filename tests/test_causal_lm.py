@@ -219,6 +219,15 @@ def test_a_labelled_file_becomes_questions_whose_answer_is_the_label(tmp_path):
     table = load_table(cfg)
     assert set(table.train[RESPONSE]) == {"a", "b"} and table.label_names == ("a", "b")
     assert "one of: a, b" in table.train[TEXT][0]
+    # a node's own file in deployment reads the same way, with the server's label names
+    from tests.helpers import make_job
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("prompt,response\n" + "".join(f"q{i},r{i}\n" for i in range(10)))
+    for own, expected in ((path, {"a", "b"}), (pairs, {f"r{i}" for i in range(10)})):
+        job = make_job(cfg, {"data-path": str(own)}, label_names=("a", "b"))
+        train, test = job._frames()
+        assert set(train[RESPONSE]) | set(test[RESPONSE]) == expected
 
 
 def test_embedded_decoder_is_converted_once_and_shared(tmp_path, monkeypatch):
