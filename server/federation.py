@@ -237,6 +237,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         torch.set_num_threads(int(os.environ.get("FEDLORA_SERVER_THREADS", os.cpu_count() or 1)))
         spec = lora_spec(cfg)
         fresh = build_lora_model(cfg.model, table.num_labels, spec, seed=cfg.seed)
+        modules = {"LoRA modules": ",".join(sorted(fresh.peft_config["default"].target_modules))}
         state = strategy.initial_state(state_from_peft(fresh, spec.scaling))
         eval_frame = eval_subset(table.test, cfg.eval_examples, cfg.seed)
         eval_data = tokenize(
@@ -327,7 +328,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             "excluded nodes": "; ".join(f"{n}: {r}" for n, r in strategy.excluded_nodes.items())
         }
         _write_summary(
-            out, cfg, started, {**export, **(excluded if strategy.excluded_nodes else {})}
+            out,
+            cfg,
+            started,
+            {**modules, **export, **(excluded if strategy.excluded_nodes else {})},
         )
     except BaseException:
         tracker.close(failed=True)

@@ -327,7 +327,9 @@ def test_two_federated_rounds_of_instruction_tuning(tiny_llama, tmp_path, strate
         assert records[-1]["bytes_up"] < records[-1]["dense_up"] / 2
     samples = (out / results.SAMPLES_FILE).read_text()
     assert "before training" in samples and "after training" in samples
-    assert "held-out perplexity" in (out / results.SUMMARY_FILE).read_text()
+    summary = (out / results.SUMMARY_FILE).read_text()
+    assert "held-out perplexity" in summary
+    assert "**LoRA modules**: k_proj,o_proj,q_proj,v_proj" in summary  # what auto resolved to
     if strategy == "flora":
         assert (out / "merged-model" / "config.json").is_file()
     if strategy != "fedavg" or extra:
