@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import BertConfig, BertForSequenceClassification
@@ -38,14 +39,36 @@ def make_tiny_bert(folder: Path, num_labels: int = 20, seed: int = 0) -> Path:
     return folder
 
 
-def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer, hidden-32 Llama with the embedded SmolLM2 tokenizer (chat template)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def simulate_in_process(overrides: dict, num_supernodes: int = 3) -> None:
+    """The real ServerApp and ClientApp in Flower's simulation runtime, in this process."""
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from server.app import make_server_app
+
+    run_simulation(
+        make_server_app(overrides),
+        client_app,
+        num_supernodes=num_supernodes,
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+    )
+
+
+def _smollm2_tokenizer() -> Any:
+    """The embedded decoder's tokenizer, read straight from its GGUF file (a few seconds)."""
+    from transformers import AutoTokenizer
 
     from fedlora.decoder import DECODER_PACKAGE, GGUF_FILE
 
+    return AutoTokenizer.from_pretrained(package_dir(DECODER_PACKAGE), gguf_file=GGUF_FILE)
+
+
+def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer, hidden-32 Llama with the embedded SmolLM2 tokenizer (chat template)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir(DECODER_PACKAGE), gguf_file=GGUF_FILE)
+    tokenizer = _smollm2_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -67,12 +90,10 @@ def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
 
 def make_tiny_gpt2(folder: Path, seed: int = 0) -> Path:
     """A 2-layer GPT-2 (Conv1D layers, fused c_attn) whose tokenizer has no chat template."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    from fedlora.decoder import DECODER_PACKAGE, GGUF_FILE
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir(DECODER_PACKAGE), gguf_file=GGUF_FILE)
+    tokenizer = _smollm2_tokenizer()
     tokenizer.chat_template = None
     torch.manual_seed(seed)
     config = GPT2Config(

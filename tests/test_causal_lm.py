@@ -13,12 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.simulation import run_simulation
 from peft import PeftModel
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM
 
-from clients.app import app as client_app
 from fedlora import results
 from fedlora.adapters import state_from_peft
 from fedlora.config import ConfigError, RunConfig
@@ -36,8 +34,7 @@ from fedlora.lm import evaluate_lm, example_mean_loss
 from fedlora.model import LoraSpec, build_lora_model, load_tokenizer
 from fedlora.privacy import make_private, new_budget
 from fedlora.train import make_optimizer, train_steps
-from server.app import make_server_app
-from tests.helpers import make_tiny_gpt2
+from tests.helpers import make_tiny_gpt2, simulate_in_process
 
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("auto",), task="causal-lm")
 
@@ -305,12 +302,7 @@ def _run(tiny_llama, out, **extra):
 def test_two_federated_rounds_of_instruction_tuning(tiny_llama, tmp_path, strategy, extra):
     out = tmp_path / strategy
     overrides = _run(tiny_llama, out, strategy=strategy, **extra)
-    run_simulation(
-        make_server_app(overrides),
-        client_app,
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
-    )
+    simulate_in_process(overrides)
     records = results.read_records(out)
     assert [r["round"] for r in records] == [0, 1, 2]
     for r in records[1:]:
@@ -362,12 +354,7 @@ def test_gpt_style_decoder_without_a_chat_template_runs_flora(tmp_path):
     assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "hello<|im_end|>"
     out = tmp_path / "run"
     overrides = _run(gpt2, out, strategy="flora", **{"client-ranks": "2,4,8", "lora-rank": 8})
-    run_simulation(
-        make_server_app(overrides),
-        client_app,
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
-    )
+    simulate_in_process(overrides)
     records = results.read_records(out)
     assert [r["round"] for r in records] == [0, 1, 2]
     for r in records[1:]:

@@ -21,7 +21,7 @@ from fedlora.launch import local_federation
 from fedlora.model import load_base_model, load_tokenizer
 from fedlora.train import evaluate
 from server.app import make_server_app
-from tests.helpers import read_scalars
+from tests.helpers import read_scalars, simulate_in_process
 
 
 def _tiny_run(tiny_model, out, **extra):
@@ -69,12 +69,7 @@ def _check_results(out, rounds):
 def test_in_process_simulation_learns_and_writes_results(tiny_model, tmp_path):
     out = tmp_path / "run"
     overrides = _tiny_run(tiny_model, out, **{"fraction-evaluate": 0.5, "tracking": "tensorboard"})
-    run_simulation(
-        make_server_app(overrides),
-        client_app,
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
-    )
+    simulate_in_process(overrides)
     records = _check_results(out, rounds=2)
     # the clients' training loss falls (a random tiny BERT learns little beyond the
     # label prior of its skewed partition, so held-out loss is not asserted here)
@@ -198,12 +193,7 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
     """
     out = tmp_path / strategy
     overrides = _tiny_run(tiny_model, out, strategy=strategy, **{"num-server-rounds": 3}, **extra)
-    run_simulation(
-        make_server_app(overrides),
-        client_app,
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
-    )
+    simulate_in_process(overrides)
     records = _check_results(out, rounds=3)
     errors = [r["aggregation_error"] for r in records[1:]]
     if strategy in ("ffa_lora", "flora"):
@@ -241,12 +231,7 @@ def test_failing_strategy_stops_run_without_corrupting_adapter(tiny_model, tmp_p
     from server.federation import StrategyFailedError
 
     with pytest.raises(StrategyFailedError, match="failed in 2 rounds"):
-        run_simulation(
-            make_server_app(overrides),
-            client_app,
-            num_supernodes=3,
-            backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
-        )
+        simulate_in_process(overrides)
     records = results.read_records(out)
     assert [r["round"] for r in records] == [0, 1, 2]  # stopped after 2 failed rounds
     for r in records[1:]:
@@ -271,12 +256,7 @@ def test_dp_simulation_true_epsilon_and_budget_declines(tiny_model, tmp_path):
             "dp-clip": 1.0,
         },
     )
-    run_simulation(
-        make_server_app(overrides),
-        client_app,
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
-    )
+    simulate_in_process(overrides)
     records = results.read_records(out)
     nodes = [n for r in records[1:] for n in r["nodes"]]
     declined = [n for n in nodes if n["status"] == "declined"]
