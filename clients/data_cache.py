@@ -25,7 +25,8 @@ from flwr.supercore import log
 from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
-CACHE_ENV = "FEDLORA_CACHE_DIR"
+from fedlora.decoder import CACHE_ENV
+
 _FIELDS = ("input_ids", "attention_mask", "labels")
 
 Splits = tuple[TensorDataset, TensorDataset]

