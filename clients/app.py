@@ -10,8 +10,11 @@ from __future__ import annotations
 import time
 
 import psutil
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from clients.local import LocalJob
 from fedlora import protocol
@@ -19,7 +22,21 @@ from fedlora.adapters import to_arrayrecord, wire_bytes
 from fedlora.message_size import check_message_size
 from fedlora.privacy import BudgetExhaustedError
 
-app = ClientApp()
+
+def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``fixedclipping_mod`` on training messages that ask for it.
+
+    The server's ``DifferentialPrivacyClientSideFixedClipping`` puts the clipping norm in
+    the config (central-dp = client); every other message passes straight through, as
+    the mod itself would refuse a message without the norm.
+    """
+    config = msg.content.config_records.get(protocol.CONFIG) if msg.has_content() else None
+    if msg.metadata.message_type == MessageType.TRAIN and config and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[central_clipping_mod])
 
 
 @app.train()
@@ -39,7 +56,7 @@ def train(msg: Message, context: Context) -> Message:
             }
         )
         return Message(declined, reply_to=msg)
-    record = to_arrayrecord(tensors)
+    record = to_arrayrecord(tensors, flower_numpy=job.cfg.central_dp != "off")
     metrics[protocol.PROCESS_SECONDS] = process_seconds
     metrics[protocol.HANDLER_SECONDS] = time.perf_counter() - started
     # refused here, the server logs the reason and the round goes on without this node

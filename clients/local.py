@@ -305,6 +305,9 @@ class LocalJob:
         tensors = state_from_peft(model, self.spec.scaling).to_state_dict()
         if not self.send_a:
             tensors = {k: v for k, v in tensors.items() if not k.endswith(A_SUFFIX)}
+        # in the order received: Flower's clipping pairs a reply with its payload by position
+        order = [k for k in self.tensors if k in tensors]
+        tensors = {k: tensors[k] for k in order + [k for k in tensors if k not in order]}
         started = time.perf_counter()
         tensors = self.encode_reply(tensors)
         encode_seconds = time.perf_counter() - started

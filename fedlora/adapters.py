@@ -147,8 +147,14 @@ _WIRE_DTYPES = frozenset(
 )
 
 
-def to_arrayrecord(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Flat mapping -> Flower ArrayRecord of raw little-endian bytes (never pickle)."""
+def to_arrayrecord(tensors: Mapping[str, np.ndarray], *, flower_numpy: bool = False) -> ArrayRecord:
+    """Flat mapping -> Flower ArrayRecord of raw little-endian bytes (never pickle).
+
+    ``flower_numpy`` stores Flower's own ``np.save`` form instead (a header more per
+    tensor), the only one Flower's DP wrappers and ``fixedclipping_mod`` can read.
+    """
+    if flower_numpy:
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in tensors.items()})
     out = {}
     for key, value in tensors.items():
         v = np.ascontiguousarray(value)

@@ -28,6 +28,7 @@ TASKS = (CLASSIFY, CAUSAL_LM)
 AUTO_TARGETS = "auto"
 PARTITIONERS = ("iid", "dirichlet", "natural")
 WEIGHTINGS = ("num-examples", "uniform")
+CENTRAL_DP_MODES = ("off", "client", "server")  # where the update is clipped (Flower's wrappers)
 TRACKERS = ("none", "tensorboard", "mlflow")
 
 
@@ -157,6 +158,17 @@ class RunConfig:
         "ceil(num-server-rounds x clients-per-round / num-partitions).",
         0,
     )
+    central_dp: str = _help(
+        "Central (user-level) DP through Flower's fixed-clipping wrappers: off, client "
+        "(nodes clip their update, Flower's fixedclipping_mod) or server (the server clips). "
+        "The server adds Gaussian noise to the mean of the clipped updates.",
+        "off",
+    )
+    central_dp_noise: float = _help(
+        "Central DP noise multiplier z: the noise std on the mean of m updates is z C / m.", 1.0
+    )
+    central_dp_clip: float = _help("Central DP clipping norm C of each node's update.", 1.0)
+    central_dp_delta: float = _help("Delta at which the central epsilon is reported.", 1e-5)
     uplink_density: float = _help(
         "Fraction of each update tensor a client sends (top-k by magnitude, with error "
         "feedback); 1 with uplink-values=fp32 sends dense tensors.",
@@ -233,6 +245,7 @@ class RunConfig:
         _non_negative(self, "dp_delta", "dp_noise", "dp_expected_rounds")
         if self.dp_delta >= 1:
             _fail("dp-delta", self.dp_delta, "must be < 1")
+        self._check_central_dp()
         for direction in ("uplink", "downlink"):
             density = getattr(self, f"{direction}_density")
             if not 0.0 < density <= 1.0:
@@ -254,6 +267,56 @@ class RunConfig:
             _fail("dataset", self.dataset, f"is neither one of {BUILTIN_DATASETS} nor a file")
         if self.dataset not in BUILTIN_DATASETS and not Path(self.dataset).is_file():
             _fail("dataset", self.dataset, "file does not exist")
+
+    def _check_central_dp(self) -> None:
+        """Refuse settings under which central DP's epsilon would be false.
+
+        Flower's wrappers add noise z C / m to a plain mean of m clipped dense updates.
+        """
+        _one_of("central-dp", self.central_dp, CENTRAL_DP_MODES)
+        _positive(self, "central_dp_clip")
+        _non_negative(self, "central_dp_noise")
+        if not 0.0 < self.central_dp_delta < 1.0:
+            _fail("central-dp-delta", self.central_dp_delta, "must be in (0, 1)")
+        if self.central_dp == "off":
+            return
+        why = f"with central-dp={self.central_dp!r}"
+        if self.weighting != "uniform":
+            _fail(
+                "weighting",
+                self.weighting,
+                f"must be 'uniform' {why} (noise is calibrated to a plain mean)",
+            )
+        if self.min_replies != self.clients_per_round:
+            _fail(
+                "min-replies",
+                self.min_replies,
+                f"must equal clients-per-round ({self.clients_per_round}) {why}: a round with "
+                "fewer replies would be released with too little noise",
+            )
+        if self.client_ranks:
+            _fail(
+                "client-ranks", self.client_ranks, f"must be empty {why} (one rank for every node)"
+            )
+        if self.dp:
+            _fail(
+                "dp",
+                self.dp,
+                f"must be false {why} (fixedclipping_mod turns a DP-SGD decline into an error)",
+            )
+        for direction in ("uplink", "downlink"):  # Flower's clipping reads dense tensors
+            if getattr(self, f"{direction}_density") != 1.0:
+                _fail(
+                    f"{direction}-density",
+                    getattr(self, f"{direction}_density"),
+                    f"must be 1 {why}",
+                )
+            if getattr(self, f"{direction}_values") != "fp32":
+                _fail(
+                    f"{direction}-values",
+                    getattr(self, f"{direction}_values"),
+                    f"must be 'fp32' {why}",
+                )
 
     @property
     def max_message_bytes(self) -> int:

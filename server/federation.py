@@ -50,6 +50,7 @@ from fedlora.model import apply_base_delta, build_lora_model, load_tokenizer, lo
 from fedlora.registry import load_strategy_class
 from fedlora.tracking import make_tracker
 from fedlora.train import EvalResult, evaluate
+from server.central_dp import CentralDP
 from strategies.base import LoraStrategy, RoundReport, StrategyOptions
 
 
@@ -77,6 +78,7 @@ def build_strategy(cfg: RunConfig) -> LoraStrategy:
         uplink=cfg.uplink,
         downlink=cfg.downlink,
         max_message_bytes=cfg.max_message_bytes,
+        flower_numpy=cfg.central_dp != "off",
         extra=cfg.strategy_extra,
     )
     try:
@@ -232,6 +234,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         table = load_table(cfg)
         check_partitions(cfg, table)
         strategy = build_strategy(cfg)
+        # configure_train and aggregate_train go through Flower's DP wrapper when asked
+        central = CentralDP(strategy, cfg) if cfg.central_dp != "off" else None
+        driver = central or strategy
         # Flower processes inherit OMP_NUM_THREADS=1 (clients share the cores); the server
         # evaluates while clients are idle, so it may use all of them.
         torch.set_num_threads(int(os.environ.get("FEDLORA_SERVER_THREADS", os.cpu_count() or 1)))
@@ -251,7 +256,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         samples = SampleWriter(cfg, out, eval_frame)
         done = 0
         if cfg.resume:
-            done, state = _resume(out, cfg, strategy)
+            done, state = _resume(out, cfg, strategy, central)
         else:
             samples.record("before training", evaluator.model_for(state))
             t0 = time.monotonic()
@@ -261,21 +266,21 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             tracker.log_round(record)
             log(INFO, "Round 0: accuracy %.4f, loss %.4f", ev.accuracy, ev.loss)
 
-        strategy.summary()
-        arrays: ArrayRecord = to_arrayrecord(state.to_state_dict())
+        driver.summary()
+        arrays = to_arrayrecord(state.to_state_dict(), flower_numpy=strategy.options.flower_numpy)
         failures: list[str] = []
         for server_round in range(done + 1, cfg.num_server_rounds + 1):
             t0 = time.monotonic()
             clock = _PhaseClock()
             strategy.discover_nodes(grid, ConfigRecord(dict(base_config)), cfg.round_timeout)
             clock.lap("discover")
-            messages = strategy.configure_train(
+            messages = driver.configure_train(
                 server_round, arrays, ConfigRecord(dict(base_config)), grid
             )
             clock.lap("configure")
             replies = grid.send_and_receive(list(messages), timeout=cfg.round_timeout)
             clock.lap("train")
-            new_arrays, _ = strategy.aggregate_train(server_round, replies)
+            new_arrays, _ = driver.aggregate_train(server_round, replies)
             report = strategy.last_report
             if new_arrays is not None:
                 arrays = new_arrays
@@ -298,6 +303,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
                 evaluator.model_for(state, strategy.base_delta()),
                 state,
                 strategy,
+                central,
             )
             if report is not None and report.skipped:
                 log(WARNING, "Round %d skipped: %s", server_round, report.skip_reason)
@@ -327,11 +333,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         excluded = {
             "excluded nodes": "; ".join(f"{n}: {r}" for n, r in strategy.excluded_nodes.items())
         }
+        privacy = {} if central is None else {"central DP": central.describe()}
         _write_summary(
             out,
             cfg,
             started,
-            {**modules, **export, **(excluded if strategy.excluded_nodes else {})},
+            {**modules, **privacy, **export, **(excluded if strategy.excluded_nodes else {})},
         )
     except BaseException:
         tracker.close(failed=True)
@@ -363,7 +370,9 @@ def _write_summary(out: Path, cfg: RunConfig, started: float, extra: Mapping[str
     results.plot_rounds(out, records, title=f"{cfg.strategy} on {cfg.dataset}")
 
 
-def _resume(out: Path, cfg: RunConfig, strategy: LoraStrategy) -> tuple[int, AdapterState]:
+def _resume(
+    out: Path, cfg: RunConfig, strategy: LoraStrategy, central: CentralDP | None
+) -> tuple[int, AdapterState]:
     """Restore the global adapter and strategy state of a checkpoint; return its round.
 
     Records of rounds after the checkpoint (a round that ran but was not checkpointed)
@@ -385,6 +394,8 @@ def _resume(out: Path, cfg: RunConfig, strategy: LoraStrategy) -> tuple[int, Ada
             f"{folder} already holds round {done}; raise it to run more rounds"
         )
     strategy.load_state_dict(meta.get("strategy_state", {}))
+    if central is not None:
+        central.load_state_dict(meta.get("central_dp", {}))
     if cfg.dp and not cfg.node_state_dir:
         log(
             WARNING,
@@ -437,6 +448,7 @@ def _checkpoint(
     model: PeftModel,
     state: AdapterState,
     strategy: LoraStrategy,
+    central: CentralDP | None,
 ) -> None:
     """Write this round's checkpoint; keep the newest ``keep-checkpoints`` of them."""
     folder = out / "checkpoints"
@@ -444,6 +456,7 @@ def _checkpoint(
         "round": server_round,
         "strategy": cfg.strategy,
         "strategy_state": strategy.state_dict(),
+        **({} if central is None else {"central_dp": central.state_dict()}),
         "run_config": cfg.to_mapping(),
     }
     save_checkpoint(folder / f"round-{server_round:04d}", model, state, meta)

@@ -113,6 +113,9 @@ class StrategyOptions:
     uplink, downlink : Codec (default: identity)
         Compression of the replies and of the training payloads. Handled here, around
         the hooks: a strategy only ever sees dense tensors.
+    flower_numpy : bool (default: False)
+        Serialise the records in Flower's own numpy form rather than fedlora's raw bytes,
+        so that Flower's DP wrappers and mods, which call ``Array.numpy()``, can read them.
     max_message_bytes : int (default: Flower's 2 GiB transport limit)
         A training payload above it is not sent: the node is left out of the round with
         the reason, and a round in which no payload fits raises
@@ -132,6 +135,7 @@ class StrategyOptions:
     uplink: Codec = field(default_factory=Codec)
     downlink: Codec = field(default_factory=Codec)
     max_message_bytes: int = LIMIT_BYTES
+    flower_numpy: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -290,14 +294,20 @@ class LoraStrategy(Strategy):
 
     Subclasses set ``name`` and ``description`` and implement :meth:`aggregate`.
     Class attributes declare what the conformance kit and the docs may claim:
-    ``exact`` (aggregation error is zero up to float error) and
-    ``heterogeneous_ranks`` (clients may train at different ranks).
+    ``exact`` (aggregation error is zero up to float error),
+    ``heterogeneous_ranks`` (clients may train at different ranks) and ``central_dp``:
+    the modes of Flower's central-DP wrappers the strategy composes with. ``"client"``
+    holds when :meth:`aggregate` is the plain mean of the tensors the nodes sent (then
+    noise z C / m on it is the Gaussian mechanism the wrapper claims); ``"server"`` also
+    needs each reply to carry every tensor of the global adapter in its order, since the
+    wrapper clips a reply against the global record position by position.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     exact: ClassVar[bool] = False
     heterogeneous_ranks: ClassVar[bool] = False
+    central_dp: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: StrategyOptions) -> None:
         self.options = options
@@ -306,6 +316,9 @@ class LoraStrategy(Strategy):
         self._sent_bytes: dict[int, tuple[int, int]] = {}  # node -> (actual, dense fp32)
         self._not_sent: dict[int, str] = {}  # node -> why its payload was not sent
         self._sent: list[Message] = []  # this round's training messages
+        self._layouts: dict[int, list[tuple[str, tuple[int, ...]]]] = {}  # what each was sent
+        self._global_layout: list[tuple[str, tuple[int, ...]]] = []
+        self._screened: set[int] = set()  # nodes whose reply screen_replies set aside
         self.links = NodeLinks(options.uplink, options.downlink)
         self._decode_seconds = 0.0
         self._current: AdapterState | None = None
@@ -367,6 +380,14 @@ class LoraStrategy(Strategy):
         here. The state's scaling is the node's own s_k.
         """
         return state_from_dict(tensors, self.scaling(plan.rank))
+
+    def restore_fixed(self, state: AdapterState) -> AdapterState:
+        """The decoded global adapter with what the strategy holds fixed put back (default: as is).
+
+        A wrapper may perturb every tensor it returns (Flower's central-DP noise); a strategy
+        whose nodes rebuild a tensor themselves (FFA-LoRA's seeded A) restores it here.
+        """
+        return state
 
     def accept_update(self, server_round: int, update: ClientUpdate) -> str | None:
         """Veto a decoded, well-formed update: return a reason to drop it (default: accept)."""
@@ -443,7 +464,9 @@ class LoraStrategy(Strategy):
         """Decode the global ArrayRecord (the strategy's own rank and scaling)."""
         tensors = from_arrayrecord(arrays)
         state = state_from_dict(tensors, 1.0)
-        return AdapterState(state.factors, state.dense, self.scaling(state.rank))
+        return self.restore_fixed(
+            AdapterState(state.factors, state.dense, self.scaling(state.rank))
+        )
 
     def discover_nodes(self, grid: Grid, config: ConfigRecord, timeout: float) -> None:
         """Ask connected nodes not seen before to describe themselves (their rank).
@@ -556,12 +579,15 @@ class LoraStrategy(Strategy):
         self._plans.clear()
         self._sent_bytes.clear()
         self._not_sent.clear()
+        self._layouts.clear()
+        self._screened.clear()
+        self._global_layout = _layout(arrays)
         messages = []
         for node_id in nodes:
             plan = self.client_plan(server_round, node_id)
             payload = self.payload(server_round, node_id, plan, current)
             wire, link_config = self.links.send(server_round, node_id, payload)
-            record = to_arrayrecord(wire)
+            record = to_arrayrecord(wire, flower_numpy=self.options.flower_numpy)
             node_config = ConfigRecord(dict(config) | link_config)
             node_config[protocol.SERVER_ROUND] = server_round
             node_config[protocol.RANK] = plan.rank
@@ -590,6 +616,7 @@ class LoraStrategy(Strategy):
                 )
                 continue
             self._plans[node_id] = plan
+            self._layouts[node_id] = _layout(record)
             self._sent_bytes[node_id] = (nbytes, dense_bytes_of(payload))
             content = RecordDict({protocol.ARRAYS: record, protocol.CONFIG: node_config})
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
@@ -608,7 +635,7 @@ class LoraStrategy(Strategy):
         if current is None:
             raise RuntimeError("aggregate_train called before configure_train")
         updates: list[ClientUpdate] = []
-        seen: set[int] = set()
+        seen: set[int] = set(self._screened)
         # a reply the SuperLink makes for a lost node is not from that node: match replies
         # to what was sent by message id (ids exist once the grid has pushed the messages)
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
@@ -650,7 +677,59 @@ class LoraStrategy(Strategy):
         )
         if result is None:
             return None, metrics
-        return to_arrayrecord(result.to_state_dict()), metrics
+        return to_arrayrecord(
+            result.to_state_dict(), flower_numpy=self.options.flower_numpy
+        ), metrics
+
+    def screen_replies(
+        self, server_round: int, replies: Iterable[Message], *, whole: bool = False
+    ) -> list[Message]:
+        """Set aside the replies that a wrapper around this strategy must not see.
+
+        Flower's DP wrappers skip the whole round when any node failed, and clip tensors by
+        position, failing deep in numpy on a misshapen reply. Node errors, replies at a
+        rank other than the run's, and replies whose tensors are not, in order and shape,
+        those the node was sent (``whole``: those of the global adapter) are recorded
+        here as outcomes and left out; :meth:`aggregate_train` then takes the rest.
+        """
+        report = self.last_report or RoundReport(server_round=server_round)
+        self.last_report = report
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        sent_to.pop("", None)
+        kept = []
+        for msg in replies:
+            node_id = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            plan = self._plans.get(node_id)
+            expected = self._global_layout if whole else self._layouts.get(node_id, [])
+            reason = ""
+            if msg.has_error():
+                status, reason = "error", msg.error.reason
+            elif plan is not None and plan.rank != self.options.lora.rank:
+                status = "dropped"
+                reason = (
+                    f"rank {plan.rank}: every node must train at lora-rank={self.options.lora.rank}"
+                )
+            elif protocol.ARRAYS in msg.content.array_records:
+                got = _layout(msg.content.array_records[protocol.ARRAYS])
+                if got != expected:
+                    status = "dropped"
+                    reason = (
+                        f"{_first_difference(got, expected)} (the wrapper pairs them with the "
+                        f"{'global adapter' if whole else 'tensors sent'} by position)"
+                    )
+            if not reason:
+                kept.append(msg)
+                continue
+            log(
+                WARNING, "Round %d: reply from node %s set aside: %s", server_round, node_id, reason
+            )
+            self._screened.add(node_id)
+            self.links.settle(node_id, replied=status == "dropped")
+            down, dense_down = self._sent_bytes.get(node_id, (0, 0))
+            report.outcomes.append(
+                NodeOutcome(node_id, status, reason, bytes_down=down, dense_down=dense_down)
+            )
+        return kept
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -850,6 +929,21 @@ def _reply_shapes(plan: ClientPlan, current: AdapterState) -> dict[str, tuple[in
         shapes[module + B_SUFFIX] = (f.b.shape[0], plan.rank)
     shapes.update({k: tuple(v.shape) for k, v in current.dense.items()})
     return shapes
+
+
+def _layout(record: ArrayRecord) -> list[tuple[str, tuple[int, ...]]]:
+    """Keys and shapes of a record, in order (what Flower's wrappers pair by position)."""
+    return [(key, tuple(int(d) for d in array.shape)) for key, array in record.items()]
+
+
+def _first_difference(
+    got: Sequence[tuple[str, tuple[int, ...]]], expected: Sequence[tuple[str, tuple[int, ...]]]
+) -> str:
+    """Where two layouts part, in words (for the reason a reply is set aside)."""
+    for i, (g, e) in enumerate(zip(got, expected, strict=False)):
+        if g != e:
+            return f"tensor {i} is '{g[0]}' {list(g[1])}, expected '{e[0]}' {list(e[1])}"
+    return f"{len(got)} tensors, expected {len(expected)}"
 
 
 def dense_bytes_of(tensors: Mapping[str, np.ndarray]) -> int:

@@ -69,6 +69,7 @@ class FedAvg(LoraStrategy):
     description = "FedAvg of A and B separately (FedIT); inexact, error measured"
     exact = False
     heterogeneous_ranks = True
+    central_dp = frozenset({"client", "server"})  # a plain mean of everything the nodes send
 
     def aggregate(
         self,

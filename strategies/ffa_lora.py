@@ -60,6 +60,7 @@ class FfaLora(LoraStrategy):
     description = "Frozen seeded A, B trained and averaged (FFA-LoRA); exact, A never sent"
     exact = True
     heterogeneous_ranks = True
+    central_dp = frozenset({"client"})  # B is a plain mean; replies lack A, so not "server"
 
     def initial_state(self, state: AdapterState) -> AdapterState:
         """A from the shared seed at the global rank, B = 0."""
@@ -68,6 +69,14 @@ class FfaLora(LoraStrategy):
                 a=seeded_a(m, f.rank, f.a.shape[1], self.options.seed),
                 b=np.zeros_like(f.b),
             )
+            for m, f in state.factors.items()
+        }
+        return AdapterState(factors, state.dense, state.scaling)
+
+    def restore_fixed(self, state: AdapterState) -> AdapterState:
+        """A from the seed, whatever the record held: the nodes regenerate it from the seed."""
+        factors = {
+            m: LoraFactors(a=seeded_a(m, f.rank, f.a.shape[1], self.options.seed), b=f.b)
             for m, f in state.factors.items()
         }
         return AdapterState(factors, state.dense, state.scaling)

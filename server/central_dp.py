@@ -1,0 +1,118 @@
+"""Central (user-level) DP: Flower's own fixed-clipping wrappers around a LoRA strategy.
+
+Flower 1.39's ``DifferentialPrivacyClientSideFixedClipping`` (nodes clip their update
+with ``fixedclipping_mod``) and ``DifferentialPrivacyServerSideFixedClipping`` (the
+server clips) add N(0, (z C / m)^2) to every tensor the wrapped strategy returns. That is
+the Gaussian mechanism only when the strategy returns the plain mean of what the m nodes
+sent, which is what ``LoraStrategy.central_dp`` declares (FedAvg: both modes; FFA-LoRA:
+client clipping, since its replies carry no A; FLoRA and LoRA-FAIR: neither).
+
+What this module adds around the wrapper, and why:
+
+- the strategy's :meth:`~strategies.base.LoraStrategy.screen_replies` runs first, so a
+  failed node or a misshapen reply is recorded and left out instead of making the wrapper
+  skip the round or fail deep in numpy;
+- an accountant: Flower's own requires its ``FedAvg`` class, so the epsilon of the rounds
+  released so far comes from Opacus (:func:`fedlora.privacy.central_epsilon`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
+from flwr.supercore import log
+
+from fedlora.config import ConfigError, RunConfig
+from fedlora.privacy import central_epsilon
+from strategies.base import LoraStrategy
+
+WRAPPERS = {
+    "client": DifferentialPrivacyClientSideFixedClipping,
+    "server": DifferentialPrivacyServerSideFixedClipping,
+}
+EPSILON_KEY = "central-epsilon"
+
+
+class CentralDP:
+    """Drives one training round through Flower's DP wrapper around ``strategy``."""
+
+    def __init__(self, strategy: LoraStrategy, cfg: RunConfig) -> None:
+        mode = cfg.central_dp
+        if mode not in strategy.central_dp:
+            composes = sorted(strategy.central_dp) or ["none"]
+            raise ConfigError(
+                f"Invalid value for 'central-dp': {mode!r}: strategy '{strategy.name}' composes "
+                f"with {', '.join(composes)} (Flower's wrappers add noise for a plain mean of the "
+                "replies; see docs/privacy.md)"
+            )
+        self.strategy = strategy
+        self.mode = mode
+        self.noise_multiplier = cfg.central_dp_noise
+        self.clipping_norm = cfg.central_dp_clip
+        self.delta = cfg.central_dp_delta
+        self.releases = 0  # rounds whose noised mean was released
+        self.wrapper = WRAPPERS[mode](
+            strategy,
+            noise_multiplier=cfg.central_dp_noise,
+            clipping_norm=cfg.central_dp_clip,
+            num_sampled_clients=strategy.options.clients_per_round,
+        )
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far, at ``central-dp-delta``."""
+        return central_epsilon(self.noise_multiplier, self.releases, self.delta)
+
+    def describe(self) -> str:
+        """One line for the run summary."""
+        return (
+            f"{self.mode}-side clipping (Flower's {type(self.wrapper).__name__}), C="
+            f"{self.clipping_norm}, z={self.noise_multiplier}, noise std z C / m = "
+            f"{self.noise_multiplier * self.clipping_norm / self.wrapper.num_sampled_clients:.4g}; "
+            f"epsilon {self.epsilon():.4g} at delta {self.delta:g} after {self.releases} rounds"
+        )
+
+    def summary(self) -> None:
+        """Flower's wrapper summary (which includes the strategy's)."""
+        self.wrapper.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The wrapper's configure_train (it adds the clipping norm, or keeps the arrays)."""
+        return self.wrapper.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen, clip (server mode), aggregate, add noise, and account the release."""
+        kept = self.strategy.screen_replies(server_round, replies, whole=self.mode == "server")
+        arrays, metrics = self.wrapper.aggregate_train(server_round, kept)
+        if arrays is not None:
+            self.releases += 1
+        report = self.strategy.last_report
+        if report is not None:
+            report.metrics[EPSILON_KEY] = self.epsilon()
+        log(
+            INFO,
+            "Central DP: %d releases, epsilon %.4g at delta %g",
+            self.releases,
+            self.epsilon(),
+            self.delta,
+        )
+        return arrays, metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to keep accounting."""
+        return {"releases": self.releases}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.releases = int(state.get("releases", 0))
