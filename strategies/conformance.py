@@ -208,6 +208,7 @@ def check_strategy(cls: type[LoraStrategy], seed: int = 0) -> list[CheckResult]:
         ("checkpoint and restore", _check_restore),
         ("inputs not mutated", _check_no_mutation),
         ("bad reply dropped", _check_bad_reply),
+        ("central DP claim", _check_central_dp),
     ]
     out = []
     for name, fn in checks:
@@ -395,3 +396,34 @@ def _check_bad_reply(cls: type[LoraStrategy], seed: int) -> str:
     status = {o.node_id: o.status for o in report.outcomes}
     _require(status.get(1) == "dropped", f"node 1 status {status.get(1)}")
     return ""
+
+
+def _check_central_dp(cls: type[LoraStrategy], seed: int) -> str:
+    """What ``central_dp`` promises, checked on one round.
+
+    With uniform weights at one rank, every tensor of the result must be the plain mean of
+    the decoded replies' (so noise z C / m on it is the Gaussian mechanism); ``"server"``
+    also needs every node to send every tensor.
+    """
+    if not cls.central_dp:
+        return "not claimed"
+    unknown = set(cls.central_dp) - {"client", "server"}
+    _require(not unknown, f"unknown central_dp modes {sorted(unknown)}")
+    strategy = _fresh(cls, 4, [4, 4, 4], seed)
+    current = _initial(strategy, 4, seed)
+    clients = [SimulatedClient(i, n) for i, n in enumerate([10, 20, 30])]
+    updates, _ = simulate_round(strategy, 1, current, clients, np.random.default_rng(seed))
+    out = strategy.aggregate(1, updates, np.full(3, 1 / 3), current).to_state_dict()
+    replies = [u.state.to_state_dict() for u in updates]
+    for key, value in out.items():
+        mean = np.mean([r[key] for r in replies], axis=0)
+        _require(
+            np.allclose(value, mean, rtol=1e-5, atol=1e-6),
+            f"claims central DP but '{key}' is not the plain mean of the replies",
+        )
+    if "server" in cls.central_dp:
+        _require(
+            all(u.plan.send_a for u in updates),
+            "claims server-side clipping but its replies leave out lora_A",
+        )
+    return "modes " + ", ".join(sorted(cls.central_dp))
