@@ -76,6 +76,16 @@ def test_kit_catches_nondeterminism():
     assert "deterministic for a seed" in _failed(Random)
 
 
+@pytest.mark.parametrize(
+    "base, modes",
+    [("flora", {"client"}), ("lora_fair", {"client"}), ("ffa_lora", {"client", "server"})],
+)
+def test_kit_catches_a_false_central_dp_claim(base, modes):
+    """FLoRA stacks and LoRA-FAIR corrects (neither is a mean); FFA-LoRA sends no A."""
+    cls = type(f"Claims{base}", (load_strategy_class(base),), {"central_dp": frozenset(modes)})
+    assert "central DP claim" in _failed(cls)
+
+
 def test_kit_catches_wrong_shapes_and_nan():
     assert "output shapes and dtypes" in _failed(WrongShape)
     assert "output shapes and dtypes" in _failed(ProducesNan)
