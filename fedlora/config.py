@@ -298,7 +298,7 @@ class RunConfig:
             _fail(
                 "client-ranks", self.client_ranks, f"must be empty {why} (one rank for every node)"
             )
-        if self.dp:
+        if self.dp and self.central_dp == "client":
             _fail(
                 "dp",
                 self.dp,

@@ -12,15 +12,21 @@ What this module adds around the wrapper, and why:
 - the strategy's :meth:`~strategies.base.LoraStrategy.screen_replies` runs first, so a
   failed node or a misshapen reply is recorded and left out instead of making the wrapper
   skip the round or fail deep in numpy;
+- nodes that declare a rank other than ``lora-rank`` are excluded when they describe
+  themselves, instead of being sampled and set aside round after round;
 - an accountant: Flower's own requires its ``FedAvg`` class, so the epsilon of the rounds
-  released so far comes from Opacus (:func:`fedlora.privacy.central_epsilon`).
+  released so far comes from Opacus (:func:`fedlora.privacy.central_epsilon`). The count
+  of releases is written to ``central_dp.json`` the moment a round is released, so a
+  crash between a release and its checkpoint cannot make a resumed run forget it.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
 from logging import INFO
-from typing import Any
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -39,12 +45,13 @@ WRAPPERS = {
     "server": DifferentialPrivacyServerSideFixedClipping,
 }
 EPSILON_KEY = "central-epsilon"
+LEDGER_FILE = "central_dp.json"
 
 
 class CentralDP:
     """Drives one training round through Flower's DP wrapper around ``strategy``."""
 
-    def __init__(self, strategy: LoraStrategy, cfg: RunConfig) -> None:
+    def __init__(self, strategy: LoraStrategy, cfg: RunConfig, out: Path) -> None:
         mode = cfg.central_dp
         if mode not in strategy.central_dp:
             composes = sorted(strategy.central_dp) or ["none"]
@@ -53,12 +60,22 @@ class CentralDP:
                 f"with {', '.join(composes)} (Flower's wrappers add noise for a plain mean of the "
                 "replies; see docs/privacy.md)"
             )
+        o = strategy.options
+        if o.weighting != "uniform" or o.min_replies != o.clients_per_round:
+            raise ConfigError(
+                f"Invalid value for 'central-dp': {mode!r} needs weighting='uniform' and "
+                f"min-replies = clients-per-round; the strategy has {o.weighting!r} and "
+                f"{o.min_replies} of {o.clients_per_round}"
+            )
         self.strategy = strategy
         self.mode = mode
+        self.ledger = out / LEDGER_FILE
         self.noise_multiplier = cfg.central_dp_noise
         self.clipping_norm = cfg.central_dp_clip
         self.delta = cfg.central_dp_delta
         self.releases = 0  # rounds whose noised mean was released
+        if cfg.resume and self.ledger.is_file():
+            self.releases = int(json.loads(self.ledger.read_text())["releases"])
         self.wrapper = WRAPPERS[mode](
             strategy,
             noise_multiplier=cfg.central_dp_noise,
@@ -83,6 +100,20 @@ class CentralDP:
         """Flower's wrapper summary (which includes the strategy's)."""
         self.wrapper.summary()
 
+    def discover_nodes(self, grid: Grid, config: ConfigRecord, timeout: float) -> None:
+        """The strategy's discovery, then exclude the nodes at another rank.
+
+        A node's B is rescaled and padded to the global rank, which changes its influence
+        on the mean.
+        """
+        self.strategy.discover_nodes(grid, config, timeout)
+        rank = self.strategy.options.lora.rank
+        for node_id, node_rank in list(self.strategy.node_ranks.items()):
+            if node_rank != rank and node_id not in self.strategy.excluded_nodes:
+                self.strategy.exclude_node(
+                    node_id, f"declared rank {node_rank}; central DP needs lora-rank={rank}"
+                )
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -97,6 +128,10 @@ class CentralDP:
         arrays, metrics = self.wrapper.aggregate_train(server_round, kept)
         if arrays is not None:
             self.releases += 1
+            self.ledger.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.ledger.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"releases": self.releases, "mode": self.mode}))
+            os.replace(tmp, self.ledger)  # before anyone sees the release
         report = self.strategy.last_report
         if report is not None:
             report.metrics[EPSILON_KEY] = self.epsilon()
@@ -108,11 +143,3 @@ class CentralDP:
             self.delta,
         )
         return arrays, metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to keep accounting."""
-        return {"releases": self.releases}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        self.releases = int(state.get("releases", 0))

@@ -235,7 +235,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         check_partitions(cfg, table)
         strategy = build_strategy(cfg)
         # configure_train and aggregate_train go through Flower's DP wrapper when asked
-        central = CentralDP(strategy, cfg) if cfg.central_dp != "off" else None
+        central = CentralDP(strategy, cfg, out) if cfg.central_dp != "off" else None
         driver = central or strategy
         # Flower processes inherit OMP_NUM_THREADS=1 (clients share the cores); the server
         # evaluates while clients are idle, so it may use all of them.
@@ -256,7 +256,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         samples = SampleWriter(cfg, out, eval_frame)
         done = 0
         if cfg.resume:
-            done, state = _resume(out, cfg, strategy, central)
+            done, state = _resume(out, cfg, strategy)
         else:
             samples.record("before training", evaluator.model_for(state))
             t0 = time.monotonic()
@@ -272,7 +272,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         for server_round in range(done + 1, cfg.num_server_rounds + 1):
             t0 = time.monotonic()
             clock = _PhaseClock()
-            strategy.discover_nodes(grid, ConfigRecord(dict(base_config)), cfg.round_timeout)
+            driver.discover_nodes(grid, ConfigRecord(dict(base_config)), cfg.round_timeout)
             clock.lap("discover")
             messages = driver.configure_train(
                 server_round, arrays, ConfigRecord(dict(base_config)), grid
@@ -303,7 +303,6 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
                 evaluator.model_for(state, strategy.base_delta()),
                 state,
                 strategy,
-                central,
             )
             if report is not None and report.skipped:
                 log(WARNING, "Round %d skipped: %s", server_round, report.skip_reason)
@@ -370,9 +369,7 @@ def _write_summary(out: Path, cfg: RunConfig, started: float, extra: Mapping[str
     results.plot_rounds(out, records, title=f"{cfg.strategy} on {cfg.dataset}")
 
 
-def _resume(
-    out: Path, cfg: RunConfig, strategy: LoraStrategy, central: CentralDP | None
-) -> tuple[int, AdapterState]:
+def _resume(out: Path, cfg: RunConfig, strategy: LoraStrategy) -> tuple[int, AdapterState]:
     """Restore the global adapter and strategy state of a checkpoint; return its round.
 
     Records of rounds after the checkpoint (a round that ran but was not checkpointed)
@@ -394,8 +391,6 @@ def _resume(
             f"{folder} already holds round {done}; raise it to run more rounds"
         )
     strategy.load_state_dict(meta.get("strategy_state", {}))
-    if central is not None:
-        central.load_state_dict(meta.get("central_dp", {}))
     if cfg.dp and not cfg.node_state_dir:
         log(
             WARNING,
@@ -448,7 +443,6 @@ def _checkpoint(
     model: PeftModel,
     state: AdapterState,
     strategy: LoraStrategy,
-    central: CentralDP | None,
 ) -> None:
     """Write this round's checkpoint; keep the newest ``keep-checkpoints`` of them."""
     folder = out / "checkpoints"
@@ -456,7 +450,6 @@ def _checkpoint(
         "round": server_round,
         "strategy": cfg.strategy,
         "strategy_state": strategy.state_dict(),
-        **({} if central is None else {"central_dp": central.state_dict()}),
         "run_config": cfg.to_mapping(),
     }
     save_checkpoint(folder / f"round-{server_round:04d}", model, state, meta)

@@ -318,6 +318,7 @@ class LoraStrategy(Strategy):
         self._sent: list[Message] = []  # this round's training messages
         self._layouts: dict[int, list[tuple[str, tuple[int, ...]]]] = {}  # what each was sent
         self._global_layout: list[tuple[str, tuple[int, ...]]] = []
+        self._global_record = ArrayRecord()
         self._screened: set[int] = set()  # nodes whose reply screen_replies set aside
         self.links = NodeLinks(options.uplink, options.downlink)
         self._decode_seconds = 0.0
@@ -582,6 +583,7 @@ class LoraStrategy(Strategy):
         self._layouts.clear()
         self._screened.clear()
         self._global_layout = _layout(arrays)
+        self._global_record = arrays
         messages = []
         for node_id in nodes:
             plan = self.client_plan(server_round, node_id)
@@ -686,11 +688,13 @@ class LoraStrategy(Strategy):
     ) -> list[Message]:
         """Set aside the replies that a wrapper around this strategy must not see.
 
-        Flower's DP wrappers skip the whole round when any node failed, and clip tensors by
-        position, failing deep in numpy on a misshapen reply. Node errors, replies at a
-        rank other than the run's, and replies whose tensors are not, in order and shape,
-        those the node was sent (``whole``: those of the global adapter) are recorded
-        here as outcomes and left out; :meth:`aggregate_train` then takes the rest.
+        Flower's DP wrappers skip the whole round when any node failed; the server-side
+        one clips every array record of a reply against the global record, position by
+        position, and fails deep in numpy (or divides by zero) on anything unexpected.
+        Node errors, replies at a rank other than the run's, and replies whose tensors
+        are not, in order and shape, those the node was sent (``whole``: those of the
+        global adapter, in Flower's numpy form, with a non-zero update) are recorded here
+        as outcomes and left out; :meth:`aggregate_train` then takes the rest.
         """
         report = self.last_report or RoundReport(server_round=server_round)
         self.last_report = report
@@ -699,24 +703,7 @@ class LoraStrategy(Strategy):
         kept = []
         for msg in replies:
             node_id = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            plan = self._plans.get(node_id)
-            expected = self._global_layout if whole else self._layouts.get(node_id, [])
-            reason = ""
-            if msg.has_error():
-                status, reason = "error", msg.error.reason
-            elif plan is not None and plan.rank != self.options.lora.rank:
-                status = "dropped"
-                reason = (
-                    f"rank {plan.rank}: every node must train at lora-rank={self.options.lora.rank}"
-                )
-            elif protocol.ARRAYS in msg.content.array_records:
-                got = _layout(msg.content.array_records[protocol.ARRAYS])
-                if got != expected:
-                    status = "dropped"
-                    reason = (
-                        f"{_first_difference(got, expected)} (the wrapper pairs them with the "
-                        f"{'global adapter' if whole else 'tensors sent'} by position)"
-                    )
+            status, reason = self._set_aside(node_id, msg, whole)
             if not reason:
                 kept.append(msg)
                 continue
@@ -726,10 +713,60 @@ class LoraStrategy(Strategy):
             self._screened.add(node_id)
             self.links.settle(node_id, replied=status == "dropped")
             down, dense_down = self._sent_bytes.get(node_id, (0, 0))
+            up = 0 if msg.has_error() else sum(map(wire_bytes, msg.content.array_records.values()))
             report.outcomes.append(
-                NodeOutcome(node_id, status, reason, bytes_down=down, dense_down=dense_down)
+                NodeOutcome(
+                    node_id, status, reason, bytes_down=down, dense_down=dense_down, bytes_up=up
+                )
             )
         return kept
+
+    def _set_aside(self, node_id: int, msg: Message, whole: bool) -> tuple[str, str]:
+        """(status, reason) for a reply :meth:`screen_replies` leaves out; ("", "") keeps it."""
+        if msg.has_error():
+            return "error", msg.error.reason
+        plan = self._plans.get(node_id)
+        if plan is not None and plan.rank != self.options.lora.rank:
+            return (
+                "dropped",
+                f"rank {plan.rank}: every node must train at lora-rank={self.options.lora.rank}",
+            )
+        records = msg.content.array_records
+        if not records:  # a decline, or a reply without tensors: validated as usual
+            return "", ""
+        if set(records) != {protocol.ARRAYS}:
+            return "dropped", f"array records {sorted(records)}, expected only '{protocol.ARRAYS}'"
+        expected = self._global_layout if whole else self._layouts.get(node_id, [])
+        against = "global adapter" if whole else "tensors sent"
+        got = _layout(records[protocol.ARRAYS])
+        if got != expected:
+            difference = _first_difference(got, expected)
+            return (
+                "dropped",
+                f"{difference} (the wrapper pairs them with the {against} by position)",
+            )
+        if not whole:
+            return "", ""
+        try:
+            tensors = records[protocol.ARRAYS].to_numpy_ndarrays()
+            reference = self._global_record.to_numpy_ndarrays()
+            if [t.shape for t in tensors] != [r.shape for r in reference]:
+                raise ValueError("the data do not have the declared shapes")
+            if not all(np.issubdtype(t.dtype, np.floating) for t in tensors):
+                raise ValueError("a tensor is not floating point")
+            norm_sq = sum(
+                float(np.sum(np.square(t - r))) for t, r in zip(tensors, reference, strict=True)
+            )
+        except (
+            TypeError,
+            ValueError,
+            EOFError,
+            OSError,
+        ) as err:  # Flower reads only its numpy form
+            return "dropped", f"tensors unreadable for server-side clipping: {err}"
+        if norm_sq == 0.0:
+            return "dropped", "update is exactly zero (Flower's clipping divides by its norm)"
+        return "", ""
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -7,6 +7,7 @@ end through the real ClientApp (Flower's ``fixedclipping_mod``) and ServerApp.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -22,7 +23,7 @@ from fedlora.config import ConfigError, RunConfig
 from fedlora.model import LoraSpec
 from fedlora.privacy import central_epsilon
 from fedlora.seeded import seeded_a
-from server.central_dp import EPSILON_KEY, CentralDP
+from server.central_dp import EPSILON_KEY, LEDGER_FILE, CentralDP
 from strategies.base import StrategyOptions
 from strategies.fedavg import FedAvg
 from strategies.ffa_lora import FfaLora
@@ -34,7 +35,7 @@ RANK = 3
 CENTRAL = {"central-dp": "server", "weighting": "uniform", "min-replies": 3, "clients-per-round": 3}
 
 
-def _setup(mode: str, noise: float, clip: float, nodes: int = 3, min_replies: int = 3):
+def _setup(mode: str, noise: float, clip: float, out, nodes: int = 3):
     cfg = RunConfig.from_mapping(
         {
             **CENTRAL,
@@ -49,29 +50,28 @@ def _setup(mode: str, noise: float, clip: float, nodes: int = 3, min_replies: in
     options = StrategyOptions(
         lora=spec,
         clients_per_round=nodes,
-        min_replies=min_replies,
+        min_replies=nodes,
         weighting="uniform",
         flower_numpy=True,
     )
     strategy = FedAvg(options)
-    return strategy, CentralDP(strategy, cfg)
+    return strategy, CentralDP(strategy, cfg, out)
 
 
-def _reply(msg: Message, tensors: dict[str, np.ndarray]) -> Message:
+def _reply(msg: Message, tensors: dict[str, np.ndarray], flower_numpy: bool = True) -> Message:
     content = RecordDict(
         {
-            protocol.ARRAYS: to_arrayrecord(tensors, flower_numpy=True),
+            protocol.ARRAYS: to_arrayrecord(tensors, flower_numpy=flower_numpy),
             protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 10, protocol.TRAIN_LOSS: 1.0}),
         }
     )
     return Message(content, reply_to=msg)
 
 
-def _round(central: CentralDP, current: dict, deltas: list[dict]):
+def _round(central: CentralDP, current: dict, deltas: list[dict], server_round: int = 1):
     grid = FakeGrid(list(range(1, len(deltas) + 1)))
-    messages = list(
-        central.configure_train(1, to_arrayrecord(current, flower_numpy=True), ConfigRecord(), grid)
-    )
+    record = to_arrayrecord(current, flower_numpy=True)
+    messages = list(central.configure_train(server_round, record, ConfigRecord(), grid))
     replies = [
         _reply(m, {k: current[k] + d[k] for k in current})
         for m, d in zip(messages, deltas, strict=True)
@@ -92,10 +92,10 @@ def _clipped(delta: dict, clip: float) -> dict:
     return {k: v * factor for k, v in delta.items()}
 
 
-def test_server_clipping_and_mean_match_numpy():
+def test_server_clipping_and_mean_match_numpy(tmp_path):
     """Noise 0: the new global is current + mean_k clip(delta_k), computed here in numpy."""
     rng = np.random.default_rng(0)
-    strategy, central = _setup("server", noise=0.0, clip=0.5)
+    strategy, central = _setup("server", noise=0.0, clip=0.5, out=tmp_path)
     current = random_state(rng, RANK).to_state_dict()
     deltas = _deltas(rng, current, [0.01, 1.0, 3.0])  # one under the clip, two over
     _, replies = _round(central, current, deltas)
@@ -108,12 +108,12 @@ def test_server_clipping_and_mean_match_numpy():
     assert strategy.last_report.num_ok == 3 and central.releases == 1
 
 
-def test_noise_has_the_std_flower_claims():
+def test_noise_has_the_std_flower_claims(tmp_path):
     """z C / m on every entry of the released mean (sample std over all entries)."""
     rng = np.random.default_rng(1)
     z, clip, m = 4.0, 0.5, 3
-    _, quiet = _setup("server", noise=0.0, clip=clip)
-    _, noisy = _setup("server", noise=z, clip=clip)
+    _, quiet = _setup("server", noise=0.0, clip=clip, out=tmp_path / "quiet")
+    _, noisy = _setup("server", noise=z, clip=clip, out=tmp_path / "noisy")
     current = random_state(rng, RANK).to_state_dict()
     deltas = _deltas(rng, current, [1.0, 2.0, 3.0])
     reference = from_arrayrecord(quiet.aggregate_train(1, _round(quiet, current, deltas)[1])[0])
@@ -125,25 +125,77 @@ def test_noise_has_the_std_flower_claims():
     assert abs(noise.mean()) < 3 * z * clip / m / math.sqrt(noise.size)
 
 
-def test_bad_replies_are_set_aside_and_the_round_goes_on():
-    """A node error and a misshapen reply never reach Flower's wrapper (which would skip
-    the round, or fail inside numpy): both are recorded with reasons, the rest aggregate."""
+def _corrupt(kind: str, msg: Message, current: dict) -> Message:
+    key = next(iter(current))
+    if kind == "error":
+        return error_reply(msg, "node lost")
+    if kind == "misshapen":
+        return _reply(msg, {k: (v if k != key else v[:, :-1]) for k, v in current.items()})
+    if kind == "zero update":  # Flower's clipping would divide by the update's norm
+        return _reply(msg, current)
+    if kind == "raw form":  # Flower's clipping calls Array.numpy()
+        return _reply(msg, {k: v + 1.0 for k, v in current.items()}, flower_numpy=False)
+    if kind == "extra record":  # Flower's clipping clips every record, by position
+        reply = _reply(msg, {k: v + 1.0 for k, v in current.items()})
+        reply.content["other"] = to_arrayrecord({key: current[key]}, flower_numpy=True)
+        return reply
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind, status, words",
+    [
+        ("error", "error", "node lost"),
+        ("misshapen", "dropped", "expected"),
+        ("zero update", "dropped", "exactly zero"),
+        ("raw form", "dropped", "unreadable"),
+        ("extra record", "dropped", "expected only"),
+    ],
+)
+def test_bad_replies_are_set_aside_before_flowers_wrapper(tmp_path, kind, status, words):
+    """Flower's server-side wrapper skips a round on any node error, and crashes in numpy
+    (or divides by zero) on a reply it cannot clip. Such replies are recorded with their
+    reason and never reach it. With fewer than m valid replies the round is skipped:
+    released with too little noise it would break the guarantee; nothing is spent. The
+    next round, with good replies, is released."""
     rng = np.random.default_rng(2)
-    strategy, central = _setup("server", noise=0.0, clip=10.0, nodes=4, min_replies=2)
+    strategy, central = _setup("server", noise=0.0, clip=10.0, out=tmp_path, nodes=4)
     current = random_state(rng, RANK).to_state_dict()
     messages, replies = _round(central, current, _deltas(rng, current, [0.1] * 4))
-    replies[0] = error_reply(messages[0], "node lost")
-    key = next(iter(current))
-    wrong = {k: (v if k != key else v[:, :-1]) for k, v in current.items()}  # misshapen
-    replies[1] = _reply(messages[1], wrong)
+    replies[1] = _corrupt(kind, messages[1], current)
     arrays, _ = central.aggregate_train(1, replies)
-    assert arrays is not None
-    outcomes = {o.node_id: o for o in strategy.last_report.outcomes}
-    assert outcomes[1].status == "error" and "node lost" in outcomes[1].reason
-    assert outcomes[2].status == "dropped" and key in outcomes[2].reason
-    assert "expected" in outcomes[2].reason
-    assert [o.status for o in outcomes.values()].count("ok") == 2
-    assert not any(o.status == "missing" for o in outcomes.values())
+    assert arrays is None and central.releases == 0
+    report = strategy.last_report
+    outcomes = {o.node_id: o for o in report.outcomes}
+    assert outcomes[2].status == status and words in outcomes[2].reason, outcomes[2]
+    assert [o.status for o in report.outcomes].count("ok") == 3
+    assert report.skipped and not any(o.status == "missing" for o in report.outcomes)
+    assert report.metrics[EPSILON_KEY] == 0.0
+    _, replies = _round(central, current, _deltas(rng, current, [0.1] * 4), server_round=2)
+    arrays, _ = central.aggregate_train(2, replies)
+    assert arrays is not None and central.releases == 1
+    assert (tmp_path / LEDGER_FILE).is_file()
+
+
+def test_a_node_at_another_rank_is_excluded_once(tmp_path):
+    strategy, central = _setup("client", noise=1.0, clip=1.0, out=tmp_path)
+    for node in (1, 3):
+        strategy.register_node(node, RANK)
+    strategy.register_node(2, RANK - 1)  # FedAvg accepts mixed ranks; central DP must not
+    central.discover_nodes(FakeGrid([1, 2, 3]), ConfigRecord(), timeout=1.0)
+    assert set(strategy.excluded_nodes) == {2}
+    assert f"lora-rank={RANK}" in strategy.excluded_nodes[2]
+
+
+def test_a_strategy_built_without_the_required_settings_is_refused(tmp_path):
+    cfg = RunConfig.from_mapping(CENTRAL)
+    spec = LoraSpec(rank=RANK, alpha=6.0, target_modules=tuple(MODULES))
+    for options in (
+        StrategyOptions(lora=spec, clients_per_round=3, min_replies=2, weighting="uniform"),
+        StrategyOptions(lora=spec, clients_per_round=3, min_replies=3),
+    ):
+        with pytest.raises(ConfigError, match="central-dp"):
+            CentralDP(FedAvg(options), cfg, tmp_path)
 
 
 def _exact_gaussian_epsilon(mu: float, delta: float) -> float:
@@ -173,14 +225,20 @@ def test_epsilon_lies_between_the_exact_curve_and_the_classic_rdp_bound(z, round
 
 @pytest.mark.parametrize(
     "cls, mode",
-    [(Flora, "client"), (LoraFair, "client"), (FfaLora, "server"), (LoraFair, "server")],
+    [
+        (Flora, "client"),
+        (Flora, "server"),
+        (LoraFair, "client"),
+        (LoraFair, "server"),
+        (FfaLora, "server"),
+    ],
 )
-def test_strategies_that_do_not_compose_are_refused(cls, mode):
+def test_strategies_that_do_not_compose_are_refused(cls, mode, tmp_path):
     cfg = RunConfig.from_mapping({**CENTRAL, "central-dp": mode})
     spec = LoraSpec(rank=RANK, alpha=6.0, target_modules=tuple(MODULES))
     strategy = cls(StrategyOptions(lora=spec, clients_per_round=3, min_replies=3))
     with pytest.raises(ConfigError, match="central-dp.*composes with"):
-        CentralDP(strategy, cfg)
+        CentralDP(strategy, cfg, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -189,7 +247,7 @@ def test_strategies_that_do_not_compose_are_refused(cls, mode):
         ({"weighting": "num-examples"}, "weighting"),
         ({"min-replies": 2}, "min-replies"),
         ({"client-ranks": "4,8"}, "client-ranks"),
-        ({"dp": True}, "dp"),
+        ({"dp": True, "central-dp": "client"}, "dp"),
         ({"uplink-density": 0.1}, "uplink-density"),
         ({"downlink-values": "int8"}, "downlink-values"),
         ({"central-dp": "both"}, "central-dp"),
@@ -276,6 +334,7 @@ def test_ffa_lora_with_client_clipping_keeps_the_seeded_a(tiny_model, tmp_path):
             np.testing.assert_array_equal(value, seeded_a(module, 8, value.shape[1], 0))
     summary = (out / results.SUMMARY_FILE).read_text()
     assert f"epsilon {central_epsilon(z, 2, 1e-5):.4g}" in summary
+    assert json.loads((out / LEDGER_FILE).read_text())["releases"] == 2
 
 
 def test_arrays_round_trip_in_flower_numpy_form():
