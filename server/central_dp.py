@@ -75,7 +75,13 @@ class CentralDP:
         self.delta = cfg.central_dp_delta
         self.releases = 0  # rounds whose noised mean was released
         if cfg.resume and self.ledger.is_file():
-            self.releases = int(json.loads(self.ledger.read_text())["releases"])
+            try:
+                self.releases = int(json.loads(self.ledger.read_text())["releases"])
+            except (ValueError, KeyError, TypeError) as err:  # never resume with a lost count
+                raise ConfigError(
+                    f"Cannot resume: the central-DP ledger {self.ledger} is unreadable ({err!r}); "
+                    "the rounds it counted would go unaccounted"
+                ) from None
         self.wrapper = WRAPPERS[mode](
             strategy,
             noise_multiplier=cfg.central_dp_noise,

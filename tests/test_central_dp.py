@@ -177,6 +177,15 @@ def test_bad_replies_are_set_aside_before_flowers_wrapper(tmp_path, kind, status
     assert (tmp_path / LEDGER_FILE).is_file()
 
 
+def test_a_corrupt_ledger_stops_a_resume(tmp_path):
+    cfg = RunConfig.from_mapping({**CENTRAL, "resume": "latest"})
+    spec = LoraSpec(rank=RANK, alpha=6.0, target_modules=tuple(MODULES))
+    options = StrategyOptions(lora=spec, clients_per_round=3, min_replies=3, weighting="uniform")
+    (tmp_path / LEDGER_FILE).write_text('{"releases": ')
+    with pytest.raises(ConfigError, match="ledger.*unreadable"):
+        CentralDP(FedAvg(options), cfg, tmp_path)
+
+
 def test_a_node_at_another_rank_is_excluded_once(tmp_path):
     strategy, central = _setup("client", noise=1.0, clip=1.0, out=tmp_path)
     for node in (1, 3):
