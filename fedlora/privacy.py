@@ -194,10 +194,10 @@ def central_epsilon(noise_multiplier: float, releases: int, delta: float) -> flo
     """Epsilon, at ``delta``, of ``releases`` rounds of Flower's central-DP mechanism.
 
     A round releases the mean of m updates, each clipped to C, plus N(0, (z C / m)^2): the
-    Gaussian mechanism with multiplier z on one node's contribution. No amplification by
-    sampling is claimed, as in Flower's own accounting (the server samples m of its nodes
-    without replacement, which is not Poisson sampling), hence sample rate 1 in Opacus's
-    RDP accountant.
+    Gaussian mechanism with multiplier z on one node's contribution (add/remove
+    adjacency, as Flower's wrappers). No amplification by sampling is claimed: the server
+    samples with a generator seeded from the run configuration, so who took part is not
+    secret. Hence sample rate 1 in Opacus's RDP accountant.
     """
     if releases <= 0:
         return 0.0
