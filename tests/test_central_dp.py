@@ -30,6 +30,7 @@ from strategies.ffa_lora import FfaLora
 from strategies.flora import Flora
 from strategies.lora_fair import LoraFair
 from tests.helpers import MODULES, FakeGrid, error_reply, random_state, simulate_in_process
+from tests.test_end_to_end import _tiny_run
 
 RANK = 3
 CENTRAL = {"central-dp": "server", "weighting": "uniform", "min-replies": 3, "clients-per-round": 3}
@@ -269,22 +270,18 @@ def test_settings_that_would_falsify_epsilon_are_refused(change, key):
         RunConfig.from_mapping({**CENTRAL, "clients-per-round": 3, **change})
 
 
+CENTRAL_RUN = {
+    "local-steps": 4,
+    "eval-examples": 100,
+    "weighting": "uniform",
+    "keep-checkpoints": 0,
+}
+
+
 def _run(tiny_model, out, **extra):
-    return {
-        "model": str(tiny_model),
-        "num-server-rounds": 2,
-        "clients-per-round": 2,
-        "min-replies": 2,
-        "num-partitions": 3,
-        "local-steps": 4,
-        "lr": 0.02,
-        "max-seq-len": 32,
-        "eval-examples": 100,
-        "weighting": "uniform",
-        "keep-checkpoints": 0,
-        "output-dir": str(out),
-        **extra,
-    }
+    """The end-to-end tests' tiny run, with what central DP needs (uniform weighting) and
+    every round's checkpoint kept."""
+    return _tiny_run(tiny_model, out, **{**CENTRAL_RUN, **extra})
 
 
 def _global(out, server_round: int) -> dict[str, np.ndarray]:
