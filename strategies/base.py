@@ -316,8 +316,8 @@ class LoraStrategy(Strategy):
         self._sent_bytes: dict[int, tuple[int, int]] = {}  # node -> (actual, dense fp32)
         self._not_sent: dict[int, str] = {}  # node -> why its payload was not sent
         self._sent: list[Message] = []  # this round's training messages
+        self._sent_to: dict[str, int] | None = None  # message id -> node, once pushed
         self._layouts: dict[int, list[tuple[str, tuple[int, ...]]]] = {}  # what each was sent
-        self._global_layout: list[tuple[str, tuple[int, ...]]] = []
         self._global_record = ArrayRecord()
         self._screened: set[int] = set()  # nodes whose reply screen_replies set aside
         self.links = NodeLinks(options.uplink, options.downlink)
@@ -582,7 +582,7 @@ class LoraStrategy(Strategy):
         self._not_sent.clear()
         self._layouts.clear()
         self._screened.clear()
-        self._global_layout = _layout(arrays)
+        self._sent_to = None
         self._global_record = arrays
         messages = []
         for node_id in nodes:
@@ -638,12 +638,8 @@ class LoraStrategy(Strategy):
             raise RuntimeError("aggregate_train called before configure_train")
         updates: list[ClientUpdate] = []
         seen: set[int] = set(self._screened)
-        # a reply the SuperLink makes for a lost node is not from that node: match replies
-        # to what was sent by message id (ids exist once the grid has pushed the messages)
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
-        sent_to.pop("", None)
         for msg in replies:
-            node_id = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            node_id = self._sender(msg)
             seen.add(node_id)
             outcome, update = self._decode_reply(server_round, node_id, msg, current)
             report.outcomes.append(outcome)
@@ -698,11 +694,9 @@ class LoraStrategy(Strategy):
         """
         report = self.last_report or RoundReport(server_round=server_round)
         self.last_report = report
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
-        sent_to.pop("", None)
         kept = []
         for msg in replies:
-            node_id = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            node_id = self._sender(msg)
             status, reason = self._set_aside(node_id, msg, whole)
             if not reason:
                 kept.append(msg)
@@ -721,6 +715,17 @@ class LoraStrategy(Strategy):
             )
         return kept
 
+    def _sender(self, msg: Message) -> int:
+        """The node a reply answers for, matched by message id where the grid set one.
+
+        A reply the SuperLink makes for a lost node is not from that node. The ids exist
+        once the grid has pushed the messages, so the map is built at the first reply.
+        """
+        if self._sent_to is None:
+            self._sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+            self._sent_to.pop("", None)
+        return self._sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+
     def _set_aside(self, node_id: int, msg: Message, whole: bool) -> tuple[str, str]:
         """(status, reason) for a reply :meth:`screen_replies` leaves out; ("", "") keeps it."""
         if msg.has_error():
@@ -736,7 +741,7 @@ class LoraStrategy(Strategy):
             return "", ""
         if set(records) != {protocol.ARRAYS}:
             return "dropped", f"array records {sorted(records)}, expected only '{protocol.ARRAYS}'"
-        expected = self._global_layout if whole else self._layouts.get(node_id, [])
+        expected = _layout(self._global_record) if whole else self._layouts.get(node_id, [])
         against = "global adapter" if whole else "tensors sent"
         got = _layout(records[protocol.ARRAYS])
         if got != expected:
@@ -757,12 +762,8 @@ class LoraStrategy(Strategy):
             norm_sq = sum(
                 float(np.sum(np.square(t - r))) for t, r in zip(tensors, reference, strict=True)
             )
-        except (
-            TypeError,
-            ValueError,
-            EOFError,
-            OSError,
-        ) as err:  # Flower reads only its numpy form
+        # Flower's clipping reads only its own numpy form: anything else fails there
+        except (TypeError, ValueError, EOFError, OSError) as err:
             return "dropped", f"tensors unreadable for server-side clipping: {err}"
         if norm_sq == 0.0:
             return "dropped", "update is exactly zero (Flower's clipping divides by its norm)"
