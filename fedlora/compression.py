@@ -1,15 +1,22 @@
 """Sparse, quantised tensor updates: the codec, its validation and error feedback.
 
 An update u is sent as the top-k entries of u by magnitude (k = ceil(density x numel)),
-with values in float32, float16 or int8 (one float32 scale per tensor) and indices in
-the smallest unsigned integer type that holds ``numel - 1``. Everything is a numpy array
-under a short key, so an encoded update is an ordinary ArrayRecord (no pickle). With
-the encoded tensors' names sorted, tensor i has
+with values in float32, float16, int8 (one float32 scale per tensor) or one sign bit
+each (scaled sign: value = +-scale, scale = mean |value|), and indices in the smallest
+unsigned integer type that holds ``numel - 1``. Everything is a numpy array under a
+short key, so an encoded update is an ordinary ArrayRecord (no pickle). With the
+encoded tensors' names sorted, tensor i has
 
     "#<i>i"   uint8..uint64   flat indices, strictly increasing (absent: all entries)
     "#<i>v"   f32 / f16 / i8  the kept values (int8: value = q x scale)
-    "#<i>s"   float32 (1,)    int8 only
+              u8              sign: the kept values' signs, 8 to a byte (1 = positive)
+    "#<i>s"   float32 (1,)    int8 and sign only
     "#names"  uint32 (1,)     CRC32 of the sorted names, once per update
+
+The dtype of the values field says how to read it, so the receiver needs no codec.
+Scaled sign (signSGD with error feedback, Karimireddy et al. 2019) suits the updates
+of Adam-trained adapters: Adam moves nearly every coordinate by about the learning
+rate, so one bit per entry keeps far more of the update than top-k at the same bytes.
 
 The names and dense shapes are not sent: the receiver knows what it expects. Tensors
 sent dense keep their own names. The decoder trusts nothing: every field is checked
@@ -30,8 +37,9 @@ VALUE_TYPES: dict[str, np.dtype] = {
     "fp32": np.dtype(np.float32),
     "fp16": np.dtype(np.float16),
     "int8": np.dtype(np.int8),
+    "sign": np.dtype(np.uint8),
 }
-"""Value encodings by their run-config name."""
+"""Value encodings by their run-config name, and the dtype their values field has."""
 
 INDEX, VALUE, SCALE = "i", "v", "s"
 FIELDS = (INDEX, VALUE, SCALE)
@@ -99,6 +107,10 @@ def encode_tensor(x: np.ndarray, codec: Codec) -> dict[str, np.ndarray]:
         scale = peak / 127.0 if peak > 0 else 1.0
         fields[VALUE] = np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
         fields[SCALE] = np.asarray([scale], dtype=np.float32)
+    elif codec.values == "sign":  # mean |v| is the scale that minimises ||v - s sign(v)||
+        fields[VALUE] = np.packbits(values > 0)
+        scale = float(np.abs(values).mean(dtype=np.float64)) if values.size else 0.0
+        fields[SCALE] = np.asarray([scale], dtype=np.float32)
     else:
         fields[VALUE] = values.astype(VALUE_TYPES[codec.values])
     return fields
@@ -110,23 +122,22 @@ def decode_tensor(key: str, fields: Mapping[str, np.ndarray], shape: tuple[int, 
         raise CompressionError(f"'{key}': encoded tensor lacks its values")
     numel = math.prod(shape)
     values = np.asarray(fields[VALUE])
-    dense_values = _dequantise(key, values, fields.get(SCALE))
     if values.ndim != 1:
         raise CompressionError(f"'{key}': values must be 1-D, got shape {values.shape}")
     if INDEX not in fields:
-        if values.size != numel:
+        if _stored_length(values, numel) != values.size:
             raise CompressionError(
-                f"'{key}': {values.size} values without indices for a tensor of {numel}"
+                f"'{key}': {_held(values, numel)} without indices for a tensor of {numel}"
             )
-        return dense_values.reshape(shape)
+        return _dequantise(key, values, fields.get(SCALE), numel).reshape(shape)
     index = np.asarray(fields[INDEX])
     if index.ndim != 1:
         raise CompressionError(f"'{key}': indices must be 1-D, got shape {index.shape}")
     if index.dtype.kind != "u":
         raise CompressionError(f"'{key}': index dtype {index.dtype} is not an unsigned integer")
-    if index.size != values.size:
+    if _stored_length(values, index.size) != values.size:
         raise CompressionError(
-            f"'{key}': {index.size} indices but {values.size} values (lengths must match)"
+            f"'{key}': {index.size} indices but {_held(values, index.size)} (lengths must match)"
         )
     if index.size > numel:
         raise CompressionError(f"'{key}': {index.size} entries for a tensor of {numel}")
@@ -134,32 +145,58 @@ def decode_tensor(key: str, fields: Mapping[str, np.ndarray], shape: tuple[int, 
         raise CompressionError(f"'{key}': index {int(index.max())} out of range [0, {numel})")
     if index.size > 1 and not np.all(np.diff(index.astype(np.int64)) > 0):
         raise CompressionError(f"'{key}': indices are not strictly increasing (duplicates?)")
+    dense_values = _dequantise(key, values, fields.get(SCALE), index.size)
     out = np.zeros(numel, dtype=np.float32)
     out[index.astype(np.int64)] = dense_values
     return out.reshape(shape)
 
 
-def _dequantise(key: str, values: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+def _is_sign(values: np.ndarray) -> bool:
+    return values.dtype == VALUE_TYPES["sign"]
+
+
+def _stored_length(values: np.ndarray, count: int) -> int:
+    """How many elements the values field of ``count`` entries has (sign: 8 to a byte)."""
+    return math.ceil(count / 8) if _is_sign(values) else count
+
+
+def _held(values: np.ndarray, count: int) -> str:
+    """What a values field holds, for an error message about ``count`` entries."""
+    if _is_sign(values):
+        return f"{values.size} bytes of sign bits ({count} signs take {math.ceil(count / 8)})"
+    return f"{values.size} values"
+
+
+def _dequantise(key: str, values: np.ndarray, scale: np.ndarray | None, count: int) -> np.ndarray:
+    """The ``count`` float32 values a values field holds (its length is already checked)."""
     if values.dtype == np.int8:
-        if scale is None:
-            raise CompressionError(f"'{key}': int8 values without a scale")
-        scale = np.asarray(scale)
-        if scale.shape != (1,) or scale.dtype.kind != "f":
-            raise CompressionError(
-                f"'{key}': scale must be one float, got {scale.dtype} {scale.shape}"
-            )
-        s = float(scale[0])
-        if not math.isfinite(s) or s <= 0:
-            raise CompressionError(f"'{key}': scale is {s}, must be finite and positive")
-        return values.astype(np.float32) * np.float32(s)
+        return values.astype(np.float32) * np.float32(_scale(key, scale, zero_ok=False))
+    if _is_sign(values):
+        s = np.float32(_scale(key, scale, zero_ok=True))
+        return np.where(np.unpackbits(values, count=count).astype(bool), s, -s)
     if values.dtype not in (np.float32, np.float16):
         raise CompressionError(
-            f"'{key}': value dtype {values.dtype} is not one of float32, float16, int8"
+            f"'{key}': value dtype {values.dtype} is not one of float32, float16, int8, "
+            "uint8 (sign bits)"
         )
     out = values.astype(np.float32)
     if not np.all(np.isfinite(out)):
         raise CompressionError(f"'{key}': values contain NaN or inf")
     return out
+
+
+def _scale(key: str, scale: np.ndarray | None, *, zero_ok: bool) -> float:
+    """The one finite scale of an int8 (positive) or sign (zero allowed: all zero) tensor."""
+    if scale is None:
+        raise CompressionError(f"'{key}': quantised values without a scale")
+    scale = np.asarray(scale)
+    if scale.shape != (1,) or scale.dtype.kind != "f":
+        raise CompressionError(f"'{key}': scale must be one float, got {scale.dtype} {scale.shape}")
+    s = float(scale[0])
+    if not math.isfinite(s) or s < 0 or (s == 0 and not zero_ok):
+        bound = "non-negative" if zero_ok else "positive"
+        raise CompressionError(f"'{key}': scale is {s}, must be finite and {bound}")
+    return s
 
 
 def names_digest(names: Sequence[str]) -> np.ndarray:

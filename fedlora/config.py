@@ -174,13 +174,19 @@ class RunConfig:
         "feedback); 1 with uplink-values=fp32 sends dense tensors.",
         1.0,
     )
-    uplink_values: str = _help("Value type of the uplink: fp32, fp16 or int8.", "fp32")
+    uplink_values: str = _help(
+        "Value type of the uplink: fp32, fp16, int8 (one scale per tensor) or sign (one bit "
+        "per entry, scaled by the mean magnitude).",
+        "fp32",
+    )
     downlink_density: float = _help(
         "Fraction of each tensor of the server's update a node receives (delta from what "
         "the node holds); 1 with downlink-values=fp32 sends dense tensors.",
         1.0,
     )
-    downlink_values: str = _help("Value type of the downlink: fp32, fp16 or int8.", "fp32")
+    downlink_values: str = _help(
+        "Value type of the downlink: fp32, fp16, int8 or sign (as uplink-values).", "fp32"
+    )
     eval_examples: int = _help(
         "Held-out examples for the server-side evaluation each round (0 = the whole test split).",
         1000,

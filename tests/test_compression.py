@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -35,7 +36,9 @@ from strategies.flora import Flora
 from strategies.lora_fair import LoraFair
 from tests.helpers import FakeGrid, error_reply, reply
 
-CODECS = [Codec(d, v) for d in (1.0, 0.5, 0.1, 0.05, 0.01) for v in ("fp32", "fp16", "int8")]
+CODECS = [
+    Codec(d, v) for d in (1.0, 0.5, 0.1, 0.05, 0.01) for v in ("fp32", "fp16", "int8", "sign")
+]
 
 
 def test_index_type_is_the_smallest_that_fits():
@@ -80,8 +83,36 @@ def test_round_trip_keeps_the_top_k_entries(shape, codec, seed):
         assert err.max() == 0
     elif codec.values == "fp16":
         assert np.all(err <= 1e-3 * np.abs(x.reshape(-1)[sent]) + 1e-7)
-    else:
+    elif codec.values == "int8":
         assert err.max() <= float(wire["#0" + SCALE][0]) / 2 + 1e-6
+    else:  # scaled sign against a direct numpy computation: +-mean|x| of the kept entries
+        kept_x = x.reshape(-1)[sent].astype(np.float64)
+        expected = np.where(kept_x > 0, 1.0, -1.0) * np.abs(kept_x).mean()
+        np.testing.assert_allclose(y.reshape(-1)[sent], expected, rtol=1e-6)
+        assert wire["#0v"].dtype == np.uint8 and wire["#0v"].size == math.ceil(k / 8)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.3])
+def test_scaled_sign_is_a_contraction_that_beats_top_k_on_flat_updates(density):
+    """One bit per entry keeps ||x||_1^2 / (n ||x||_2^2) of the energy: on Adam-like
+    updates (every entry moved by about the same amount) far more than top-k keeps."""
+    rng = np.random.default_rng(8)
+    x = (rng.choice([-1.0, 1.0], 4000) * rng.uniform(0.5, 1.5, 4000)).astype(np.float32)
+    sent = decode(encode({"t": x}, Codec(density, "sign")), {"t": x.shape})["t"]
+    if density == 1.0:
+        kept_energy = np.abs(x).sum(dtype=np.float64) ** 2 / (x.size * np.sum(x.astype(float) ** 2))
+        np.testing.assert_allclose(
+            1 - np.sum((x - sent) ** 2) / np.sum(x**2), kept_energy, rtol=1e-4
+        )
+        top = decode(encode({"t": x}, Codec(0.05, "int8")), {"t": x.shape})["t"]
+        assert np.sum((x - sent) ** 2) < np.sum((x - top) ** 2) / 2
+    assert np.sum((x - sent) ** 2) < np.sum(x**2)  # a contraction: error feedback converges
+
+
+def test_scaled_sign_of_an_all_zero_update_is_zero():
+    wire = encode({"t": np.zeros((3, 5), np.float32)}, Codec(1.0, "sign"))
+    assert float(wire["#0s"][0]) == 0.0
+    np.testing.assert_array_equal(decode(wire, {"t": (3, 5)})["t"], np.zeros((3, 5)))
 
 
 def test_identity_codec_sends_the_tensors_themselves():
@@ -90,7 +121,9 @@ def test_identity_codec_sends_the_tensors_themselves():
     np.testing.assert_array_equal(encode({"t": x}, Codec())["t"], x)
 
 
-@pytest.mark.parametrize("codec", [Codec(0.1), Codec(0.05, "int8"), Codec(0.3, "fp16")])
+@pytest.mark.parametrize(
+    "codec", [Codec(0.1), Codec(0.05, "int8"), Codec(0.3, "fp16"), Codec(1.0, "sign")]
+)
 def test_error_feedback_loses_nothing_over_rounds(codec):
     """sum(sent) + final residual = sum(true updates), up to float32 rounding."""
     rng = np.random.default_rng(1)
@@ -106,9 +139,9 @@ def test_error_feedback_loses_nothing_over_rounds(codec):
     assert np.abs(residual["t"]).max() > 0  # something really was held back
 
 
-def _valid(seed: int = 0) -> dict[str, np.ndarray]:
+def _valid(seed: int = 0, values: str = "int8") -> dict[str, np.ndarray]:
     x = np.random.default_rng(seed).standard_normal((6, 9)).astype(np.float32)
-    return encode({"t": x}, Codec(0.2, "int8"))
+    return encode({"t": x}, Codec(0.2, values))
 
 
 @pytest.mark.parametrize(
@@ -135,6 +168,30 @@ def test_corrupt_encodings_are_rejected_with_a_reason(corrupt, reason):
         decode(corrupt(_valid()), {"t": (6, 9)})
 
 
+@pytest.mark.parametrize(
+    "corrupt, reason",
+    [
+        (
+            lambda w: w | {"#0v": w["#0v"][:-1]},
+            "11 indices but 1 bytes of sign bits \\(11 signs take 2\\)",
+        ),
+        (lambda w: w | {"#0v": np.r_[w["#0v"], w["#0v"]]}, "lengths must match"),
+        (lambda w: w | {"#0s": np.array([-0.5], np.float32)}, "finite and non-negative"),
+        (lambda w: w | {"#0s": np.array([np.inf], np.float32)}, "scale is inf"),
+        (lambda w: {k: v for k, v in w.items() if k != "#0s"}, "without a scale"),
+        (
+            lambda w: {k: v for k, v in w.items() if k != "#0i"},
+            "54 signs take 7\\) without indices",
+        ),
+    ],
+)
+def test_corrupt_sign_encodings_are_rejected_with_a_reason(corrupt, reason):
+    wire = _valid(values="sign")
+    assert wire["#0v"].dtype == np.uint8 and wire["#0v"].size == 2  # 11 signs in 2 bytes
+    with pytest.raises(CompressionError, match=reason):
+        decode(corrupt(wire), {"t": (6, 9)})
+
+
 _DTYPES = [np.uint8, np.uint16, np.int32, np.int64, np.float16, np.float32, np.float64, np.int8]
 
 
@@ -145,8 +202,9 @@ _DTYPES = [np.uint8, np.uint16, np.int32, np.int64, np.float16, np.float32, np.f
     size=st.integers(0, 70),
     ndim=st.integers(0, 2),
     seed=st.integers(0, 2**16),
+    values=st.sampled_from(["int8", "sign"]),
 )
-def test_fuzzed_encodings_never_crash_the_decoder(field, dtype, size, ndim, seed):
+def test_fuzzed_encodings_never_crash_the_decoder(field, dtype, size, ndim, seed, values):
     rng = np.random.default_rng(seed)
     raw = (
         rng.integers(-300, 300, size=size)
@@ -160,7 +218,7 @@ def test_fuzzed_encodings_never_crash_the_decoder(field, dtype, size, ndim, seed
         junk = np.asarray(junk[0] if size else 0, dtype=dtype)
     elif ndim == 2:
         junk = junk.reshape(size, 1)
-    wire = _valid(seed) | {field: junk}
+    wire = _valid(seed, values) | {field: junk}
     try:
         out = decode(wire, {"t": (6, 9)})
     except CompressionError:
@@ -181,15 +239,19 @@ def test_uplink_delta_round_trip_against_a_direct_sum():
         decode_uplink(trained, {"a": (4, 8), "head": (3,)}, ref)
 
 
-def test_downlink_error_feedback_converges_to_the_payload():
+@pytest.mark.parametrize(
+    "codec, rounds, tol", [(Codec(0.2), 12, 1e-6), (Codec(1.0, "sign"), 40, 5e-2)]
+)
+def test_downlink_error_feedback_converges_to_the_payload(codec, rounds, tol):
     """Resending the same payload delivers it: the delta is from what the node holds."""
     payload = {"b": np.random.default_rng(3).standard_normal((10, 10)).astype(np.float32)}
     held = {"b": np.zeros((10, 10), np.float32)}
     errors = []
-    for _ in range(12):
-        held = apply_downlink(encode_downlink(payload, held, Codec(0.2)), held)
-        errors.append(float(np.abs(held["b"] - payload["b"]).max()))
-    assert errors[-1] < 1e-6 < errors[0]
+    for _ in range(rounds):
+        held = apply_downlink(encode_downlink(payload, held, codec), held)
+        errors.append(float(np.linalg.norm(held["b"] - payload["b"])))
+    assert errors[-1] < tol * np.linalg.norm(payload["b"]) < errors[0]
+    assert all(b <= a + 1e-6 for a, b in itertools.pairwise(errors))  # contraction
 
 
 # --------------------------------------------------------------------------- #
