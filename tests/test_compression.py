@@ -341,11 +341,12 @@ def _round(strategy, server_round, arrays, nodes, rng, corrupt=None):
     return (new_arrays or arrays), metrics, messages
 
 
+@pytest.mark.parametrize("uplink", [UP, Codec(1.0, "sign")], ids=["top-k-int8", "sign"])
 @pytest.mark.parametrize("cls", [FedAvg, FfaLora, Flora, LoraFair])
-def test_compressed_rounds_agree_on_what_each_node_holds(cls):
+def test_compressed_rounds_agree_on_what_each_node_holds(cls, uplink):
     rng = np.random.default_rng(4)
     strategy = cls(
-        StrategyOptions(lora=SPEC, clients_per_round=2, min_replies=2, uplink=UP, downlink=DOWN)
+        StrategyOptions(lora=SPEC, clients_per_round=2, min_replies=2, uplink=uplink, downlink=DOWN)
     )
     state = strategy.initial_state(_state(rng))
     arrays = to_arrayrecord(state.to_state_dict())

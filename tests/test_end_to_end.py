@@ -174,6 +174,7 @@ COMPRESSED = {
     "downlink-density": 0.25,
     "downlink-values": "fp16",
 }
+SIGNS = COMPRESSED | {"uplink-density": 1.0, "uplink-values": "sign"}  # 1 bit per entry
 
 
 @pytest.mark.parametrize(
@@ -183,7 +184,7 @@ COMPRESSED = {
         ("flora", {"client-ranks": "2,4,8", "lora-rank": 8}),
         ("lora_fair", {}),
         ("fedavg", {"dp": True, "dp-noise": 0.8, **COMPRESSED}),  # DP, then compression
-        ("flora", {"client-ranks": "2,4,8", "lora-rank": 8, **COMPRESSED}),
+        ("flora", {"client-ranks": "2,4,8", "lora-rank": 8, **SIGNS}),  # A: delta from seed
     ],
 )
 def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
