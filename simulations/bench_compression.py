@@ -7,8 +7,11 @@ default batch size and sequence length, ``--steps`` local steps) gives a real up
 Every codec setting then encodes that update as a node's reply, and the server decodes
 it, in this process, side by side. Bytes are the protobuf size Flower puts on the wire
 (``fedlora.adapters.wire_bytes``); the ratio is the dense float32 reply over the
-encoded one. Codec time is reported as a fraction of the round's training time. Each
-repetition trains a new round; min and median over repetitions are printed.
+encoded one. "Energy kept" is 1 - ||u - C(u)||^2 / ||u||^2 for the update u the node
+sends (trained - start): the share of the update one round delivers, the rest waiting in
+the error-feedback residual. Codec time is reported as a fraction of the round's
+training time. Each repetition trains a new round; min and median over repetitions are
+printed.
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ from fedlora.link import decode_uplink, encode_uplink
 from fedlora.model import build_lora_model, lora_spec
 from fedlora.train import make_optimizer, train_steps
 
-SETTINGS = [Codec(d, v) for d in (1.0, 0.1, 0.05, 0.01) for v in ("fp32", "int8")]
+SETTINGS = [
+    *(Codec(d, v) for d in (1.0, 0.1, 0.05, 0.01) for v in ("fp32", "int8")),
+    Codec(1.0, "sign"),
+    Codec(0.1, "sign"),
+]
 
 
 def one_round(cfg: RunConfig, steps: int, seed: int) -> tuple[dict, dict, float]:
@@ -65,10 +72,12 @@ def measure(start: dict, trained: dict, codec: Codec) -> dict[str, float]:
     encoded = time.perf_counter()
     record = to_arrayrecord(wire)
     serialised = time.perf_counter()
-    if not codec.identity:
-        decode_uplink(wire, shapes, start)
+    received = trained if codec.identity else decode_uplink(wire, shapes, start)
     decoded = time.perf_counter()
+    update = np.concatenate([(trained[k] - start[k]).ravel() for k in start])
+    error = np.concatenate([(trained[k] - received[k]).ravel() for k in start])
     return {
+        "energy_kept": 1.0 - float(error @ error) / float(update @ update),
         "bytes": wire_bytes(record),
         "dense_fp32": dense_bytes(shapes.values()),
         "encode_s": encoded - began,
@@ -97,14 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steps} local steps of batch {cfg.batch_size} x {cfg.max_seq_len} tokens"
     )
     print(
-        "\n| uplink (density, values) | bytes / reply | dense fp32 / bytes "
+        "\n| uplink (density, values) | bytes / reply | dense fp32 / bytes | energy kept "
         "| (encode + decode) / training, min | median |"
     )
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, ms in rows.items():
         codec_frac = [(m["encode_s"] + m["decode_s"]) / m["train_s"] for m in ms]
         print(
             f"| {name} | {ms[0]['bytes']:,} | {ms[0]['dense_fp32'] / ms[0]['bytes']:.1f}x "
+            f"| {statistics.median(m['energy_kept'] for m in ms):.3f} "
             f"| {min(codec_frac):.4f} | {statistics.median(codec_frac):.4f} |"
         )
     if args.out:

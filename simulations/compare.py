@@ -155,6 +155,15 @@ def _max_epsilon(records: list[dict]) -> float:
     return float(max(values)) if values else float("nan")
 
 
+def _codec_share(records: list[dict]) -> float:
+    """(Clients' encode + server's decode) / clients' training time, summed over a run."""
+    ok = [n for x in records[1:] for n in x.get("nodes", []) if n.get("status") == "ok"]
+    train = sum(n.get("train_seconds") or 0 for n in ok)
+    codec = sum(n.get("encode_seconds") or 0 for n in ok)
+    codec += sum((x.get("metrics") or {}).get("decode-seconds") or 0 for x in records[1:])
+    return codec / train if train else float("nan")
+
+
 def _up_kib(records: list[dict]) -> float:
     return float(np.mean([x.get("bytes_up") or 0 for x in records[1:]])) / 1024
 
@@ -164,12 +173,12 @@ def table(data: dict[str, list[list[dict]]], out: Path, seeds: list[int]) -> str
     rows = [
         "| scenario | seeds | final accuracy | best accuracy | held-out loss, round 0 -> final | "
         "mean agg. error | up KiB/round | down KiB/round | dense ÷ sent (up / down) | "
-        "max epsilon | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "codec ÷ train | max epsilon | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in data.items():
         if not runs:
-            rows.append(f"| {name} | 0 | - | - | - | - | - | - | - | - | - |")
+            rows.append(f"| {name} | 0 | - | - | - | - | - | - | - | - | - | - |")
             continue
         final = [r[-1].get("eval_accuracy") for r in runs]
         best = [max(x.get("eval_accuracy") or 0 for x in r) for r in runs]
@@ -183,6 +192,7 @@ def table(data: dict[str, list[list[dict]]], out: Path, seeds: list[int]) -> str
             f"| {name} | {len(runs)} | {_stats(final)} | {_stats(best)} | {loss} | "
             f"{np.mean(err):.2e} | {np.mean(up):.1f} | {np.mean(down):.1f} | "
             f"{_ratio(runs, 'up')} / {_ratio(runs, 'down')} | "
+            f"{np.mean([_codec_share(r) for r in runs]):.1e} | "
             f"{_stats([_max_epsilon(r) for r in runs])} | {np.mean(wall):.0f} |"
         )
     central = [
@@ -192,7 +202,7 @@ def table(data: dict[str, list[list[dict]]], out: Path, seeds: list[int]) -> str
     if central:
         rows.append(
             f"| centralised (pooled data, same steps) | {len(central)} | "
-            f"{_stats(central)} | - | - | - | - | - | - | - | - |"
+            f"{_stats(central)} | - | - | - | - | - | - | - | - | - |"
         )
     return "\n".join(rows) + "\n"
 
