@@ -39,6 +39,6 @@ def check_message_size(
     raise MessageTooLargeError(
         f"The {what} is {nbytes / MIB:.1f} MiB, over the message limit of {limit / MIB:.1f} MiB "
         f"({len(tensors)} tensors; largest: {largest}). Send less: compress "
-        "(uplink-density / downlink-density, uplink-values / downlink-values = int8), lower "
-        "lora-rank or target fewer modules (lora-targets)."
+        "(uplink-density / downlink-density, uplink-values / downlink-values = int8 or sign), "
+        "lower lora-rank or target fewer modules (lora-targets)."
     )

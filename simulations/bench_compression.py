@@ -3,7 +3,8 @@
     .venv/bin/python simulations/bench_compression.py [--reps 3] [--steps 20]
 
 One real client round (the embedded MiniLM + LoRA r=8 on query,value + head, the
-default batch size and sequence length, ``--steps`` local steps) gives a real update.
+default batch size and sequence length, ``--steps`` local steps on partition ``rep`` of
+the default 20 Newsgroups split) gives a real update.
 Every codec setting then encodes that update as a node's reply, and the server decodes
 it, in this process, side by side. Bytes are the protobuf size Flower puts on the wire
 (``fedlora.adapters.wire_bytes``); the ratio is the dense float32 reply over the
@@ -29,9 +30,10 @@ import torch
 from fedlora.adapters import state_from_peft, to_arrayrecord, wire_bytes
 from fedlora.compression import Codec, dense_bytes
 from fedlora.config import RunConfig
+from fedlora.data import load_table, partition, tokenize
 from fedlora.link import decode_uplink, encode_uplink
-from fedlora.model import build_lora_model, lora_spec
-from fedlora.train import make_optimizer, train_steps
+from fedlora.model import build_lora_model, load_tokenizer, lora_spec
+from fedlora.train import make_optimizer, sampled_loader, train_steps
 
 SETTINGS = [
     *(Codec(d, v) for d in (1.0, 0.1, 0.05, 0.01) for v in ("fp32", "int8")),
@@ -44,16 +46,12 @@ def one_round(cfg: RunConfig, steps: int, seed: int) -> tuple[dict, dict, float]
     """Start tensors, trained tensors and training seconds of one local round."""
     torch.manual_seed(seed)
     spec = lora_spec(cfg)
-    model = build_lora_model(cfg.model, 20, spec, seed=seed)
+    table = load_table(cfg)
+    model = build_lora_model(cfg.model, table.num_labels, spec, seed=seed)
     start = state_from_peft(model, spec.scaling).to_state_dict()
-    g = torch.Generator().manual_seed(seed)
-    n = cfg.batch_size * steps
-    data = torch.utils.data.TensorDataset(
-        torch.randint(1000, 20000, (n, cfg.max_seq_len), generator=g),
-        torch.ones(n, cfg.max_seq_len, dtype=torch.long),
-        torch.randint(0, 20, (n,), generator=g),
-    )
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, generator=g)
+    frame = partition(table.train, cfg, seed % cfg.num_partitions, cfg.num_partitions)
+    data = tokenize(frame, load_tokenizer(cfg.model, cfg.task), cfg.max_seq_len, cfg.task)
+    loader = sampled_loader(data, cfg.batch_size, steps, seed)
     optimizer = make_optimizer(model, cfg.lr)
     started = time.perf_counter()
     train_steps(model, optimizer, loader, desc="train", show_progress=False)
