@@ -124,9 +124,16 @@ def collect(scenarios: list[str], seeds: list[int], out: Path) -> dict[str, list
     """Per scenario, the round records of each finished seed."""
     data: dict[str, list[list[dict]]] = {}
     for s in scenarios:
-        runs = [results.read_records(out / s / f"seed-{seed}") for seed in seeds]
-        data[s] = [r for r in runs if r and (out / s).exists()]
+        runs = [results.read_records(cell) for cell in _finished(out / s, seeds)]
+        data[s] = [r for r in runs if r]
     return data
+
+
+def _finished(folder: Path, seeds: list[int]) -> list[Path]:
+    """The cells of ``seeds`` under ``folder`` whose run finished (a cell still running
+    or cut short has rounds but no summary)."""
+    cells = [folder / f"seed-{seed}" for seed in seeds]
+    return [c for c in cells if (c / results.SUMMARY_FILE).is_file()]
 
 
 def _mean_error(records: list[dict]) -> float:
@@ -203,6 +210,45 @@ def table(data: dict[str, list[list[dict]]], out: Path, seeds: list[int]) -> str
         rows.append(
             f"| centralised (pooled data, same steps) | {len(central)} | "
             f"{_stats(central)} | - | - | - | - | - | - | - | - | - |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def final_by_seed(scenario: str, seeds: list[int], out: Path) -> dict[int, float]:
+    """Final accuracy of each finished seed of ``scenario``."""
+    finals = {}
+    for cell in _finished(out / scenario, seeds):
+        records = results.read_records(cell)
+        if records and records[-1].get("eval_accuracy") is not None:
+            finals[int(cell.name.removeprefix("seed-"))] = float(records[-1]["eval_accuracy"])
+    return finals
+
+
+def paired_table(
+    data: dict[str, list[list[dict]]], out: Path, seeds: list[int], baseline: str
+) -> str:
+    """Each scenario against ``baseline`` on the same seeds: accuracy lost and bytes saved.
+
+    Pairing by seed removes the spread that the partition and the sampling put into
+    both runs alike, which is larger than the differences between codecs.
+    """
+    base = final_by_seed(baseline, seeds, out)
+    rows = [
+        f"| scenario | seeds paired with {baseline} | accuracy - {baseline}, per seed | mean | "
+        "dense ÷ sent (up) |",
+        "|---|---|---|---:|---:|",
+    ]
+    for name, runs in data.items():
+        if name == baseline:
+            continue
+        finals = final_by_seed(name, seeds, out)
+        common = [seed for seed in seeds if seed in finals and seed in base]
+        diffs = [finals[seed] - base[seed] for seed in common]
+        per_seed = " / ".join(f"{d:+.3f}" for d in diffs) or "-"
+        mean = f"{np.mean(diffs):+.3f}" if diffs else "-"
+        ratio = _ratio(runs, "up") if runs else "-"
+        rows.append(
+            f"| {name} | {', '.join(map(str, common)) or '-'} | {per_seed} | {mean} | {ratio} |"
         )
     return "\n".join(rows) + "\n"
 
@@ -294,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--centralized", action="store_true", help="add the pooled-data reference")
     parser.add_argument("--report-only", action="store_true", help="tabulate finished cells only")
     parser.add_argument(
+        "--baseline",
+        metavar="SCENARIO",
+        help="add a table of every scenario against this one, paired by seed",
+    )
+    parser.add_argument(
         "-c",
         "--config",
         action="append",
@@ -314,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         run_cells(args.scenarios, args.seeds, out, args.supernodes, extra)
     data = collect(args.scenarios, args.seeds, out)
     text = table(data, out, args.seeds)
+    if args.baseline:
+        if args.baseline not in args.scenarios:
+            parser.error(f"--baseline {args.baseline} is not one of --scenarios")
+        text += "\n" + paired_table(data, out, args.seeds, args.baseline)
     (out / "comparison.md").write_text(text)
     paths = plots(data, out)
     print(text)
