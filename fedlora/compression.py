@@ -157,45 +157,51 @@ def _is_sign(values: np.ndarray) -> bool:
 
 def _stored_length(values: np.ndarray, count: int) -> int:
     """How many elements the values field of ``count`` entries has (sign: 8 to a byte)."""
-    return math.ceil(count / 8) if _is_sign(values) else count
+    return (count + 7) // 8 if _is_sign(values) else count
 
 
 def _held(values: np.ndarray, count: int) -> str:
     """What a values field holds, for an error message about ``count`` entries."""
     if _is_sign(values):
-        return f"{values.size} bytes of sign bits ({count} signs take {math.ceil(count / 8)})"
+        return f"{values.size} byte(s) of sign bits ({count} signs take {(count + 7) // 8})"
     return f"{values.size} values"
 
 
 def _dequantise(key: str, values: np.ndarray, scale: np.ndarray | None, count: int) -> np.ndarray:
     """The ``count`` float32 values a values field holds (its length is already checked)."""
     if values.dtype == np.int8:
-        return values.astype(np.float32) * np.float32(_scale(key, scale, zero_ok=False))
-    if _is_sign(values):
-        s = np.float32(_scale(key, scale, zero_ok=True))
+        with np.errstate(over="ignore"):
+            out = values.astype(np.float32) * _scale(key, scale, zero_ok=False)
+    elif _is_sign(values):
+        if count % 8 and values[-1] & ((1 << (8 - count % 8)) - 1):
+            raise CompressionError(f"'{key}': sign bits past the last of {count} entries are set")
+        s = _scale(key, scale, zero_ok=True)
         return np.where(np.unpackbits(values, count=count).astype(bool), s, -s)
-    if values.dtype not in (np.float32, np.float16):
+    elif values.dtype in (np.float32, np.float16):
+        out = values.astype(np.float32)
+    else:
         raise CompressionError(
             f"'{key}': value dtype {values.dtype} is not one of float32, float16, int8, "
             "uint8 (sign bits)"
         )
-    out = values.astype(np.float32)
     if not np.all(np.isfinite(out)):
-        raise CompressionError(f"'{key}': values contain NaN or inf")
+        raise CompressionError(f"'{key}': values contain NaN or inf (or overflow float32)")
     return out
 
 
-def _scale(key: str, scale: np.ndarray | None, *, zero_ok: bool) -> float:
-    """The one finite scale of an int8 (positive) or sign (zero allowed: all zero) tensor."""
+def _scale(key: str, scale: np.ndarray | None, *, zero_ok: bool) -> np.float32:
+    """The one finite float32 scale of an int8 (positive) or sign tensor (zero: all zero)."""
     if scale is None:
         raise CompressionError(f"'{key}': quantised values without a scale")
     scale = np.asarray(scale)
-    if scale.shape != (1,) or scale.dtype.kind != "f":
-        raise CompressionError(f"'{key}': scale must be one float, got {scale.dtype} {scale.shape}")
-    s = float(scale[0])
-    if not math.isfinite(s) or s < 0 or (s == 0 and not zero_ok):
+    if scale.shape != (1,) or scale.dtype != np.float32:
+        raise CompressionError(
+            f"'{key}': scale must be one float32, got {scale.dtype} {scale.shape}"
+        )
+    s = scale[0]
+    if not np.isfinite(s) or s < 0 or (s == 0 and not zero_ok):
         bound = "non-negative" if zero_ok else "positive"
-        raise CompressionError(f"'{key}': scale is {s}, must be finite and {bound}")
+        raise CompressionError(f"'{key}': scale is {float(s)}, must be finite and {bound}")
     return s
 
 

@@ -224,9 +224,7 @@ def final_by_seed(scenario: str, seeds: list[int], out: Path) -> dict[int, float
     return finals
 
 
-def paired_table(
-    data: dict[str, list[list[dict]]], out: Path, seeds: list[int], baseline: str
-) -> str:
+def paired_table(scenarios: list[str], out: Path, seeds: list[int], baseline: str) -> str:
     """Each scenario against ``baseline`` on the same seeds: accuracy lost and bytes saved.
 
     Pairing by seed removes the spread that the partition and the sampling put into
@@ -238,7 +236,7 @@ def paired_table(
         "dense ÷ sent (up) |",
         "|---|---|---|---:|---:|",
     ]
-    for name, runs in data.items():
+    for name in scenarios:
         if name == baseline:
             continue
         finals = final_by_seed(name, seeds, out)
@@ -246,7 +244,8 @@ def paired_table(
         diffs = [finals[seed] - base[seed] for seed in common]
         per_seed = " / ".join(f"{d:+.3f}" for d in diffs) or "-"
         mean = f"{np.mean(diffs):+.3f}" if diffs else "-"
-        ratio = _ratio(runs, "up") if runs else "-"
+        paired = [results.read_records(out / name / f"seed-{seed}") for seed in common]
+        ratio = _ratio(paired, "up") if paired else "-"
         rows.append(
             f"| {name} | {', '.join(map(str, common)) or '-'} | {per_seed} | {mean} | {ratio} |"
         )
@@ -359,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = parse_overrides(args.config)
     for s in args.scenarios:
         load_scenario(s)
+    if args.baseline and args.baseline not in args.scenarios:  # before hours of runs, not after
+        parser.error(f"--baseline {args.baseline} is not one of --scenarios")
     if not args.report_only:
         if args.centralized:
             run_centralized(args.seeds, out, extra)
@@ -366,9 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     data = collect(args.scenarios, args.seeds, out)
     text = table(data, out, args.seeds)
     if args.baseline:
-        if args.baseline not in args.scenarios:
-            parser.error(f"--baseline {args.baseline} is not one of --scenarios")
-        text += "\n" + paired_table(data, out, args.seeds, args.baseline)
+        text += "\n" + paired_table(args.scenarios, out, args.seeds, args.baseline)
     (out / "comparison.md").write_text(text)
     paths = plots(data, out)
     print(text)

@@ -173,7 +173,7 @@ def test_corrupt_encodings_are_rejected_with_a_reason(corrupt, reason):
     [
         (
             lambda w: w | {"#0v": w["#0v"][:-1]},
-            "11 indices but 1 bytes of sign bits \\(11 signs take 2\\)",
+            "11 indices but 1 byte\\(s\\) of sign bits \\(11 signs take 2\\)",
         ),
         (lambda w: w | {"#0v": np.r_[w["#0v"], w["#0v"]]}, "lengths must match"),
         (lambda w: w | {"#0s": np.array([-0.5], np.float32)}, "finite and non-negative"),
@@ -183,6 +183,8 @@ def test_corrupt_encodings_are_rejected_with_a_reason(corrupt, reason):
             lambda w: {k: v for k, v in w.items() if k != "#0i"},
             "54 signs take 7\\) without indices",
         ),
+        (lambda w: w | {"#0v": w["#0v"] | np.uint8(1)}, "past the last of 11 entries"),
+        (lambda w: w | {"#0s": np.array([1e300])}, "one float32, got float64"),
     ],
 )
 def test_corrupt_sign_encodings_are_rejected_with_a_reason(corrupt, reason):

@@ -184,7 +184,8 @@ SIGNS = COMPRESSED | {"uplink-density": 1.0, "uplink-values": "sign"}  # 1 bit p
         ("flora", {"client-ranks": "2,4,8", "lora-rank": 8}),
         ("lora_fair", {}),
         ("fedavg", {"dp": True, "dp-noise": 0.8, **COMPRESSED}),  # DP, then compression
-        ("flora", {"client-ranks": "2,4,8", "lora-rank": 8, **SIGNS}),  # A: delta from seed
+        ("flora", {"client-ranks": "2,4,8", "lora-rank": 8, **COMPRESSED}),
+        ("fedavg", SIGNS),  # the scaled-sign uplink of docs/compression.md
     ],
 )
 def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
