@@ -362,6 +362,8 @@ def _write_summary(out: Path, cfg: RunConfig, started: float, extra: Mapping[str
         "clients per round": cfg.clients_per_round,
         "LoRA": f"r={cfg.lora_rank}, alpha={cfg.lora_alpha}, targets={cfg.lora_targets}"
         + (f", client ranks {cfg.client_ranks}" if cfg.client_ranks else ""),
+        "links (density, values)": f"up {cfg.uplink_density:g} {cfg.uplink_values}, "
+        f"down {cfg.downlink_density:g} {cfg.downlink_values}",
         **extra,
         "total wall time (s)": f"{time.monotonic() - started:.1f}",
     }

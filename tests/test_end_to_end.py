@@ -212,6 +212,8 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
         assert "truncation error" in (out / results.SUMMARY_FILE).read_text()
         assert (out / "merged-model" / "config.json").is_file()
     if "uplink-density" in extra:  # a tiny model's tensors are small: keys weigh a lot
+        codec = f"up {extra['uplink-density']:g} {extra['uplink-values']}, down 0.25 fp16"
+        assert codec in (out / results.SUMMARY_FILE).read_text()
         for r in records[1:]:
             if extra.get("dp"):
                 assert all(n["epsilon"] > 0 for n in r["nodes"])
