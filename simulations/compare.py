@@ -296,26 +296,29 @@ def plots(data: dict[str, list[list[dict]]], out: Path) -> list[Path]:
 
 
 def tradeoffs(data: dict[str, list[list[dict]]], out: Path) -> Path:
-    """Final accuracy against uplink KiB per round and against the largest epsilon spent."""
+    """Final accuracy against uplink KiB per round, and against the largest epsilon spent
+    when some runs used DP."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for name, runs in data.items():
-        if not runs:
-            continue
+    finished = {name: runs for name, runs in data.items() if runs}
+    with_dp = any(np.isfinite(_max_epsilon(r)) for runs in finished.values() for r in runs)
+    fig, axes = plt.subplots(1, 2 if with_dp else 1, figsize=(11 if with_dp else 6, 4.5))
+    axes = np.atleast_1d(axes)
+    for name, runs in finished.items():
         acc = np.array([_value(r[-1], "eval_accuracy") for r in runs])
         up = np.array([_up_kib(r) for r in runs])
         eps = np.array([_max_epsilon(r) for r in runs])
         axes[0].errorbar(up.mean(), acc.mean(), yerr=acc.std(), fmt="o", capsize=3, label=name)
-        if np.isfinite(eps).any():
+        if with_dp and np.isfinite(eps).any():
             axes[1].errorbar(
                 np.nanmean(eps), acc.mean(), yerr=acc.std(), fmt="o", capsize=3, label=name
             )
     axes[0].set(title="final accuracy vs uplink", xlabel="uplink KiB per round", xscale="log")
-    axes[1].set(title="final accuracy vs privacy (DP runs)", xlabel="largest epsilon spent")
+    if with_dp:
+        axes[1].set(title="final accuracy vs privacy (DP runs)", xlabel="largest epsilon spent")
     for ax in axes:
         ax.set_ylabel("final accuracy (mean, ±1 sd over seeds)")
         ax.grid(alpha=0.3)
@@ -323,6 +326,48 @@ def tradeoffs(data: dict[str, list[list[dict]]], out: Path) -> Path:
             ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "tradeoffs.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def paired_plot(scenarios: list[str], out: Path, seeds: list[int], baseline: str) -> Path:
+    """Accuracy minus the baseline's on the same seed, against uplink bytes saved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = accuracy_by_seed(baseline, seeds, out)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in scenarios:
+        finals = accuracy_by_seed(name, seeds, out)
+        common = [seed for seed in seeds if seed in finals and seed in base]
+        if name == baseline or not common:
+            continue
+        runs = [results.read_records(out / name / f"seed-{seed}") for seed in common]
+        dense = sum(x.get("dense_up") or 0 for r in runs for x in r[1:])
+        sent = sum(x.get("bytes_up") or 0 for r in runs for x in r[1:])
+        diffs = np.array([finals[seed] - base[seed] for seed in common])
+        line = ax.plot([dense / sent] * len(diffs), diffs, "o", alpha=0.35, ms=4)[0]
+        ax.plot(dense / sent, diffs.mean(), "D", color=line.get_color(), ms=7)
+        ax.annotate(
+            name,
+            (dense / sent, diffs.mean()),
+            fontsize=7,
+            xytext=(5, 3),
+            textcoords="offset points",
+        )
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(
+        xscale="log",
+        xlabel="dense float32 ÷ bytes sent (uplink)",
+        ylabel=f"final accuracy - {baseline}, same seed",
+        title=f"paired with {baseline}: seeds (dots) and their mean (diamond)",
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "paired.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -373,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         text += "\n" + paired_table(args.scenarios, out, args.seeds, args.baseline)
     (out / "comparison.md").write_text(text)
     paths = plots(data, out)
+    if args.baseline:
+        paths.append(paired_plot(args.scenarios, out, args.seeds, args.baseline))
     print(text)
     print("plots:", ", ".join(str(p) for p in paths))
     return 0
