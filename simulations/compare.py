@@ -141,11 +141,26 @@ def _mean_error(records: list[dict]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def _ratio(runs: list[list[dict]], way: str) -> str:
-    """Dense float32 bytes over bytes sent, summed over a run (runs before byte accounting: -)."""
+def _compression(runs: list[list[dict]], way: str) -> float:
+    """Dense float32 bytes over bytes sent, summed over runs (NaN before byte accounting)."""
     dense = sum(x.get(f"dense_{way}") or 0 for r in runs for x in r[1:])
     sent = sum(x.get(f"bytes_{way}") or 0 for r in runs for x in r[1:])
-    return f"{dense / sent:.1f}x" if dense and sent else "-"
+    return dense / sent if dense and sent else float("nan")
+
+
+def _ratio(runs: list[list[dict]], way: str) -> str:
+    ratio = _compression(runs, way)
+    return f"{ratio:.1f}x" if np.isfinite(ratio) else "-"
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out, write and close a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _value(record: dict, key: str) -> float:
@@ -288,11 +303,7 @@ def plots(data: dict[str, list[list[dict]]], out: Path) -> list[Path]:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "comparison.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path, tradeoffs(data, out)]
+    return [_save(fig, out / "comparison.png"), tradeoffs(data, out)]
 
 
 def tradeoffs(data: dict[str, list[list[dict]]], out: Path) -> Path:
@@ -324,11 +335,7 @@ def tradeoffs(data: dict[str, list[list[dict]]], out: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "tradeoffs.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "tradeoffs.png")
 
 
 def paired_plot(scenarios: list[str], out: Path, seeds: list[int], baseline: str) -> Path:
@@ -366,11 +373,7 @@ def paired_plot(scenarios: list[str], out: Path, seeds: list[int], baseline: str
         title=f"paired with {baseline}: seeds (dots) and their mean (diamond)",
     )
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "paired.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "paired.png")
 
 
 def main(argv: list[str] | None = None) -> int:
