@@ -366,8 +366,10 @@ def paired_plot(scenarios: list[str], out: Path, seeds: list[int], baseline: str
             textcoords="offset points",
         )
     ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xticks([1, 2, 5, 10, 20, 50, 100], ["1x", "2x", "5x", "10x", "20x", "50x", "100x"])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set(
-        xscale="log",
         xlabel="dense float32 ÷ bytes sent (uplink)",
         ylabel=f"final accuracy - {baseline}, same seed",
         title=f"paired with {baseline}: seeds (dots) and their mean (diamond)",
