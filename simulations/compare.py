@@ -347,6 +347,7 @@ def paired_plot(scenarios: list[str], out: Path, seeds: list[int], baseline: str
 
     base = accuracy_by_seed(baseline, seeds, out)
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = 0
     for name in scenarios:
         finals = accuracy_by_seed(name, seeds, out)
         common = [seed for seed in seeds if seed in finals and seed in base]
@@ -358,13 +359,14 @@ def paired_plot(scenarios: list[str], out: Path, seeds: list[int], baseline: str
         diffs = np.array([finals[seed] - base[seed] for seed in common])
         line = ax.plot([dense / sent] * len(diffs), diffs, "o", alpha=0.35, ms=4)[0]
         ax.plot(dense / sent, diffs.mean(), "D", color=line.get_color(), ms=7)
-        ax.annotate(
+        ax.annotate(  # labels alternate above and below: neighbours in the grid sit close
             name,
             (dense / sent, diffs.mean()),
             fontsize=7,
-            xytext=(5, 3),
+            xytext=(5, 4 if drawn % 2 == 0 else -10),
             textcoords="offset points",
         )
+        drawn += 1
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log")
     ax.set_xticks([1, 2, 5, 10, 20, 50, 100], ["1x", "2x", "5x", "10x", "20x", "50x", "100x"])
