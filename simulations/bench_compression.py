@@ -10,10 +10,9 @@ it, in this process, side by side. Bytes are the protobuf size Flower puts on th
 (``fedlora.adapters.wire_bytes``); the ratio is the tensors' dense float32 size
 (4 bytes per entry, the reference the run summaries use) over those bytes. "Energy
 kept" is 1 - ||u - C(u)||^2 / ||u||^2 for the update u the node sends (trained -
-start): the share of the update one round delivers, the rest waiting in
-the error-feedback residual. Codec time is reported as a fraction of the round's
-training time. Each repetition trains a new round; min and median over repetitions are
-printed.
+start): the share of the update one round delivers, the rest waiting in the
+error-feedback residual. Codec time is reported as a fraction of the round's training
+time. Each repetition trains a new round; min and median over repetitions are printed.
 """
 
 from __future__ import annotations

@@ -354,14 +354,15 @@ def paired_plot(scenarios: list[str], out: Path, seeds: list[int], baseline: str
         if name == baseline or not common:
             continue
         runs = [results.read_records(out / name / f"seed-{seed}") for seed in common]
-        dense = sum(x.get("dense_up") or 0 for r in runs for x in r[1:])
-        sent = sum(x.get("bytes_up") or 0 for r in runs for x in r[1:])
+        ratio = _compression(runs, "up")
+        if not np.isfinite(ratio):  # runs from before byte accounting have no x
+            continue
         diffs = np.array([finals[seed] - base[seed] for seed in common])
-        line = ax.plot([dense / sent] * len(diffs), diffs, "o", alpha=0.35, ms=4)[0]
-        ax.plot(dense / sent, diffs.mean(), "D", color=line.get_color(), ms=7)
+        line = ax.plot([ratio] * len(diffs), diffs, "o", alpha=0.35, ms=4)[0]
+        ax.plot(ratio, diffs.mean(), "D", color=line.get_color(), ms=7)
         ax.annotate(  # labels alternate above and below: neighbours in the grid sit close
             name,
-            (dense / sent, diffs.mean()),
+            (ratio, diffs.mean()),
             fontsize=7,
             xytext=(5, 4 if drawn % 2 == 0 else -10),
             textcoords="offset points",
