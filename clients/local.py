@@ -285,7 +285,9 @@ class LocalJob:
                 budget=self.privacy_budget(len(train_data)),
                 clip_norm=self.cfg.dp_clip,
                 steps=self.cfg.local_steps,
-                seed=seed,
+                # None: noise and sampling from the OS entropy pool, which the server cannot
+                # replay; the run's seed only when the user opted out of privacy
+                seed=seed if self.cfg.dp_reproducible_noise else None,
             )  # raises BudgetExhaustedError before any step when the budget is spent
             loop_model, loop_optimizer, loader = private.model, private.optimizer, private.loader
         else:

@@ -158,6 +158,13 @@ class RunConfig:
         "ceil(num-server-rounds x clients-per-round / num-partitions).",
         0,
     )
+    dp_reproducible_noise: bool = _help(
+        "Research only, NOT PRIVATE: draw each client's DP-SGD noise and Poisson sampling "
+        "from the run's seed, so a run repeats exactly. Whoever knows the seed (the server) "
+        "can then regenerate the noise and subtract it. Off (the default): both come from "
+        "the OS entropy pool.",
+        False,
+    )
     central_dp: str = _help(
         "Central (user-level) DP through Flower's fixed-clipping wrappers: off, client "
         "(nodes clip their update, Flower's fixedclipping_mod) or server (the server clips). "

@@ -14,11 +14,20 @@ here: ``GradSampleModule``, ``DPOptimizer`` and the accountant's optimizer hook)
 Only parameters that require gradients (the LoRA factors and the head; not a frozen A)
 get per-sample gradients and noise. Hooks mode is used: ghost clipping needs a loss
 reduction Opacus can split per sample, which token-level causal-LM losses are not.
+
+Randomness: the noise and the Poisson sampling are drawn from generators seeded from the
+operating system's entropy pool (``os.urandom``), never from the run's seed, which the
+server knows: whoever can regenerate the noise can subtract it, and whoever knows which
+examples were sampled loses the amplification by sampling. The noise uses Opacus's
+``secure_mode`` draw (robust to floating-point attacks); Opacus's cryptographic generator
+(torchcsprng) has no build for current torch, hence the seeded-from-entropy generator.
+A reproducible mode (``seed`` given) exists for research and is marked not private.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +161,11 @@ class PrivateTraining:
         self.model.remove_hooks()  # the wrapped peft model is clean again
 
 
+def entropy_generator() -> torch.Generator:
+    """A torch generator seeded with 64 bits from ``os.urandom``: no one can replay its draws."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
 def make_private(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -160,15 +174,25 @@ def make_private(
     budget: PrivacyBudget,
     clip_norm: float,
     steps: int,
-    seed: int,
+    seed: int | None = None,
 ) -> PrivateTraining:
-    """Wrap ``model``/``optimizer`` for DP-SGD over ``steps`` Poisson batches of ``data``."""
+    """Wrap ``model``/``optimizer`` for DP-SGD over ``steps`` Poisson batches of ``data``.
+
+    ``seed=None`` (the default, and the only private choice) draws the sampling and the
+    noise from two generators seeded from the OS entropy pool. An integer ``seed`` makes
+    both reproducible, for research: then the run is not private against whoever knows
+    the seed.
+    """
     budget.check_round(steps)
     accountant = create_accountant(budget.accountant)
     accountant.history = [tuple(h) for h in budget.history]
-    generator = torch.Generator().manual_seed(seed)
+    if seed is None:
+        sampling, noise = entropy_generator(), entropy_generator()
+    else:
+        sampling = torch.Generator().manual_seed(seed)
+        noise = torch.Generator().manual_seed(seed + 1)
     sampler = UniformWithReplacementSampler(
-        num_samples=len(data), sample_rate=budget.sample_rate, generator=generator, steps=steps
+        num_samples=len(data), sample_rate=budget.sample_rate, generator=sampling, steps=steps
     )
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=_collate_or_none)
     dp_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
@@ -179,7 +203,8 @@ def make_private(
         max_grad_norm=clip_norm,
         expected_batch_size=expected,
         loss_reduction="mean",
-        generator=generator,
+        generator=noise,
+        secure_mode=seed is None,
     )
     dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=budget.sample_rate))
     return PrivateTraining(dp_model, dp_optimizer, loader, budget, accountant)

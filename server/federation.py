@@ -230,6 +230,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     started = time.monotonic()
     out = _prepare_output(cfg)
     tracker = make_tracker(cfg.tracking, out, json.loads(cfg.to_json()))
+    if cfg.dp and cfg.dp_reproducible_noise:
+        log(WARNING, "fedlora: %s", NOT_PRIVATE)
     try:
         table = load_table(cfg)
         check_partitions(cfg, table)
@@ -364,11 +366,29 @@ def _write_summary(out: Path, cfg: RunConfig, started: float, extra: Mapping[str
         + (f", client ranks {cfg.client_ranks}" if cfg.client_ranks else ""),
         "links (density, values)": f"up {cfg.uplink_density:g} {cfg.uplink_values}, "
         f"down {cfg.downlink_density:g} {cfg.downlink_values}",
+        **({"client DP-SGD": client_dp_line(cfg)} if cfg.dp else {}),
         **extra,
         "total wall time (s)": f"{time.monotonic() - started:.1f}",
     }
     results.write_summary(out, records, header)
     results.plot_rounds(out, records, title=f"{cfg.strategy} on {cfg.dataset}")
+
+
+NOT_PRIVATE = (
+    "NOT PRIVATE: dp-reproducible-noise=true draws every client's noise and sampling from "
+    "the run's seed, which the server knows; it can regenerate the noise and subtract it"
+)
+
+
+def client_dp_line(cfg: RunConfig) -> str:
+    """The summary's line on client DP-SGD: its settings, and whether it is private at all."""
+    line = (
+        f"target epsilon {cfg.dp_epsilon:g} per client, clip {cfg.dp_clip:g}, "
+        f"accountant {cfg.dp_accountant}"
+    )
+    if cfg.dp_reproducible_noise:
+        return f"**{NOT_PRIVATE}** ({line})"
+    return f"{line}; noise and sampling from the OS entropy pool on each node"
 
 
 def _resume(out: Path, cfg: RunConfig, strategy: LoraStrategy) -> tuple[int, AdapterState]:

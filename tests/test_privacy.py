@@ -164,3 +164,45 @@ def test_sent_update_is_what_the_optimizer_applied_and_frozen_a_gets_no_noise(ti
             np.testing.assert_array_equal(value, before[key])  # frozen: no noise, no change
         elif "lora_B" in key:
             assert not np.array_equal(value, before[key])  # trained (and noised)
+
+
+def _dp_round(tiny_model, **overrides):
+    """One real DP-SGD training round of a node (round 1, partition 0), its trained tensors."""
+    from fedlora.config import RunConfig
+    from tests.helpers import make_job
+
+    cfg = RunConfig(
+        model=str(tiny_model),
+        dp=True,
+        dp_noise=1.0,
+        local_steps=3,
+        batch_size=8,
+        max_seq_len=16,
+        **overrides,
+    )
+    tensors, metrics = make_job(cfg, {"partition-id": 0, "num-partitions": 10}).train()
+    assert metrics["dp-steps"] == 3
+    return tensors
+
+
+def test_dp_noise_cannot_be_replayed_from_the_run_seed_by_default(tiny_model):
+    """Two runs with the same seed, config and data draw different noise (and batches):
+    the server, which knows the seed, cannot regenerate a client's noise."""
+    first, second = _dp_round(tiny_model), _dp_round(tiny_model)
+    differ = [k for k in first if "lora_B" in k and not np.array_equal(first[k], second[k])]
+    assert differ, "two DP runs with the same seed produced the same update"
+
+
+def test_reproducible_noise_is_an_explicit_opt_in_that_repeats_exactly(tiny_model):
+    first = _dp_round(tiny_model, dp_reproducible_noise=True)
+    second = _dp_round(tiny_model, dp_reproducible_noise=True)
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key])
+
+
+def test_summary_marks_reproducible_noise_not_private():
+    from fedlora.config import RunConfig
+    from server.federation import client_dp_line
+
+    assert "NOT PRIVATE" in client_dp_line(RunConfig(dp=True, dp_reproducible_noise=True))
+    assert "entropy pool" in client_dp_line(RunConfig(dp=True))
