@@ -206,7 +206,7 @@ class LocalJob:
         return frame
 
     def node_info(self) -> dict[str, float]:
-        """What this node tells the server about itself: its rank and partition.
+        """What this node tells the server about itself: rank, partition, training examples.
 
         Also where a wrong node-config shows, at the start of the run: a partition
         outside the run's partitions fails here rather than in every training round.
@@ -220,7 +220,13 @@ class LocalJob:
             )
         rank = self.node.lora_rank or self.cfg.rank_of_partition(self.node.partition_id)
         pid = -1 if self.node.partition_id is None else self.node.partition_id
-        return {protocol.NODE_RANK: rank, protocol.NODE_PARTITION: pid}
+        # the server caps this node's later claims at what it declares now
+        examples = len(self.data()[0])
+        return {
+            protocol.NODE_RANK: rank,
+            protocol.NODE_PARTITION: pid,
+            protocol.NUM_EXAMPLES: examples,
+        }
 
     def merged_base(self) -> tuple[dict[str, np.ndarray], int]:
         """This node's merged base delta after merging the stacks it was sent (FLoRA).

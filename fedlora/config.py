@@ -78,6 +78,18 @@ class RunConfig:
         "Client weights p_k: 'num-examples' (n_k / sum n_j) or 'uniform'.",
         "num-examples",
     )
+    max_weight_share: float = _help(
+        "Largest weight p_k any one node may have in a round's aggregate, in (0, 1]; the "
+        "others are renormalised. A bound on what a node claiming examples it does not have "
+        "can buy (with K replies the cap is at least 1/K; 1 turns it off).",
+        0.5,
+    )
+    max_claim_ratio: float = _help(
+        "A node's claimed example count above this multiple of the median of the round's "
+        "other claims is cut to it and recorded as an anomaly (0 turns the bound off). A "
+        "node can also never claim more examples than it declared when it joined.",
+        10.0,
+    )
     seed: int = _help("Seed for LoRA initialisation, sampling and partitioning.", 0)
 
     task: str = _help(
@@ -245,6 +257,10 @@ class RunConfig:
             )
         if not 0.0 <= self.lora_dropout < 1.0:
             _fail("lora-dropout", self.lora_dropout, "must be in [0, 1)")
+        if not 0.0 < self.max_weight_share <= 1.0:
+            _fail("max-weight-share", self.max_weight_share, "must be in (0, 1]")
+        if self.max_claim_ratio != 0 and not self.max_claim_ratio >= 1.0:
+            _fail("max-claim-ratio", self.max_claim_ratio, "must be 0 (off) or >= 1")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             _fail("fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
         _one_of("partitioner", self.partitioner, PARTITIONERS)

@@ -72,6 +72,8 @@ def build_strategy(cfg: RunConfig) -> LoraStrategy:
         clients_per_round=cfg.clients_per_round,
         min_replies=cfg.min_replies,
         weighting=cfg.weighting,
+        max_weight_share=cfg.max_weight_share,
+        max_claim_ratio=cfg.max_claim_ratio,
         seed=cfg.seed,
         fraction_evaluate=cfg.fraction_evaluate,
         node_wait_timeout=cfg.round_timeout,
@@ -205,6 +207,10 @@ def round_record(
                     "epsilon": o.metrics.get(protocol.EPSILON),
                 }
                 for o in report.outcomes
+            ],
+            "anomalies": [
+                {"node_id": a.node_id, "claimed": a.claimed, "used": a.used, "reason": a.reason}
+                for a in report.anomalies
             ],
         }
     if fed_eval:

@@ -16,6 +16,7 @@ instructions, tell clients to freeze or re-initialise factors, and checkpoint st
 
 from __future__ import annotations
 
+import math
 import time
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,6 +34,7 @@ from fedlora import protocol
 from fedlora.adapters import (
     A_SUFFIX,
     B_SUFFIX,
+    NUMPY_STYPE,
     AdapterError,
     AdapterState,
     LoraFactors,
@@ -56,6 +58,7 @@ from fedlora.message_size import LIMIT_BYTES, MessageTooLargeError, check_messag
 from fedlora.model import LoraSpec
 from fedlora.seeded import seeded_a
 from strategies.links import NodeLinks
+from strategies.weighting import Anomaly, Claim, WeightPolicy, client_weights
 
 # The public API: a strategy plugin needs nothing outside this list (and numpy).
 __all__ = [
@@ -103,6 +106,9 @@ class StrategyOptions:
         global adapter is left unchanged.
     weighting : str (default: "num-examples")
         ``"num-examples"`` for p_k = n_k / sum n_j, ``"uniform"`` for p_k = 1/K.
+    max_weight_share, max_claim_ratio : float (default: 0.5, 10.0)
+        Bounds on what one node's claimed example count can buy it
+        (:mod:`strategies.weighting`).
     seed : int (default: 0)
         Seeds node sampling and anything random the strategy does.
     fraction_evaluate : float (default: 0.0)
@@ -129,6 +135,8 @@ class StrategyOptions:
     clients_per_round: int = 3
     min_replies: int = 2
     weighting: str = "num-examples"
+    max_weight_share: float = 0.5
+    max_claim_ratio: float = 10.0
     seed: int = 0
     fraction_evaluate: float = 0.0
     node_wait_timeout: float = 900.0
@@ -137,6 +145,11 @@ class StrategyOptions:
     max_message_bytes: int = LIMIT_BYTES
     flower_numpy: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def weight_policy(self) -> WeightPolicy:
+        """How the server turns the nodes' claimed example counts into weights."""
+        return WeightPolicy(self.weighting, self.max_weight_share, self.max_claim_ratio)
 
 
 @dataclass(frozen=True)
@@ -193,6 +206,7 @@ class NodeOutcome:
     metrics: Mapping[str, float] = field(default_factory=dict)
     dense_down: int = 0  # the same payloads as dense float32, for comparison
     dense_up: int = 0
+    weight: float | None = None  # its p_k in the aggregate (None: not aggregated)
 
 
 @dataclass
@@ -208,6 +222,7 @@ class RoundReport:
     aggregation_error: float = float("nan")
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    anomalies: list[Anomaly] = field(default_factory=list)  # claims the server cut
 
     @property
     def num_ok(self) -> int:
@@ -328,6 +343,8 @@ class LoraStrategy(Strategy):
         self.excluded_nodes: dict[int, str] = {}
         self.node_ranks: dict[int, int] = {}
         self.node_partitions: dict[int, int] = {}  # the partition id a node reported
+        self.node_examples: dict[int, int] = {}  # the training examples a node declared
+        self._full_sample_seen = False  # clients-per-round nodes were connected once
 
     # ------------------------------------------------------------------ #
     # The one required method                                            #
@@ -412,6 +429,7 @@ class LoraStrategy(Strategy):
             "node_ranks": {str(k): v for k, v in self.node_ranks.items()},
             "node_partitions": {str(k): v for k, v in self.node_partitions.items()},
             "excluded_nodes": {str(k): v for k, v in self.excluded_nodes.items()},
+            "node_examples": {str(k): v for k, v in self.node_examples.items()},
             "links": self.links.state_dict(),
         }
 
@@ -422,6 +440,7 @@ class LoraStrategy(Strategy):
         self.node_ranks = {int(k): int(v) for k, v in state.get("node_ranks", {}).items()}
         self.node_partitions = {int(k): int(v) for k, v in state.get("node_partitions", {}).items()}
         self.excluded_nodes = {int(k): str(v) for k, v in state.get("excluded_nodes", {}).items()}
+        self.node_examples = {int(k): int(v) for k, v in state.get("node_examples", {}).items()}
         self.links.load_state_dict(state.get("links", {}))
 
     def extra_round_metrics(
@@ -475,11 +494,7 @@ class LoraStrategy(Strategy):
         One QUERY message per new node, once per run; a node that does not answer is
         asked again next round and meanwhile trains at the run's rank.
         """
-        # the first round waits for a full sample; later ones only for enough nodes to
-        # aggregate, so a node that died does not cost every round the full timeout
-        first = not self.node_ranks
-        o = self.options
-        self.wait_for_nodes(grid, o.clients_per_round if first else o.min_replies)
+        self.wait_for_nodes(grid, self._nodes_to_wait_for(self.options.clients_per_round))
         seen = set(self.node_ranks) | set(self.excluded_nodes)
         new = sorted(n for n in grid.get_node_ids() if n not in seen)
         if not new:
@@ -502,10 +517,17 @@ class LoraStrategy(Strategy):
                     log(WARNING, "Node %s did not describe itself: %s", node_id, reason)
                 continue
             info = msg.content.metric_records[protocol.METRICS]
-            partition = int(info.get(protocol.NODE_PARTITION, -1))
+            rank = whole_number(info, protocol.NODE_RANK, self.options.lora.rank)
+            partition = whole_number(info, protocol.NODE_PARTITION, -1)
+            examples = whole_number(info, protocol.NUM_EXAMPLES, 0)
+            if rank is None or partition is None or examples is None:
+                self.exclude_node(node_id, f"its description is not whole numbers: {dict(info)}")
+                continue
             if partition >= 0:
                 self.node_partitions[node_id] = partition
-            self.register_node(node_id, int(info.get(protocol.NODE_RANK, self.options.lora.rank)))
+            if examples > 0:
+                self.node_examples[node_id] = examples
+            self.register_node(node_id, rank)
         log(INFO, "Node ranks: %s", dict(sorted(self.node_ranks.items())))
 
     def wait_for_nodes(self, grid: Grid, count: int) -> list[int]:
@@ -517,10 +539,21 @@ class LoraStrategy(Strategy):
         deadline = time.monotonic() + self.options.node_wait_timeout
         while True:
             connected = sorted(grid.get_node_ids())
+            if len(connected) >= self.options.clients_per_round:
+                self._full_sample_seen = True
             if len(connected) >= count or time.monotonic() >= deadline:
                 return [n for n in connected if n not in self.excluded_nodes]
             log(INFO, "Waiting for nodes: %d connected, %d wanted", len(connected), count)
             time.sleep(1.0)
+
+    def _nodes_to_wait_for(self, count: int) -> int:
+        """Until a full sample has connected once, ``count``; then only ``min-replies``.
+
+        A node that died stays gone: waiting for it would cost every later round the
+        whole timeout, so once the federation has been complete the round goes on as
+        soon as enough nodes are there to aggregate.
+        """
+        return count if not self._full_sample_seen else min(count, self.options.min_replies)
 
     def exclude_node(self, node_id: int, reason: str) -> None:
         """Stop sampling ``node_id`` (for example: its privacy budget is spent)."""
@@ -531,13 +564,14 @@ class LoraStrategy(Strategy):
     def sample_nodes(self, grid: Grid, count: int) -> list[int]:
         """Sample ``count`` connected nodes with the strategy's own seeded generator.
 
-        Waits up to ``node_wait_timeout`` seconds for enough nodes to connect, then
-        samples from those present.
+        Waits up to ``node_wait_timeout`` seconds for enough nodes to connect (all
+        ``count`` until they have been there once, then ``min-replies``), then samples
+        from those present.
         """
         # Flower draws node ids at random; ordering by the partition a node reported makes
         # the same seed sample the same data in every launch of a simulation.
         nodes = sorted(
-            self.wait_for_nodes(grid, count),
+            self.wait_for_nodes(grid, self._nodes_to_wait_for(count)),
             key=lambda n: (self.node_partitions.get(n, 2**62), n),
         )
         if not nodes:
@@ -697,7 +731,10 @@ class LoraStrategy(Strategy):
         kept = []
         for msg in replies:
             node_id = self._sender(msg)
-            status, reason = self._set_aside(node_id, msg, whole)
+            try:
+                status, reason = self._set_aside(node_id, msg, whole)
+            except Exception as err:  # nothing one reply holds may end the round
+                status, reason = "dropped", f"unreadable reply ({type(err).__name__}: {err})"
             if not reason:
                 kept.append(msg)
                 continue
@@ -707,7 +744,7 @@ class LoraStrategy(Strategy):
             self._screened.add(node_id)
             self.links.settle(node_id, replied=status == "dropped")
             down, dense_down = self._sent_bytes.get(node_id, (0, 0))
-            up = 0 if msg.has_error() else sum(map(wire_bytes, msg.content.array_records.values()))
+            up = 0 if msg.has_error() else _reply_bytes(msg)
             report.outcomes.append(
                 NodeOutcome(
                     node_id, status, reason, bytes_down=down, dense_down=dense_down, bytes_up=up
@@ -752,9 +789,12 @@ class LoraStrategy(Strategy):
             )
         if not whole:
             return "", ""
+        odd = [k for k, a in records[protocol.ARRAYS].items() if a.stype != NUMPY_STYPE]
+        if odd:  # Flower's clipping calls Array.numpy(), which reads nothing else
+            return "dropped", f"tensor '{odd[0]}' is not in Flower's numpy form"
         try:
-            tensors = records[protocol.ARRAYS].to_numpy_ndarrays()
-            reference = self._global_record.to_numpy_ndarrays()
+            tensors = list(from_arrayrecord(records[protocol.ARRAYS]).values())
+            reference = list(from_arrayrecord(self._global_record).values())
             if [t.shape for t in tensors] != [r.shape for r in reference]:
                 raise ValueError("the data do not have the declared shapes")
             if not all(np.issubdtype(t.dtype, np.floating) for t in tensors):
@@ -763,7 +803,7 @@ class LoraStrategy(Strategy):
                 float(np.sum(np.square(t - r))) for t, r in zip(tensors, reference, strict=True)
             )
         # Flower's clipping reads only its own numpy form: anything else fails there
-        except (TypeError, ValueError, EOFError, OSError) as err:
+        except (AdapterError, TypeError, ValueError) as err:
             return "dropped", f"tensors unreadable for server-side clipping: {err}"
         if norm_sq == 0.0:
             return "dropped", "update is exactly zero (Flower's clipping divides by its norm)"
@@ -792,10 +832,13 @@ class LoraStrategy(Strategy):
     ) -> MetricRecord | None:
         """Example-weighted mean of the nodes' evaluation metrics."""
         totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
         count = 0
         for msg in replies:
-            if msg.has_error() or protocol.METRICS not in msg.content.metric_records:
-                reason = msg.error.reason if msg.has_error() else "no metrics in reply"
+            m = None if msg.has_error() else msg.content.metric_records.get(protocol.METRICS)
+            n = None if m is None else whole_number(m, protocol.NUM_EXAMPLES, 0)
+            if m is None or n is None:
+                reason = msg.error.reason if msg.has_error() else "no metrics, or a bad count"
                 log(
                     WARNING,
                     "Evaluation reply from node %s ignored: %s",
@@ -803,18 +846,18 @@ class LoraStrategy(Strategy):
                     reason,
                 )
                 continue
-            m = msg.content.metric_records[protocol.METRICS]
-            n = int(m.get(protocol.NUM_EXAMPLES, 0))
             if n <= 0:
                 continue
             count += n
             for key in (protocol.EVAL_LOSS, protocol.EVAL_ACCURACY):
-                value = float(m.get(key, float("nan")))
-                if np.isfinite(value):
+                value = m.get(key, float("nan"))
+                if isinstance(value, int | float) and np.isfinite(value):
                     totals[key] = totals.get(key, 0.0) + n * value
+                    counts[key] = counts.get(key, 0) + n
         if count == 0:
             return None
-        return MetricRecord({k: v / count for k, v in totals.items()} | {"num-examples": count})
+        means = {k: v / counts[k] for k, v in totals.items()}
+        return MetricRecord(means | {"num-examples": count})
 
     # ------------------------------------------------------------------ #
     # Internals                                                          #
@@ -829,8 +872,13 @@ class LoraStrategy(Strategy):
                 node_id, "error", msg.error.reason, bytes_down=down, dense_down=dense_down
             )
             return error, None
-        up = sum(wire_bytes(r) for r in msg.content.array_records.values())
-        outcome, update = self._validate_reply(server_round, node_id, msg, current)
+        up = _reply_bytes(msg)
+        try:
+            outcome, update = self._validate_reply(server_round, node_id, msg, current)
+        except Exception as err:  # nothing one reply holds may end the round
+            reason = f"unreadable reply ({type(err).__name__}: {err})"
+            log(WARNING, "Round %d: reply from node %s dropped: %s", server_round, node_id, reason)
+            outcome, update = NodeOutcome(node_id, "dropped", reason), None
         # after decoding: the uplink is decoded against what this node received, which
         # settling forgets. A node whose reply is rejected still holds this payload.
         self.links.settle(node_id, replied=True)
@@ -864,11 +912,15 @@ class LoraStrategy(Strategy):
                 for k, v in content.metric_records[protocol.METRICS].items()
                 if isinstance(v, int | float)
             }
-            if protocol.NUM_EXAMPLES not in metrics:
+            if protocol.NUM_EXAMPLES not in content.metric_records[protocol.METRICS]:
                 raise AdapterError(f"reply metrics lack '{protocol.NUM_EXAMPLES}'")
-            n = metrics[protocol.NUM_EXAMPLES]
-            if not np.isfinite(n) or n < 0:
-                raise AdapterError(f"'{protocol.NUM_EXAMPLES}' is {n}")
+            n = whole_number(content.metric_records[protocol.METRICS], protocol.NUM_EXAMPLES, 0)
+            if n is None or n < 1:
+                raw = content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]
+                raise AdapterError(
+                    f"'{protocol.NUM_EXAMPLES}' is {raw!r}: a reply must claim a whole number "
+                    "of examples, at least 1"
+                )
             started = time.perf_counter()
             tensors = self.links.receive(
                 node_id,
@@ -890,15 +942,29 @@ class LoraStrategy(Strategy):
         except (AdapterError, CompressionError, ValueError, KeyError, TypeError) as err:
             log(WARNING, "Round %d: reply from node %s dropped: %s", server_round, node_id, err)
             return NodeOutcome(node_id, "dropped", str(err)), None
+        except MemoryError:  # what the reply declares does not fit: it is not aggregated
+            reason = "reply does not fit in memory (MemoryError while decoding)"
+            log(WARNING, "Round %d: reply from node %s dropped: %s", server_round, node_id, reason)
+            return NodeOutcome(node_id, "dropped", reason), None
         return NodeOutcome(node_id, "ok", "", int(n), metrics=metrics), update
 
-    def _weights(self, updates: Sequence[ClientUpdate]) -> np.ndarray | None:
-        if self.options.weighting == "uniform":
-            raw = np.ones(len(updates))
-        else:
-            raw = np.array([u.num_examples for u in updates], dtype=np.float64)
-        total = raw.sum()
-        return None if total <= 0 else raw / total
+    def _weights(self, updates: Sequence[ClientUpdate], report: RoundReport) -> np.ndarray | None:
+        """The p_k of this round's valid updates, their claims bounded; anomalies recorded."""
+        claims = [
+            Claim(u.node_id, u.num_examples, self.node_examples.get(u.node_id)) for u in updates
+        ]
+        weights, anomalies = client_weights(claims, self.options.weight_policy)
+        for a in anomalies:
+            log(
+                WARNING,
+                "Round %d: node %s's weight cut: %s; counted as %g",
+                report.server_round,
+                a.node_id,
+                a.reason,
+                a.used,
+            )
+        report.anomalies.extend(anomalies)
+        return weights
 
     def _aggregate_valid(
         self,
@@ -907,7 +973,7 @@ class LoraStrategy(Strategy):
         current: AdapterState,
         report: RoundReport,
     ) -> AdapterState | None:
-        weights = self._weights(updates) if updates else None
+        weights = self._weights(updates, report) if updates else None
         if len(updates) < self.options.min_replies or weights is None:
             report.skipped = True
             report.skip_reason = (
@@ -933,6 +999,11 @@ class LoraStrategy(Strategy):
             report.skip_reason = f"strategy '{name} failed: {report.strategy_error}"
             log(WARNING, "Round %d: %s; global adapter unchanged", server_round, report.skip_reason)
             return None
+        by_node = {u.node_id: float(w) for u, w in zip(updates, weights, strict=True)}
+        report.outcomes = [
+            replace(o, weight=by_node[o.node_id]) if o.status == "ok" else o
+            for o in report.outcomes
+        ]
         report.aggregation_error = aggregation_error(updates, weights, result)
         report.metrics.update(_weighted_client_metrics(updates, weights))
         report.metrics.update(self.extra_round_metrics(updates, weights, current, result))
@@ -945,6 +1016,27 @@ class LoraStrategy(Strategy):
             report.aggregation_error,
         )
         return result
+
+
+def whole_number(metrics: Mapping[str, Any], key: str, default: int) -> int | None:
+    """``metrics[key]`` as an int (``default`` when absent); None unless a finite whole number.
+
+    Metrics come from peers: a list, a NaN or 1e300 must not reach ``int()``.
+    """
+    value = metrics.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value) or value != int(value) or abs(value) > 2**53:
+        return None
+    return int(value)
+
+
+def _reply_bytes(msg: Message) -> int:
+    """Payload bytes of a reply as it crossed the wire (0 when unreadable)."""
+    try:
+        return sum(wire_bytes(r) for r in msg.content.array_records.values())
+    except Exception:  # counted as nothing; the reply itself is judged elsewhere
+        return 0
 
 
 def _weighted_client_metrics(updates: Sequence[ClientUpdate], weights: np.ndarray) -> dict:

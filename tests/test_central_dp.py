@@ -149,7 +149,7 @@ def _corrupt(kind: str, msg: Message, current: dict) -> Message:
         ("error", "error", "node lost"),
         ("misshapen", "dropped", "expected"),
         ("zero update", "dropped", "exactly zero"),
-        ("raw form", "dropped", "unreadable"),
+        ("raw form", "dropped", "numpy form"),
         ("extra record", "dropped", "expected only"),
     ],
 )

@@ -75,6 +75,9 @@ def test_supernode_killed_mid_round_run_completes_with_the_others(tiny_model, tm
     lost = next(n for n in first["nodes"] if n["status"] != "ok")
     assert lost["status"] in ("missing", "error") and lost["reason"]
     assert not records[2]["skipped"] and records[2]["num_ok"] >= 2
+    # the round after the kill did not wait round-timeout for the dead node to come back
+    waited = records[2]["phase_seconds"]["discover"] + records[2]["phase_seconds"]["configure"]
+    assert waited < 15.0, records[2]["phase_seconds"]
     _assert_stopped(pids)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedlora import protocol
 from fedlora.adapters import from_arrayrecord, to_arrayrecord, wire_bytes
@@ -18,8 +20,10 @@ SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q", "v"))
 
 def _setup(min_replies=2, nodes=(11, 22, 33)):
     rng = np.random.default_rng(0)
-    strategy = FedAvg(
-        StrategyOptions(lora=SPEC, clients_per_round=len(nodes), min_replies=min_replies)
+    strategy = FedAvg(  # plain example weights: the share cap is tested on its own
+        StrategyOptions(
+            lora=SPEC, clients_per_round=len(nodes), min_replies=min_replies, max_weight_share=1.0
+        )
     )
     current = random_state(rng, rank=4, scaling=SPEC.scaling)
     arrays = to_arrayrecord(current.to_state_dict())
@@ -246,3 +250,206 @@ def test_error_reply_made_by_the_superlink_is_matched_to_the_lost_node():
     assert out is not None
     status = {o.node_id: o.status for o in strategy.last_report.outcomes}
     assert status == {n1: "ok", n2: "ok", n3: "error"}  # one outcome per node, none "missing"
+
+
+# --------------------------------------------------------------------------- #
+# Nothing one reply holds may crash the server                                  #
+# --------------------------------------------------------------------------- #
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _huge_header() -> bytes:
+    """A valid .npy header that claims 10^12 float32 entries, with 8 bytes of data."""
+    header = _npy(np.zeros(2, np.float32))
+    return header.replace(b"(2,)", b"(1000000000000,)")
+
+
+CORRUPT_ARRAYS = {
+    "numpy-empty": dict(dtype="float32", shape=(4, 5), stype="numpy.ndarray", data=b""),
+    "numpy-huge-header": dict(dtype="float32", shape=(4, 5), stype="numpy.ndarray", data=b""),
+    "numpy-object": dict(dtype="object", shape=(1,), stype="numpy.ndarray", data=b""),
+    "unknown-stype": dict(dtype="float32", shape=(4, 5), stype="torch.tensor", data=b"\0" * 80),
+    "raw-negative-shape": dict(dtype="<f4", shape=(-4, 5), stype="raw", data=b""),
+    "raw-short": dict(dtype="<f4", shape=(4, 5), stype="raw", data=b"\0" * 7),
+    "raw-string-dtype": dict(dtype="<U4", shape=(4, 5), stype="raw", data=b"\0" * 320),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPT_ARRAYS))
+def test_a_corrupt_array_drops_its_reply_and_the_round_goes_on(kind):
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from flwr.app import Message as FlowerMessage
+
+    strategy, _current, _, messages, rng = _setup()
+    n1, n2, n3 = sorted(messages)
+    fields = dict(CORRUPT_ARRAYS[kind])
+    if kind == "numpy-huge-header":
+        fields["data"] = _huge_header()
+    if kind == "numpy-object":
+        fields["data"] = _npy(np.array(["x"], dtype=object)).replace(b"'|O'", b"'|O'")
+    tensors = {k: Array(v) for k, v in _good(rng).items()}
+    tensors["m.q.lora_A.weight"] = Array(**fields)
+    bad = FlowerMessage(
+        RecordDict(
+            {
+                protocol.ARRAYS: ArrayRecord(tensors),
+                protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 10}),
+            }
+        ),
+        reply_to=messages[n3],
+    )
+    replies = [reply(messages[n1], _good(rng), 10), reply(messages[n2], _good(rng), 10), bad]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    status = {o.node_id: (o.status, o.reason) for o in strategy.last_report.outcomes}
+    assert status[n3][0] == "dropped" and "m.q.lora_A.weight" in status[n3][1], status[n3]
+    assert status[n1][0] == status[n2][0] == "ok"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    stype=st.sampled_from(["raw", "numpy.ndarray", "", "x"]),
+    dtype=st.sampled_from(["<f4", "float32", "<f8", "|i1", "object", "<U3", "V8", "", "<f4x"]),
+    shape=st.lists(st.integers(-3, 10**12), max_size=4),
+    data=st.binary(max_size=300),
+    header=st.booleans(),
+)
+def test_fuzzed_arrays_never_crash_the_server(stype, dtype, shape, data, header):
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from flwr.app import Message as FlowerMessage
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 0
+    strategy, _current, _, messages, rng = _setup(min_replies=1)
+    n1, _n2, n3 = sorted(messages)
+    if header:  # a real .npy header in front of the random bytes
+        data = _npy(np.zeros(3, np.float32))[:128] + data
+    tensors = {k: Array(v) for k, v in _good(rng).items()}
+    tensors["m.v.lora_B.weight"] = Array(dtype=dtype, shape=tuple(shape), stype=stype, data=data)
+    bad = FlowerMessage(
+        RecordDict(
+            {
+                protocol.ARRAYS: ArrayRecord(tensors),
+                protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 10}),
+            }
+        ),
+        reply_to=messages[n3],
+    )
+    arrays, _ = strategy.aggregate_train(1, [reply(messages[n1], _good(rng), 10), bad])
+    assert arrays is not None  # the good reply is aggregated whatever the bad one holds
+    assert {o.node_id: o.status for o in strategy.last_report.outcomes}[n3] in ("dropped", "ok")
+
+
+@pytest.mark.parametrize("value", [[1.0, 2.0], float("nan"), 1e300, -5, 2.5, 0], ids=repr)
+def test_bad_metric_values_drop_the_reply_not_the_server(value):
+    strategy, _current, _, messages, rng = _setup(min_replies=1)
+    n1, n2, _ = sorted(messages)
+    bad = reply(messages[n2], _good(rng), 10)
+    bad.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES] = value
+    arrays, _ = strategy.aggregate_train(1, [reply(messages[n1], _good(rng), 10), bad])
+    assert arrays is not None
+    status = {o.node_id: o.status for o in strategy.last_report.outcomes}
+    assert status[n2] == "dropped"
+
+
+class _QueryGrid(FakeGrid):
+    """A grid whose nodes answer the server's QUERY with the given metrics."""
+
+    def __init__(self, answers: dict[int, dict]) -> None:
+        super().__init__(sorted(answers))
+        self.answers = answers
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Message as FlowerMessage
+        from flwr.app import MetricRecord, RecordDict
+
+        out = []
+        for m in messages:
+            metrics = MetricRecord(self.answers[m.metadata.dst_node_id])
+            msg = FlowerMessage(RecordDict({protocol.METRICS: metrics}), reply_to=m)
+            msg.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+            out.append(msg)
+        return out
+
+
+def test_a_node_describing_itself_with_nonsense_is_excluded_not_fatal():
+    from flwr.app import ConfigRecord
+
+    strategy = FedAvg(StrategyOptions(lora=SPEC, clients_per_round=3, node_wait_timeout=0))
+    grid = _QueryGrid(
+        {
+            1: {protocol.NODE_RANK: 4, protocol.NODE_PARTITION: 0, protocol.NUM_EXAMPLES: 90},
+            2: {protocol.NODE_RANK: 4, protocol.NODE_PARTITION: float("nan")},
+            3: {protocol.NODE_RANK: [4.0, 8.0]},
+        }
+    )
+    strategy.discover_nodes(grid, ConfigRecord(), timeout=1)
+    assert strategy.node_ranks == {1: 4} and strategy.node_examples == {1: 90}
+    assert sorted(strategy.excluded_nodes) == [2, 3]
+
+
+def test_bad_evaluation_replies_are_ignored():
+    from flwr.app import Message as FlowerMessage
+    from flwr.app import MetricRecord, RecordDict
+
+    from tests.helpers import instruction
+
+    def eval_reply(node, **metrics):
+        return FlowerMessage(
+            RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=instruction(node)
+        )
+
+    strategy = FedAvg(StrategyOptions(lora=SPEC))
+    out = strategy.aggregate_evaluate(
+        1,
+        [
+            eval_reply(1, **{protocol.NUM_EXAMPLES: 10, protocol.EVAL_ACCURACY: 0.5}),
+            eval_reply(2, **{protocol.NUM_EXAMPLES: [1.0], protocol.EVAL_ACCURACY: 0.9}),
+            eval_reply(3, **{protocol.NUM_EXAMPLES: float("nan")}),
+            eval_reply(4, **{protocol.NUM_EXAMPLES: 10, protocol.EVAL_ACCURACY: [0.1]}),
+        ],
+    )
+    assert out["num-examples"] == 20 and out[protocol.EVAL_ACCURACY] == pytest.approx(0.5)
+
+
+def test_after_a_node_dies_the_next_round_does_not_wait_for_it(monkeypatch):
+    """Round 1 has its three nodes; one then disappears. Round 2 samples the two that are
+    left at once instead of waiting node_wait_timeout (900 s) for the third."""
+    from strategies import base
+
+    clock = {"now": 0.0, "sleeps": 0}
+
+    def sleep(seconds):
+        clock["sleeps"] += 1
+        clock["now"] += seconds
+
+    monkeypatch.setattr(base.time, "sleep", sleep)
+    monkeypatch.setattr(base.time, "monotonic", lambda: clock["now"])
+    strategy = FedAvg(
+        StrategyOptions(lora=SPEC, clients_per_round=3, min_replies=2, node_wait_timeout=900)
+    )
+    grid = FakeGrid([1, 2, 3])
+    assert strategy.sample_nodes(grid, 3) == [1, 2, 3] and clock["sleeps"] == 0
+    grid.node_ids = [1, 3]  # node 2 died; the SuperLink no longer lists it
+    assert strategy.sample_nodes(grid, 3) == [1, 3]
+    assert clock["sleeps"] == 0, f"waited {clock['now']:.0f} s for a dead node"
+    grid.node_ids = [3]  # below min-replies: it waits, as before, up to the timeout
+    strategy.sample_nodes(grid, 3)
+    assert clock["now"] >= 900
+
+
+def test_the_first_round_waits_for_a_full_sample(monkeypatch):
+    from strategies import base
+
+    connected = iter([[1], [1, 2], [1, 2, 3]])
+    grid = FakeGrid([])
+    grid.get_node_ids = lambda: next(connected)
+    monkeypatch.setattr(base.time, "sleep", lambda s: None)
+    strategy = FedAvg(StrategyOptions(lora=SPEC, clients_per_round=3, min_replies=2))
+    assert strategy.sample_nodes(grid, 3) == [1, 2, 3]
