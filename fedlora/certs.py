@@ -48,11 +48,34 @@ class NodeKey:
     public: Path
 
 
-def _write(path: Path, data: bytes, secret: bool) -> None:
+class CertificateExistsError(FileExistsError):
+    """Key material is already there: replacing a CA invalidates every certificate it signed."""
+
+
+def _write(path: Path, data: bytes, secret: bool, overwrite: bool = False) -> None:
+    """Write ``data``; a secret is created 0600 and never readable by others, even briefly.
+
+    Without ``overwrite`` an existing file is an error, not replaced.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    if secret:
-        os.chmod(path, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600 if secret else 0o644)
+    except FileExistsError:
+        raise CertificateExistsError(
+            f"{path} exists; not replacing it (use --force to overwrite)"
+        ) from None
+    with os.fdopen(fd, "wb") as fh:
+        if secret:  # an existing file keeps its mode through O_TRUNC: tighten it first
+            os.fchmod(fh.fileno(), 0o600)
+        fh.write(data)
+
+
+def existing_files(folder: Path, nodes: Sequence[str], server: bool) -> list[Path]:
+    """The files :func:`make_server_files` and :func:`make_node_key` would replace."""
+    names = [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY] if server else []
+    names += [f"{n}{ext}" for n in nodes for ext in (".key", ".pub")]
+    return [folder / n for n in names if (folder / n).exists()]
 
 
 def _name(common_name: str) -> x509.Name:
@@ -74,12 +97,25 @@ def _alt_names(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def make_server_files(folder: Path, hosts: Sequence[str], days: int = 365) -> ServerFiles:
+def make_server_files(
+    folder: Path,
+    hosts: Sequence[str],
+    days: int = 365,
+    *,
+    keep_ca_key: bool = True,
+    overwrite: bool = False,
+) -> ServerFiles:
     """A CA and a SuperLink certificate valid for ``hosts`` (names or IP addresses).
 
     ``hosts`` must hold every name or address SuperNodes and ``flwr`` use to reach the
     SuperLink: TLS checks the address dialled against the subject alternative names.
+    ``keep_ca_key=False`` never writes the CA's private key (a throw-away CA, as
+    ``deploy-local`` uses: nothing can sign more certificates after it). Existing files
+    are refused unless ``overwrite``: a new CA invalidates every certificate of the old.
     """
+    if not overwrite and existing_files(folder, [], server=True):
+        found = ", ".join(str(p) for p in existing_files(folder, [], server=True))
+        raise CertificateExistsError(f"{found} exist; not replacing them (use --force)")
     if not hosts:
         raise ValueError("hosts is empty: name at least one address the SuperLink is reached at")
     now = dt.datetime.now(dt.UTC)
@@ -112,14 +148,16 @@ def make_server_files(folder: Path, hosts: Sequence[str], days: int = 365) -> Se
     private = serialization.PrivateFormat.PKCS8
     plain = serialization.NoEncryption()
     files = ServerFiles(folder / CA_CERT, folder / SERVER_CERT, folder / SERVER_KEY)
-    _write(files.ca, ca_cert.public_bytes(pem), secret=False)
-    _write(folder / CA_KEY, ca_key.private_bytes(pem, private, plain), secret=True)
-    _write(files.cert, cert.public_bytes(pem), secret=False)
-    _write(files.key, key.private_bytes(pem, private, plain), secret=True)
+    # secrets first, each created 0600: a public file never sits beside a half-written key
+    if keep_ca_key:
+        _write(folder / CA_KEY, ca_key.private_bytes(pem, private, plain), True, overwrite)
+    _write(files.key, key.private_bytes(pem, private, plain), True, overwrite)
+    _write(files.ca, ca_cert.public_bytes(pem), False, overwrite)
+    _write(files.cert, cert.public_bytes(pem), False, overwrite)
     return files
 
 
-def make_node_key(folder: Path, name: str) -> NodeKey:
+def make_node_key(folder: Path, name: str, *, overwrite: bool = False) -> NodeKey:
     """An ECDSA P-384 key pair for one SuperNode, both halves in OpenSSH format."""
     key = ec.generate_private_key(ec.SECP384R1())
     files = NodeKey(folder / f"{name}.key", folder / f"{name}.pub")
@@ -131,9 +169,10 @@ def make_node_key(folder: Path, name: str) -> NodeKey:
             serialization.NoEncryption(),
         ),
         secret=True,
+        overwrite=overwrite,
     )
     public = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    _write(files.public, public + b"\n", secret=False)
+    _write(files.public, public + b"\n", secret=False, overwrite=overwrite)
     return files

@@ -111,7 +111,10 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         if args.insecure:
             print(INSECURE_WARNING, file=sys.stderr)
         else:
-            tls = make_server_files(Path(keys), ["127.0.0.1", "localhost"]).as_tls()
+            # a throw-away CA whose private key is never written: nothing to leak
+            tls = make_server_files(
+                Path(keys), ["127.0.0.1", "localhost"], keep_ca_key=False
+            ).as_tls()
         fed.start_superlink(simulation=False, tls=tls, node_auth=tls is not None)
         for i in range(args.supernodes):
             key = None
@@ -133,20 +136,39 @@ INSECURE_WARNING = (
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    """Write a CA, the SuperLink's TLS certificate and one ECDSA key pair per SuperNode."""
-    from fedlora.certs import make_node_key, make_server_files
+    """Write a CA, the SuperLink's TLS certificate and one ECDSA key pair per SuperNode.
+
+    Nothing is replaced without ``--force``: a second CA would invalidate every
+    certificate of the first. Without ``--host`` only node keys are added (for a new
+    site of an existing federation).
+    """
+    from fedlora.certs import CA_CERT, existing_files, make_node_key, make_server_files
 
     out = Path(args.out)
-    files = make_server_files(out, args.host)
-    nodes = [make_node_key(out, name) for name in args.node]
-    print(f"CA certificate (give to every SuperNode and flwr user): {files.ca}")
-    print(
-        f"SuperLink certificate and key (valid for {', '.join(args.host)}): "
-        f"{files.cert}, {files.key}"
-    )
-    for key in nodes:
+    server = bool(args.host)
+    if not server and not args.node:
+        raise ConfigError("Nothing to make: give --host (CA and SuperLink) and/or --node NAME")
+    if not server and not (out / CA_CERT).is_file():
+        raise ConfigError(f"No CA in {out}: give --host to make the CA and SuperLink certificate")
+    taken = existing_files(out, args.node, server)
+    if taken and not args.force:  # checked before anything is written: nothing half-made
+        raise ConfigError(
+            f"Refusing to overwrite {', '.join(map(str, taken))}: replacing the CA or a key "
+            "invalidates what was issued with it. Use --force to replace them, or --node alone "
+            "to add a site."
+        )
+    if server:
+        files = make_server_files(out, args.host, overwrite=args.force)
+        print(f"CA certificate (give to every SuperNode and flwr user): {files.ca}")
+        print(
+            f"SuperLink certificate and key (valid for {', '.join(args.host)}): "
+            f"{files.cert}, {files.key}"
+        )
+    for name in args.node:
+        key = make_node_key(out, name, overwrite=args.force)
         print(f"SuperNode key {key.private} (stays on the node); register {key.public}")
-    print(f"CA private key: {out / 'ca.key'} (keep offline)")
+    if server:
+        print(f"CA private key: {out / 'ca.key'} (keep offline)")
     return 0
 
 
@@ -263,9 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host",
         action="append",
-        required=True,
-        help="a name or IP address the SuperLink is reached at (repeatable)",
+        default=[],
+        help="a name or IP address the SuperLink is reached at (repeatable); makes the CA "
+        "and the SuperLink certificate",
     )
+    p.add_argument("--force", action="store_true", help="replace existing CA, certificates or keys")
     p.add_argument(
         "--node",
         action="append",
