@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -322,9 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedlora`` console script."""
+    from fedlora.launch import interrupt_on_signals
+
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        with interrupt_on_signals():  # SIGTERM / SIGHUP unwind like Ctrl-C: clean-up runs
+            return int(args.func(args))
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM / SIGHUP (launch.Interrupted)
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(
+            f"\nfedlora: stopped by {signal.Signals(signum).name}; every process it started "
+            "was stopped",
+            file=sys.stderr,
+        )
+        return 128 + int(signum)
     except ConfigError as err:
         print(f"fedlora: error: {err}", file=sys.stderr)
         return 2

@@ -20,7 +20,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,8 +35,80 @@ APP_DIR = Path(__file__).resolve().parent.parent
 BIN_DIR = Path(sys.executable).parent
 
 
+MARKER = "FEDLORA_FEDERATION"
+"""Environment variable that every process of one local federation inherits.
+
+The processes Flower and Ray start do not stay in one process tree or group (the
+SuperLink starts flower-superexec in a session of its own, Ray daemonises its raylet
+and GCS server, and a parent that dies leaves its children to init), but they all
+inherit their parent's environment: the marker finds every one of them to stop it.
+"""
+
+STOP_GRACE_SECONDS = 5.0
+"""How long stopped processes get to exit after SIGTERM before they are SIGKILLed."""
+
+
 class LaunchError(RuntimeError):
     """A Flower process failed to start, or a run did not complete."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread so that every ``finally`` runs.
+
+    CI cancellation, ``timeout``, Slurm and systemd stop a job with SIGTERM; without a
+    handler Python dies at once and leaves the federation it started running.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into :class:`Interrupted` while the block runs.
+
+    Only in the main thread (the only one Python delivers signals to); elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        for sig in previous:  # one is enough: the clean-up must not be interrupted in turn
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def marked_processes(marker: str) -> list[psutil.Process]:
+    """Every process whose environment carries ``MARKER=marker`` (this one excluded)."""
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get(MARKER) == marker:
+                found.append(proc)
+    return found
+
+
+def stop_processes(procs: Sequence[psutil.Process], grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM every process, then SIGKILL those still alive after ``grace`` seconds."""
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _gone, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace)
 
 
 def free_port() -> int:
@@ -45,10 +119,11 @@ def free_port() -> int:
 
 
 def flower_env(flwr_home: Path, threads: int = 1, extra: Mapping[str, str] | None = None) -> dict:
-    """Environment for Flower processes and the ``flwr`` CLI."""
+    """Environment for Flower processes and the ``flwr`` CLI (with a fresh :data:`MARKER`)."""
     env = dict(os.environ)
     env.update(
         {
+            MARKER: uuid.uuid4().hex,
             "FLWR_HOME": str(flwr_home),
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -85,33 +160,25 @@ class Process:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the process group by PID, then SIGKILL if it lingers.
+    def tree(self) -> list[psutil.Process]:
+        """The process and its descendants, by PID (empty once it has exited)."""
+        if self.popen.poll() is not None:
+            return []
+        try:
+            root = psutil.Process(self.popen.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """SIGTERM the process and its descendants by PID, then SIGKILL what lingers.
 
         A SuperLink starts flower-superexec (and it the simulation runtime) in process
-        groups of their own: they are collected first and stopped with it.
+        groups of their own: the descendants are collected first and stopped with it.
         """
-        if self.popen.poll() is not None:
-            return
-        try:
-            descendants = psutil.Process(self.popen.pid).children(recursive=True)
-        except psutil.Error:
-            descendants = []
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(timeout=timeout)
-        for child in descendants:
-            with contextlib.suppress(psutil.Error):
-                child.terminate()
-        _gone, alive = psutil.wait_procs(descendants, timeout=timeout)
-        for child in alive:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
+        stop_processes(self.tree(), grace)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=grace)
 
 
 @dataclass
@@ -282,7 +349,7 @@ class LocalFederation:
         if federation_config:
             argv += ["--federation-config", format_node_config(federation_config)]
         deadline = time.monotonic() + timeout
-        with subprocess.Popen(
+        proc = subprocess.Popen(
             argv,
             env=self.env,
             cwd=APP_DIR,
@@ -290,16 +357,21 @@ class LocalFederation:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
-        ) as proc:
+        )
+        try:
             assert proc.stdout is not None
             for line in proc.stdout:
                 if stream_to is not None:
                     stream_to.write(line)
                     stream_to.flush()
                 if time.monotonic() > deadline:
-                    os.killpg(proc.pid, signal.SIGTERM)
                     raise LaunchError(f"flwr run exceeded {timeout:.0f}s")
             proc.wait()
+        finally:  # on a timeout or an interrupt: the CLI must not outlive this call
+            if proc.poll() is None:
+                stop_processes([psutil.Process(proc.pid)])
+            if proc.stdout is not None:
+                proc.stdout.close()
         return self.wait_for_run(deadline)
 
     def wait_for_run(self, deadline: float) -> dict[str, Any]:
@@ -325,15 +397,31 @@ class LocalFederation:
             time.sleep(1.0)
 
     def stop_all(self) -> None:
-        """Stop every process this federation started, newest first, by PID."""
-        for proc in reversed(self.processes):
-            proc.stop()
+        """Stop every process this federation started and every one they started, by PID.
+
+        All at once (SIGTERM, a grace period, SIGKILL), so a ServerApp does not go on
+        training while the SuperLink is being stopped; the processes are found by their
+        PIDs and descendants and by :data:`MARKER`, wherever they were reparented.
+        """
+        marker = self.env.get(MARKER, "")
+        procs = {p.pid: p for proc in self.processes for p in proc.tree()}
+        procs.update({p.pid: p for p in marked_processes(marker)} if marker else {})
+        stop_processes(list(procs.values()))
+        for proc in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=STOP_GRACE_SECONDS)
+        if marker:  # anything started while the others were stopping
+            stop_processes(marked_processes(marker))
 
 
 @contextmanager
 def local_federation(workdir: Path | None = None, threads: int = 1) -> Iterator[LocalFederation]:
-    """A private FLWR_HOME and working folder; every process is stopped on exit."""
-    with tempfile.TemporaryDirectory(prefix="fedlora-flwr-") as tmp:
+    """A private FLWR_HOME and working folder; every process is stopped on exit.
+
+    Also on SIGTERM and SIGHUP (raised as :class:`Interrupted`) and Ctrl-C: the processes
+    are stopped and the temporary folder is removed before the exception goes on.
+    """
+    with interrupt_on_signals(), tempfile.TemporaryDirectory(prefix="fedlora-flwr-") as tmp:
         root = Path(workdir) if workdir else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         fed = LocalFederation(workdir=root, env=flower_env(root / "flwr-home", threads))

@@ -434,4 +434,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as interrupted:  # Ctrl-C, SIGTERM, SIGHUP: processes are stopped
+        print(f"\ncompare.py: stopped ({interrupted}); finished cells are kept", file=sys.stderr)
+        sys.exit(130)
