@@ -57,27 +57,72 @@ def load_scenario(name: str, folder: Path = SCENARIO_DIR, _seen: tuple[str, ...]
     return overrides
 
 
-def _config(args: argparse.Namespace) -> dict[str, Any]:
+def fit_to_nodes(overrides: dict[str, Any], nodes: int) -> tuple[dict[str, Any], list[str]]:
+    """``clients-per-round`` and ``min-replies`` fitted to a federation of ``nodes``.
+
+    Values the user set are checked (more than ``nodes`` is an error naming the key);
+    defaults are lowered to ``nodes``, with a note saying so: a 2-node federation should
+    not wait 15 minutes for the default 4.
+    """
+    out, notes = dict(overrides), []
+    defaults = RunConfig()
+    for key, default in (
+        ("clients-per-round", defaults.clients_per_round),
+        ("min-replies", defaults.min_replies),
+    ):
+        if key in overrides:
+            if int(overrides[key]) > nodes:
+                raise ConfigError(
+                    f"Invalid value for '{key}': {overrides[key]} exceeds --supernodes {nodes} "
+                    "(the round would wait for nodes that do not exist)"
+                )
+        elif default > nodes:
+            out[key] = nodes
+            notes.append(f"{key} lowered from its default {default} to {nodes} (--supernodes)")
+    return out, notes
+
+
+def _config(args: argparse.Namespace, nodes: int | None = None) -> dict[str, Any]:
+    """The run-config overrides of a command, validated and pre-flighted.
+
+    ``nodes``: the federation's size, when the command starts it (simulate, deploy-local).
+    """
     overrides = load_scenario(args.scenario) if getattr(args, "scenario", None) else {}
     overrides |= parse_overrides(args.config or [])
     if getattr(args, "output_dir", None):
         overrides["output-dir"] = args.output_dir
+    if nodes is not None:
+        overrides.setdefault("num-partitions", nodes)
+        overrides, notes = fit_to_nodes(overrides, nodes)
+        for note in notes:
+            print(f"fedlora: {note}", file=sys.stderr)
     # The ServerApp runs in another working directory: always pass an absolute path.
     default = RunConfig().output_dir
     overrides["output-dir"] = str(Path(overrides.get("output-dir", default)).resolve())
     cfg = RunConfig.from_mapping(overrides)  # fail here, before any process starts
     check_tracker(cfg.tracking)
+    preflight(cfg)
     return overrides
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Everything that can be checked before a process starts: strategy, model, targets."""
+    from fedlora.preflight import check_model
+    from fedlora.registry import check_strategy_config
+
+    check_strategy_config(cfg.strategy, cfg.strategy_extra, cfg.client_rank_list, cfg.lora_rank)
+    check_model(cfg)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Simulated federation with Flower's simulation runtime (Ray), on this machine."""
     from fedlora.launch import local_federation
 
-    overrides = _config(args)
     if args.supernodes is None:  # a scenario's own partition count, else 10
-        args.supernodes = int(overrides.get("num-partitions", 10))
-    overrides.setdefault("num-partitions", args.supernodes)
+        scenario = load_scenario(args.scenario) if args.scenario else {}
+        given = scenario | parse_overrides(args.config or [])
+        args.supernodes = int(given.get("num-partitions", 10))
+    overrides = _config(args, nodes=args.supernodes)
     if int(overrides["num-partitions"]) != args.supernodes:
         raise ConfigError(
             f"Invalid value for 'num-partitions': {overrides['num-partitions']} must equal "
@@ -105,8 +150,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     from fedlora.certs import make_node_key, make_server_files
     from fedlora.launch import local_federation
 
-    overrides = _config(args)
-    overrides.setdefault("num-partitions", args.supernodes)
+    overrides = _config(args, nodes=args.supernodes)
     with tempfile.TemporaryDirectory(prefix="fedlora-certs-") as keys, local_federation() as fed:
         tls: dict[str, str] | None = None
         if args.insecure:

@@ -10,9 +10,10 @@ the key and the value.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         """Reject bad values with a message that names the key and the value."""
+        for f in fields(self):  # NaN passes every comparison below, and inf most of them
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                _fail(f.name.replace("_", "-"), value, "must be a finite number")
         _positive(self, "num_server_rounds", "clients_per_round", "min_replies", "num_partitions")
         _positive(self, "max_seq_len", "batch_size", "local_steps", "lora_rank", "eval_batch_size")
         _positive(self, "round_timeout", "lr", "lora_alpha", "dirichlet_alpha", "max_failed_rounds")
@@ -415,10 +420,9 @@ class RunConfig:
             name = key.replace("-", "_")
             if name not in known:
                 raise ConfigError(
-                    f"Unknown run-config key '{key}' (value {value!r}). "
-                    f"Known keys: {', '.join(sorted(k.replace('_', '-') for k in known))}"
+                    unknown_key("run-config", key, value, [k.replace("_", "-") for k in known])
                 )
-            kwargs[name] = _coerce(key, value, known[name].type)
+            kwargs[name] = coerce_value(key, value, known[name].type)
         return cls(**kwargs)
 
     def to_mapping(self) -> dict[str, Any]:
@@ -451,14 +455,11 @@ class NodeConfig:
         allowed = {"partition-id", "num-partitions", "data-path", "state-dir", "lora-rank"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
-            raise ConfigError(
-                f"Unknown node-config key '{unknown[0]}' (value {raw[unknown[0]]!r}). "
-                f"Known keys: {', '.join(sorted(allowed))}"
-            )
+            raise ConfigError(unknown_key("node-config", unknown[0], raw[unknown[0]], allowed))
         pid = raw.get("partition-id")
         num = raw.get("num-partitions")
-        pid = None if pid is None else _coerce("partition-id", pid, "int")
-        num = None if num is None else _coerce("num-partitions", num, "int")
+        pid = None if pid is None else coerce_value("partition-id", pid, "int")
+        num = None if num is None else coerce_value("num-partitions", num, "int")
         if num is not None and num <= 0:
             _fail("num-partitions", num, "must be > 0")
         if pid is not None and (pid < 0 or (num is not None and pid >= num)):
@@ -473,7 +474,7 @@ class NodeConfig:
             )
         state_dir = raw.get("state-dir") or None
         rank = raw.get("lora-rank")
-        rank = None if rank is None else _coerce("lora-rank", rank, "int")
+        rank = None if rank is None else coerce_value("lora-rank", rank, "int")
         if rank is not None and rank <= 0:
             _fail("lora-rank", rank, "must be > 0")
         return cls(
@@ -483,6 +484,18 @@ class NodeConfig:
             data_path=None if data_path is None else str(data_path),
             state_dir=None if state_dir is None else str(state_dir),
         )
+
+
+def unknown_key(kind: str, key: str, value: Any, known: Iterable[str]) -> str:
+    """The message for an unknown key: the closest known ones, or (none close) all of them."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=2, cutoff=0.7)
+    hint = (
+        f"did you mean {' or '.join(repr(k) for k in close)}?"
+        if close
+        else f"known keys: {', '.join(known)}"
+    )
+    return f"Unknown {kind} key '{key}' (value {value!r}); {hint}"
 
 
 def _fail(key: str, value: Any, why: str) -> None:
@@ -512,9 +525,16 @@ def _looks_like_hub_or_path(value: str) -> bool:
     return bool(value) and ("/" in value or "." in value)
 
 
-def _coerce(key: str, value: Any, type_name: Any) -> Any:
-    """Convert a TOML/CLI value to the field's type, or fail naming the key."""
+def coerce_value(key: str, value: Any, type_name: Any) -> Any:
+    """Convert a TOML/CLI value to the field's type, or fail naming the key.
+
+    ``type_name`` is the field's annotation as written (``"int"``, ``"float | None"``...).
+    """
     type_name = str(type_name)
+    if type_name.endswith(" | None"):
+        if value is None or str(value).strip().lower() in ("", "none"):
+            return None
+        type_name = type_name.removesuffix(" | None")
     try:
         if type_name == "bool":
             if isinstance(value, bool):
@@ -531,12 +551,16 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
         if type_name == "float":
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
-        return str(value)
+            number = float(value)
+        else:
+            return str(value)
     except (TypeError, ValueError):
         raise ConfigError(
             f"Invalid value for '{key}': {value!r} is not a valid {type_name}"
         ) from None
+    if not math.isfinite(number):
+        raise ConfigError(f"Invalid value for '{key}': {value!r} must be a finite number")
+    return number
 
 
 def markdown_reference() -> str:

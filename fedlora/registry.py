@@ -7,6 +7,7 @@ import path, so the library keeps no compile-time dependency on the strategies.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -66,4 +67,30 @@ def load_strategy_class(name: str) -> type[Any]:
     cls = getattr(module, attr, None)
     if cls is None:
         raise ConfigError(f"Strategy {name!r}: module {module_name!r} has no attribute {attr!r}")
+    return cls
+
+
+def check_strategy_config(
+    name: str, options: Mapping[str, Any], client_ranks: Sequence[int], lora_rank: int
+) -> type[Any]:
+    """Load strategy ``name`` and check its settings and rank support, before any process.
+
+    The same checks the server makes when it builds the strategy, so a typo in
+    ``strategy-options`` or a mix of ranks the strategy cannot aggregate fails in the CLI.
+    """
+    from strategies.base import LoraStrategy
+    from strategies.settings import parse_settings
+
+    cls = load_strategy_class(name)
+    if not (isinstance(cls, type) and issubclass(cls, LoraStrategy)):
+        raise ConfigError(
+            f"Invalid value for 'strategy': {name!r} resolves to {cls!r}, which is not "
+            "a subclass of strategies.base.LoraStrategy"
+        )
+    if any(r != lora_rank for r in client_ranks) and not cls.heterogeneous_ranks:
+        raise ConfigError(
+            f"Invalid value for 'client-ranks': {','.join(map(str, client_ranks))!r}, but "
+            f"strategy {name!r} does not support heterogeneous ranks"
+        )
+    parse_settings(cls.Settings, options, cls.name or name)
     return cls

@@ -47,7 +47,8 @@ from fedlora.delta import merge_product, truncated_svd
 from fedlora.instruct import RESPONSE, TEXT, last_user_content
 from fedlora.lm import generate_answers
 from fedlora.model import apply_base_delta, build_lora_model, load_tokenizer, lora_spec
-from fedlora.registry import load_strategy_class
+from fedlora.preflight import adapted_layers, check_rank_fits
+from fedlora.registry import check_strategy_config
 from fedlora.tracking import make_tracker
 from fedlora.train import EvalResult, evaluate
 from server.central_dp import CentralDP
@@ -56,17 +57,9 @@ from strategies.base import LoraStrategy, RoundReport, StrategyOptions
 
 def build_strategy(cfg: RunConfig) -> LoraStrategy:
     """Instantiate the configured strategy; it must be a :class:`LoraStrategy`."""
-    cls = load_strategy_class(cfg.strategy)
-    if not (isinstance(cls, type) and issubclass(cls, LoraStrategy)):
-        raise ConfigError(
-            f"Invalid value for 'strategy': {cfg.strategy!r} resolves to {cls!r}, which is not "
-            "a subclass of strategies.base.LoraStrategy"
-        )
-    if any(r != cfg.lora_rank for r in cfg.client_rank_list) and not cls.heterogeneous_ranks:
-        raise ConfigError(
-            f"Invalid value for 'client-ranks': {cfg.client_ranks!r}, but strategy "
-            f"{cfg.strategy!r} does not support heterogeneous ranks"
-        )
+    cls = check_strategy_config(
+        cfg.strategy, cfg.strategy_extra, cfg.client_rank_list, cfg.lora_rank
+    )
     options = StrategyOptions(
         lora=lora_spec(cfg),
         clients_per_round=cfg.clients_per_round,
@@ -205,6 +198,7 @@ def round_record(
                     "process_seconds": o.metrics.get(protocol.PROCESS_SECONDS),
                     "handler_seconds": o.metrics.get(protocol.HANDLER_SECONDS),
                     "epsilon": o.metrics.get(protocol.EPSILON),
+                    "weight": o.weight,
                 }
                 for o in report.outcomes
             ],
@@ -250,6 +244,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         torch.set_num_threads(int(os.environ.get("FEDLORA_SERVER_THREADS", os.cpu_count() or 1)))
         spec = lora_spec(cfg)
         fresh = build_lora_model(cfg.model, table.num_labels, spec, seed=cfg.seed)
+        check_rank_fits(adapted_layers(fresh), cfg.lora_rank)
         modules = {"LoRA modules": ",".join(sorted(fresh.peft_config["default"].target_modules))}
         state = strategy.initial_state(state_from_peft(fresh, spec.scaling))
         eval_frame = eval_subset(table.test, cfg.eval_examples, cfg.seed)
@@ -335,6 +330,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
                 record["seconds"],
             )
 
+        aggregated = [r for r in results.read_records(out) if r["round"] > 0 and not r["skipped"]]
+        if not aggregated:
+            reasons = sorted({str(r.get("skip_reason")) for r in results.read_records(out)[1:]})
+            why = f"no round aggregated anything ({'; '.join(reasons) or 'no rounds ran'})"
+            _write_summary(out, cfg, started, {"status": f"**FAILED: {why}**"})
+            raise RunFailedError(f"fedlora: the run failed: {why}")
         samples.record("after training", evaluator.model_for(state, strategy.base_delta()))
         export = export_adapter(out, cfg, evaluator, state, strategy)
         excluded = {
@@ -357,6 +358,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
 
 class StrategyFailedError(RuntimeError):
     """The strategy failed in too many rounds; the run stops rather than go on corrupted."""
+
+
+class RunFailedError(RuntimeError):
+    """Every round was skipped: the run produced nothing, and must not say it completed."""
 
 
 def _write_summary(out: Path, cfg: RunConfig, started: float, extra: Mapping[str, str]) -> None:

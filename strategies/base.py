@@ -58,6 +58,7 @@ from fedlora.message_size import LIMIT_BYTES, MessageTooLargeError, check_messag
 from fedlora.model import LoraSpec
 from fedlora.seeded import seeded_a
 from strategies.links import NodeLinks
+from strategies.settings import NoSettings, parse_settings
 from strategies.weighting import Anomaly, Claim, WeightPolicy, client_weights
 
 # The public API: a strategy plugin needs nothing outside this list (and numpy).
@@ -323,9 +324,12 @@ class LoraStrategy(Strategy):
     exact: ClassVar[bool] = False
     heterogeneous_ranks: ClassVar[bool] = False
     central_dp: ClassVar[frozenset[str]] = frozenset()
+    Settings: ClassVar[type] = NoSettings
+    """The strategy's own settings: a frozen dataclass filled from ``strategy-options``."""
 
     def __init__(self, options: StrategyOptions) -> None:
         self.options = options
+        self.settings = parse_settings(type(self).Settings, options.extra, self.name)
         self._rng = np.random.default_rng(options.seed)
         self._plans: dict[int, ClientPlan] = {}
         self._sent_bytes: dict[int, tuple[int, int]] = {}  # node -> (actual, dense fp32)

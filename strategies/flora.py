@@ -23,6 +23,7 @@ results record it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from logging import WARNING
 from typing import Any
 
@@ -61,21 +62,27 @@ def round_seed(seed: int, server_round: int, node_id: int) -> int:
 
 
 class Flora(LoraStrategy):
-    """Stacking of fresh per-round adapters; exact for any mix of ranks.
-
-    Extra setting (run config): ``flora-catch-up`` (default true). With false, a node
-    receives only the latest stack, as in a naive implementation, and its base drifts
-    from the server's after any round it missed: the fingerprint check then drops it.
-    """
+    """Stacking of fresh per-round adapters; exact for any mix of ranks."""
 
     name = "flora"
     description = "Stack fresh per-round adapters, clients merge into base (FLoRA); exact"
     exact = True
     heterogeneous_ranks = True
 
+    @dataclass(frozen=True)
+    class Settings:
+        """``flora-catch-up`` (default true).
+
+        With false, a node receives only the latest stack, as in a naive implementation,
+        and its base drifts from the server's after any round it missed: the fingerprint
+        check then drops it.
+        """
+
+        flora_catch_up: bool = True
+
     def __init__(self, options: StrategyOptions) -> None:
         super().__init__(options)
-        self.catch_up = str(options.extra.get("flora-catch-up", "true")).lower() != "false"
+        self.catch_up = self.settings.flora_catch_up
         self.stacks: dict[int, AdapterState] = {}  # round -> stack of that round
         self.merged: dict[str, np.ndarray] = {}  # sum of stacks through merged_round
         self.merged_round = 0

@@ -19,6 +19,7 @@ of A_bar, which no choice of dB can remove.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -109,31 +110,46 @@ def _floor(sums: Sequence[ProductSum], a_bars: Sequence[np.ndarray]) -> float:
 
 
 class LoraFair(LoraStrategy):
-    """FedAvg of A and B plus the server-side residual correction of B.
-
-    Extra settings (run config): ``fair-method`` ("ridge" or "cosine", default
-    "ridge"), ``fair-lambda`` (default 1e-4, relative to the mean eigenvalue of
-    A_bar A_bar^T for ridge; the paper's 0.01 for cosine), ``fair-steps`` (cosine: 50),
-    ``fair-lr`` (cosine: 0.01).
-    """
+    """FedAvg of A and B plus the server-side residual correction of B."""
 
     name = "lora_fair"
     description = "FedAvg + server-side residual correction of B (LoRA-FAIR); e <= e(FedAvg)"
     exact = False
     heterogeneous_ranks = False
 
+    @dataclass(frozen=True)
+    class Settings:
+        """``fair-method``: "ridge" (closed form, default) or "cosine" (the paper's loss).
+
+        ``fair-lambda``: the penalty on dB; default 1e-4 for ridge (relative to the mean
+        eigenvalue of A_bar A_bar^T), the paper's 0.01 for cosine. ``fair-steps`` and
+        ``fair-lr``: the cosine form's Adam steps (50) and step size (0.01).
+        """
+
+        fair_method: str = "ridge"
+        fair_lambda: float | None = None
+        fair_steps: int = 50
+        fair_lr: float = 0.01
+
+        def __post_init__(self) -> None:
+            if self.fair_method not in ("ridge", "cosine"):
+                raise ValueError(
+                    f"Invalid value for 'fair-method': {self.fair_method!r} (ridge or cosine)"
+                )
+            if self.fair_lambda is not None and self.fair_lambda < 0:
+                raise ValueError(
+                    f"Invalid value for 'fair-lambda': {self.fair_lambda} must be >= 0"
+                )
+            if self.fair_steps <= 0 or self.fair_lr <= 0:
+                raise ValueError("Invalid value for 'fair-steps' / 'fair-lr': must be > 0")
+
     def __init__(self, options: StrategyOptions) -> None:
         super().__init__(options)
-        extra = options.extra
-        self.method = str(extra.get("fair-method", "ridge"))
-        if self.method not in ("ridge", "cosine"):
-            raise ValueError(f"Invalid value for 'fair-method': {self.method!r} (ridge or cosine)")
+        s = self.settings
+        self.method = s.fair_method
         default_lam = 1e-4 if self.method == "ridge" else 0.01
-        self.lam = float(extra.get("fair-lambda", default_lam))
-        if self.lam < 0:
-            raise ValueError(f"Invalid value for 'fair-lambda': {self.lam} must be >= 0")
-        self.steps = int(extra.get("fair-steps", 50))
-        self.lr = float(extra.get("fair-lr", 0.01))
+        self.lam = default_lam if s.fair_lambda is None else s.fair_lambda
+        self.steps, self.lr = s.fair_steps, s.fair_lr
         self._last: dict[str, float] = {}
 
     def aggregate(

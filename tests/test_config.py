@@ -175,3 +175,72 @@ def test_node_partition_outside_the_run_fails_when_the_node_describes_itself():
     assert (
         make_job(RunConfig(num_partitions=3), {"partition-id": 2}).node_info()["partition-id"] == 2
     )
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        f.name.replace("_", "-")
+        for f in __import__("dataclasses").fields(RunConfig)
+        if f.type == "float"
+    ],
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "-inf"], ids=["nan", "inf", "-inf"])
+def test_no_float_key_accepts_a_non_finite_value(key, bad):
+    """NaN slipped through every comparison (dp-noise=nan hung a round for 11 minutes) and
+    inf through most (lr=inf ran with every client failing)."""
+    with pytest.raises(ConfigError, match=f"'{key}'.*finite"):
+        RunConfig.from_mapping({key: bad})
+
+
+def test_a_typo_suggests_the_key_instead_of_listing_all():
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_mapping({"lora-rnak": 8})
+    text = str(info.value)
+    assert "did you mean 'lora-rank'" in text and "weighting" not in text
+
+
+def test_simulate_refuses_more_clients_per_round_than_supernodes(capsys):
+    assert cli_main(["simulate", "--supernodes", "3", "-c", "clients-per-round=5"]) == 2
+    assert "'clients-per-round': 5 exceeds --supernodes 3" in capsys.readouterr().err
+
+
+def test_simulate_clamps_the_defaults_to_a_small_federation():
+    from fedlora.cli import fit_to_nodes
+
+    overrides, notes = fit_to_nodes({}, 2)
+    assert overrides == {"clients-per-round": 2} and "clients-per-round" in notes[0]
+    assert fit_to_nodes({}, 1)[0] == {"clients-per-round": 1, "min-replies": 1}
+    assert fit_to_nodes({"min-replies": 1}, 3)[0] == {"min-replies": 1, "clients-per-round": 3}
+    assert fit_to_nodes({}, 10) == ({}, [])
+
+
+def test_unknown_strategy_options_are_refused_with_a_suggestion():
+    with pytest.raises(ConfigError, match="'fair-lamda'.*did you mean 'fair-lambda'"):
+        build_strategy(RunConfig(strategy="lora_fair", strategy_options="fair-lamda=0.5"))
+    with pytest.raises(ConfigError, match="'bogus'.*'fedavg' takes no options"):
+        build_strategy(RunConfig(strategy="fedavg", strategy_options="bogus=1"))
+    with pytest.raises(ConfigError, match="'flora-catch-up': 'maybe' is not a valid bool"):
+        build_strategy(RunConfig(strategy="flora", strategy_options="flora-catch-up=maybe"))
+    assert (
+        build_strategy(
+            RunConfig(strategy="flora", strategy_options="flora-catch-up=false")
+        ).catch_up
+        is False
+    )
+
+
+def test_a_rank_larger_than_the_model_is_refused_before_anything_starts(capsys):
+    assert cli_main(["simulate", "-c", "lora-rank=1000"]) == 2
+    err = capsys.readouterr().err
+    assert "'lora-rank': 1000 exceeds 384" in err and "query" in err
+
+
+def test_cli_refuses_a_bad_strategy_option_before_starting_anything(capsys):
+    assert (
+        cli_main(
+            ["simulate", "-c", "strategy=lora_fair", "-c", "strategy-options=fair-methd=cosine"]
+        )
+        == 2
+    )
+    assert "did you mean 'fair-method'" in capsys.readouterr().err

@@ -304,3 +304,15 @@ def test_same_seed_same_run(tiny_model, tmp_path):
             assert sorted(n["num_examples"] for n in ra["nodes"]) == sorted(
                 n["num_examples"] for n in rb["nodes"]
             )
+
+
+def test_a_run_in_which_no_round_aggregated_fails_and_says_so(tiny_model, tmp_path):
+    """lr=1e30: every client fails with a NaN loss and every round is skipped. The run used to
+    exit 0 as completed; now the ServerApp fails and the summary says why."""
+    from server.federation import RunFailedError
+
+    out = tmp_path / "nothing"
+    with pytest.raises(RunFailedError, match="no round aggregated anything"):
+        simulate_in_process(_tiny_run(tiny_model, out, **{"num-server-rounds": 1, "lr": 1e30}))
+    summary = (out / results.SUMMARY_FILE).read_text()
+    assert "FAILED: no round aggregated anything" in summary

@@ -1,0 +1,82 @@
+"""Checks that need the model, run before any Flower process starts.
+
+A wrong model path, LoRA targets that match nothing, or a rank larger than the layers
+it adapts would otherwise surface inside the ServerApp, after the SuperLink and Ray had
+started. The model is built on PyTorch's ``meta`` device: its structure, no weights
+(a fraction of a second for the embedded encoder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+
+from fedlora.config import CAUSAL_LM, ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class AdaptedLayer:
+    """One layer that receives LoRA: its module path and its (d_out, d_in)."""
+
+    name: str
+    d_out: int
+    d_in: int
+
+
+def adapted_layers(model: PeftModel) -> list[AdaptedLayer]:
+    """Every LoRA layer of a peft model with its base layer's shape."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            out.append(AdaptedLayer(name, int(module.out_features), int(module.in_features)))
+    return out
+
+
+def check_rank_fits(layers: list[AdaptedLayer], rank: int) -> None:
+    """Refuse a rank above min(d_out, d_in) of some adapted layer, naming the layer.
+
+    Such a LoRA has more parameters than the layer it adapts and no more expressive
+    power: it is a configuration error, not a choice.
+    """
+    if not layers:
+        return
+    smallest = min(layers, key=lambda layer: min(layer.d_out, layer.d_in))
+    limit = min(smallest.d_out, smallest.d_in)
+    if rank > limit:
+        raise ConfigError(
+            f"Invalid value for 'lora-rank': {rank} exceeds {limit}, the smaller dimension of "
+            f"'{smallest.name}' ({smallest.d_out} x {smallest.d_in}); a rank above "
+            "min(d_out, d_in) adds parameters and no expressive power"
+        )
+
+
+def skeleton(cfg: RunConfig, num_labels: int = 2) -> PeftModel:
+    """The run's LoRA model on the meta device (no weights): targets and shapes only."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from fedlora.model import attach_lora, lora_spec, resolve_model_path
+
+    path = resolve_model_path(cfg.model, cfg.task)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"Invalid value for 'model': {cfg.model!r} cannot be loaded ({err})"
+        ) from None
+    with torch.device("meta"):
+        if cfg.task == CAUSAL_LM:
+            base = AutoModelForCausalLM.from_config(config)
+        else:
+            config.num_labels = num_labels
+            base = AutoModelForSequenceClassification.from_config(config)
+        return attach_lora(base, lora_spec(cfg), seed=cfg.seed)
+
+
+def check_model(cfg: RunConfig) -> list[AdaptedLayer]:
+    """Model, LoRA targets and rank, checked on the skeleton; returns the adapted layers."""
+    layers = adapted_layers(skeleton(cfg))
+    check_rank_fits(layers, cfg.lora_rank)
+    return layers
