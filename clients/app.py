@@ -16,11 +16,11 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from clients.local import LocalJob
-from fedlora import protocol
-from fedlora.adapters import to_arrayrecord, wire_bytes
-from fedlora.message_size import check_message_size
-from fedlora.privacy import BudgetExhaustedError
+from fedlora.clients.local import LocalJob
+from fedlora.privacy.dp_sgd import BudgetExhaustedError
+from fedlora.wire import protocol
+from fedlora.wire.message_size import check_message_size
+from fedlora.wire.records import to_arrayrecord, wire_bytes
 
 
 def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

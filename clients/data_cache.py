@@ -25,7 +25,7 @@ from flwr.supercore import log
 from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
-from fedlora.decoder import CACHE_ENV
+from fedlora.model.embedded_decoder import CACHE_ENV
 
 _FIELDS = ("input_ids", "attention_mask", "labels")
 

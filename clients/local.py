@@ -22,22 +22,12 @@ from flwr.app import Context, Message
 from peft import PeftModel
 from torch.utils.data import TensorDataset
 
-from clients.data_cache import cache_dir, cache_key, file_stamp, load_or_build
-from clients.node_state import NodeStore
-from fedlora import protocol
-from fedlora.adapters import (
-    A_SUFFIX,
-    B_SUFFIX,
-    from_arrayrecord,
-    load_into_peft,
-    merge_received_stacks,
-    start_tensors,
-    state_from_dict,
-    state_from_peft,
-)
-from fedlora.compression import Codec, CompressionError
+from fedlora.clients.data_cache import cache_dir, cache_key, file_stamp, load_or_build
+from fedlora.clients.node_state import NodeStore
 from fedlora.config import CAUSAL_LM, ConfigError, NodeConfig, RunConfig
-from fedlora.data import (
+from fedlora.data.files import read_frame
+from fedlora.data.instruct import is_labelled_only, questions_from_labels, read_instruction_file
+from fedlora.data.tables import (
     TEST_FRACTION,
     encode_labels,
     load_table,
@@ -45,13 +35,19 @@ from fedlora.data import (
     read_user_file,
     tokenize,
 )
-from fedlora.delta import fingerprint
-from fedlora.files import read_frame
-from fedlora.instruct import is_labelled_only, questions_from_labels, read_instruction_file
-from fedlora.link import apply_downlink, encode_uplink, uplink_reference
-from fedlora.model import LoraSpec, apply_base_delta, build_lora_model, load_tokenizer, lora_spec
-from fedlora.privacy import PrivacyBudget, default_delta, make_private, new_budget
-from fedlora.train import evaluate, make_optimizer, sampled_loader, train_steps
+from fedlora.lora.base_merge import merge_received_stacks
+from fedlora.lora.lowrank import fingerprint
+from fedlora.lora.plan import start_tensors
+from fedlora.lora.spec import LoraSpec
+from fedlora.lora.state import A_SUFFIX, B_SUFFIX, state_from_dict
+from fedlora.model.models import apply_base_delta, build_lora_model, load_tokenizer, lora_spec
+from fedlora.model.peft_state import load_into_peft, state_from_peft
+from fedlora.model.train import evaluate, make_optimizer, sampled_loader, train_steps
+from fedlora.privacy.dp_sgd import PrivacyBudget, default_delta, make_private, new_budget
+from fedlora.wire import protocol
+from fedlora.wire.codec import Codec, CompressionError
+from fedlora.wire.links import apply_downlink, encode_uplink, uplink_reference
+from fedlora.wire.records import from_arrayrecord
 
 BASE_STATE = "merged-base"
 """Store name of the node's merged FLoRA base."""

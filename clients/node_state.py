@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context
 from safetensors.numpy import load_file, save_file
 
-from fedlora.adapters import from_arrayrecord, to_arrayrecord
+from fedlora.wire.records import from_arrayrecord, to_arrayrecord
 
 
 class NodeStore:

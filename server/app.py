@@ -9,7 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import RunConfig
-from server.federation import run_federation
+from fedlora.server.federation import run_federation
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

@@ -37,8 +37,8 @@ from flwr.serverapp.strategy import (
 from flwr.supercore import log
 
 from fedlora.config import ConfigError, RunConfig
-from fedlora.privacy import central_epsilon
-from strategies.base import LoraStrategy
+from fedlora.privacy.accounting import central_epsilon
+from fedlora.strategies.base import LoraStrategy
 
 WRAPPERS = {
     "client": DifferentialPrivacyClientSideFixedClipping,

@@ -27,32 +27,29 @@ from flwr.supercore import log
 from peft import PeftModel
 from torch.utils.data import TensorDataset
 
-from fedlora import protocol, results
-from fedlora.adapters import (
-    AdapterState,
-    LoraFactors,
-    load_into_peft,
-    state_from_peft,
-    to_arrayrecord,
-)
-from fedlora.checkpoint import (
+from fedlora.config import CAUSAL_LM, CLASSIFY, ConfigError, RunConfig
+from fedlora.data.instruct import RESPONSE, TEXT, last_user_content
+from fedlora.data.tables import TextTable, eval_subset, load_table, partition, tokenize
+from fedlora.lora.lowrank import merge_product, truncated_svd
+from fedlora.lora.state import AdapterState, LoraFactors
+from fedlora.model.lm import generate_answers
+from fedlora.model.models import apply_base_delta, build_lora_model, load_tokenizer, lora_spec
+from fedlora.model.peft_state import load_into_peft, state_from_peft
+from fedlora.model.train import EvalResult, evaluate
+from fedlora.run import results
+from fedlora.run.checkpoint import (
     check_resumable,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from fedlora.config import CAUSAL_LM, CLASSIFY, ConfigError, RunConfig
-from fedlora.data import TextTable, eval_subset, load_table, partition, tokenize
-from fedlora.delta import merge_product, truncated_svd
-from fedlora.instruct import RESPONSE, TEXT, last_user_content
-from fedlora.lm import generate_answers
-from fedlora.model import apply_base_delta, build_lora_model, load_tokenizer, lora_spec
-from fedlora.preflight import adapted_layers, check_rank_fits
-from fedlora.registry import check_strategy_config
-from fedlora.tracking import make_tracker
-from fedlora.train import EvalResult, evaluate
-from server.central_dp import CentralDP
-from strategies.base import LoraStrategy, RoundReport, StrategyOptions
+from fedlora.run.preflight import adapted_layers, check_rank_fits
+from fedlora.run.registry import check_strategy_config
+from fedlora.run.tracking import make_tracker
+from fedlora.server.central_dp import CentralDP
+from fedlora.strategies.base import LoraStrategy, RoundReport, StrategyOptions
+from fedlora.wire import protocol
+from fedlora.wire.records import to_arrayrecord
 
 
 def build_strategy(cfg: RunConfig) -> LoraStrategy:

@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from fedlora.model import LoraSpec
-from fedlora.registry import load_strategy_class
-from strategies.base import (
+from fedlora.lora.spec import LoraSpec
+from fedlora.run.registry import load_strategy_class
+from fedlora.strategies.base import (
     AdapterState,
     ClientPlan,
     ClientUpdate,

@@ -31,16 +31,17 @@ import torch
 from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.app import train as client_train
-from clients.local import LocalJob
-from fedlora import protocol
-from fedlora.adapters import state_from_peft, to_arrayrecord
-from fedlora.cli import parse_overrides
+from fedlora.clients.app import train as client_train
+from fedlora.clients.local import LocalJob
 from fedlora.config import RunConfig
-from fedlora.data import load_table
-from fedlora.model import build_lora_model, lora_spec
-from fedlora.train import make_optimizer, sampled_loader
-from server.federation import build_strategy
+from fedlora.data.tables import load_table
+from fedlora.model.models import build_lora_model, lora_spec
+from fedlora.model.peft_state import state_from_peft
+from fedlora.model.train import make_optimizer, sampled_loader
+from fedlora.run.cli import parse_overrides
+from fedlora.server.federation import build_strategy
+from fedlora.wire import protocol
+from fedlora.wire.records import to_arrayrecord
 
 
 class _OneNode:

@@ -7,7 +7,7 @@ default batch size and sequence length, ``--steps`` local steps on partition ``r
 the default 20 Newsgroups split) gives a real update.
 Every codec setting then encodes that update as a node's reply, and the server decodes
 it, in this process, side by side. Bytes are the protobuf size Flower puts on the wire
-(``fedlora.adapters.wire_bytes``); the ratio is the tensors' dense float32 size
+(``fedlora.wire.records.wire_bytes``); the ratio is the tensors' dense float32 size
 (4 bytes per entry, the reference the run summaries use) over those bytes. "Energy
 kept" is 1 - ||u - C(u)||^2 / ||u||^2 for the update u the node sends (trained -
 start): the share of the update one round delivers, the rest waiting in the
@@ -27,13 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedlora.adapters import state_from_peft, to_arrayrecord, wire_bytes
-from fedlora.compression import Codec, dense_bytes
 from fedlora.config import RunConfig
-from fedlora.data import load_table, partition, tokenize
-from fedlora.link import decode_uplink, encode_uplink
-from fedlora.model import build_lora_model, load_tokenizer, lora_spec
-from fedlora.train import make_optimizer, sampled_loader, train_steps
+from fedlora.data.tables import load_table, partition, tokenize
+from fedlora.model.models import build_lora_model, load_tokenizer, lora_spec
+from fedlora.model.peft_state import state_from_peft
+from fedlora.model.train import make_optimizer, sampled_loader, train_steps
+from fedlora.wire.codec import Codec, dense_bytes
+from fedlora.wire.links import decode_uplink, encode_uplink
+from fedlora.wire.records import to_arrayrecord, wire_bytes
 
 SETTINGS = [
     *(Codec(d, v) for d in (1.0, 0.1, 0.05, 0.01) for v in ("fp32", "int8")),

@@ -24,9 +24,10 @@ def _one(mode: str, steps: int, batch: int, seq: int) -> dict:
 
     import torch
 
-    from fedlora.model import LoraSpec, build_lora_model
-    from fedlora.privacy import make_private, new_budget
-    from fedlora.train import make_optimizer
+    from fedlora.lora.spec import LoraSpec
+    from fedlora.model.models import build_lora_model
+    from fedlora.model.train import make_optimizer
+    from fedlora.privacy.dp_sgd import make_private, new_budget
 
     torch.manual_seed(0)
     model = build_lora_model("embedded", 20, LoraSpec(8, 16.0, ("query", "value")), seed=0)

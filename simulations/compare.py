@@ -20,15 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from fedlora import results
 from fedlora.config import RunConfig
+from fedlora.run import results
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 
 
 def load_scenario(name: str) -> dict[str, Any]:
     """Run-config overrides of ``simulations/scenarios/NAME.toml`` (validated)."""
-    from fedlora.cli import load_scenario as load
+    from fedlora.run.cli import load_scenario as load
 
     overrides = load(name, SCENARIOS)
     RunConfig.from_mapping(overrides)
@@ -41,7 +41,7 @@ def run_cells(
     """Run every missing (scenario, seed) cell against one local simulation SuperLink."""
     from rich.progress import Progress
 
-    from fedlora.launch import LaunchError, local_federation
+    from fedlora.run.launch import LaunchError, local_federation
 
     cells = [(s, seed) for seed in seeds for s in scenarios]  # every scenario gets a seed first
     todo = [
@@ -90,7 +90,7 @@ def run_cells(
 
 def run_centralized(seeds: list[int], out: Path, extra: dict[str, Any]) -> None:
     """The pooled-data reference per seed (cached in OUT/centralized/seed-N.json)."""
-    from fedlora.centralized import run_centralized as train
+    from fedlora.run.centralized import run_centralized as train
 
     for seed in seeds:
         path = out / "centralized" / f"seed-{seed}.json"
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run-config override applied to every cell",
     )
     args = parser.parse_args(argv)
-    from fedlora.cli import parse_overrides
+    from fedlora.run.cli import parse_overrides
 
     out = Path(args.out).resolve()
     extra = parse_overrides(args.config)

@@ -30,23 +30,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedlora import protocol
-from fedlora.adapters import (
-    A_SUFFIX,
-    B_SUFFIX,
-    NUMPY_STYPE,
-    AdapterError,
-    AdapterState,
-    LoraFactors,
-    from_arrayrecord,
-    merge_into_base,
-    resize_rank,
-    state_from_dict,
-    to_arrayrecord,
-    wire_bytes,
-)
-from fedlora.compression import Codec, CompressionError, dense_bytes
-from fedlora.delta import (
+from fedlora.lora.base_merge import merge_into_base
+from fedlora.lora.lowrank import (
     LowRankTerm,
     ProductSum,
     fingerprint,
@@ -54,12 +39,24 @@ from fedlora.delta import (
     sum_sq_norm,
     truncated_svd,
 )
-from fedlora.message_size import LIMIT_BYTES, MessageTooLargeError, check_message_size
-from fedlora.model import LoraSpec
-from fedlora.seeded import seeded_a
-from strategies.links import NodeLinks
-from strategies.settings import NoSettings, parse_settings
-from strategies.weighting import Anomaly, Claim, WeightPolicy, client_weights
+from fedlora.lora.seeded import seeded_a
+from fedlora.lora.spec import LoraSpec
+from fedlora.lora.state import (
+    A_SUFFIX,
+    B_SUFFIX,
+    AdapterError,
+    AdapterState,
+    LoraFactors,
+    resize_rank,
+    state_from_dict,
+)
+from fedlora.strategies.links import NodeLinks
+from fedlora.strategies.settings import NoSettings, parse_settings
+from fedlora.strategies.weighting import Anomaly, Claim, WeightPolicy, client_weights
+from fedlora.wire import protocol
+from fedlora.wire.codec import Codec, CompressionError, dense_bytes
+from fedlora.wire.message_size import LIMIT_BYTES, MessageTooLargeError, check_message_size
+from fedlora.wire.records import NUMPY_STYPE, from_arrayrecord, to_arrayrecord, wire_bytes
 
 # The public API: a strategy plugin needs nothing outside this list (and numpy).
 __all__ = [
@@ -126,7 +123,7 @@ class StrategyOptions:
     max_message_bytes : int (default: Flower's 2 GiB transport limit)
         A training payload above it is not sent: the node is left out of the round with
         the reason, and a round in which no payload fits raises
-        :class:`~fedlora.message_size.MessageTooLargeError`.
+        :class:`~fedlora.wire.message_size.MessageTooLargeError`.
     extra : Mapping[str, Any]
         Strategy-specific settings (from the run config).
 
@@ -160,7 +157,7 @@ class ClientPlan:
     ``rank``: the LoRA rank it trains. ``freeze_a``: keep lora_A fixed locally.
     ``reinit``: start a fresh adapter (A drawn from ``init_seed``, B = 0) instead of
     loading the received factors (the received dense tensors are still loaded).
-    ``a_from_seed``: lora_A is :func:`fedlora.seeded.seeded_a` of ``init_seed`` (so it
+    ``a_from_seed``: lora_A is :func:`fedlora.lora.seeded.seeded_a` of ``init_seed`` (so it
     need not be sent). ``send_a``: whether the reply carries lora_A.
     ``merge_rounds``: FLoRA-style stacks (payload keys ``merge/<round>/<key>``) the
     node merges into its base weights, in this order, before training.

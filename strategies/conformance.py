@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedlora import protocol
-from fedlora.adapters import A_SUFFIX, B_SUFFIX, merge_received_stacks, start_tensors
-from fedlora.delta import fingerprint
-from fedlora.model import LoraSpec
-from strategies.base import (
+from fedlora.lora.base_merge import merge_received_stacks
+from fedlora.lora.lowrank import fingerprint
+from fedlora.lora.plan import start_tensors
+from fedlora.lora.spec import LoraSpec
+from fedlora.lora.state import A_SUFFIX, B_SUFFIX
+from fedlora.strategies.base import (
     AdapterState,
     ClientPlan,
     ClientUpdate,
@@ -25,6 +26,7 @@ from strategies.base import (
     LoraStrategy,
     StrategyOptions,
 )
+from fedlora.wire import protocol
 
 
 @dataclass
@@ -258,7 +260,7 @@ def _check_determinism(cls: type[LoraStrategy], seed: int) -> str:
 
 
 def _check_error(cls: type[LoraStrategy], seed: int) -> str:
-    from strategies.base import aggregation_error
+    from fedlora.strategies.base import aggregation_error
 
     _, states, inputs = _play(cls, [4, 4, 4], [10, 20, 30], rounds=2, seed=seed)
     errors = [aggregation_error(u, w, s) for (u, w), s in zip(inputs, states[1:], strict=True)]
@@ -273,7 +275,7 @@ def _check_mixed_ranks(cls: type[LoraStrategy], seed: int) -> str:
         strategy.register_node(99, 4)
         _require(99 in strategy.excluded_nodes, "accepts a node of another rank without support")
         return "not claimed; a node of another rank is refused"
-    from strategies.base import aggregation_error
+    from fedlora.strategies.base import aggregation_error
 
     _, states, inputs = _play(cls, [2, 4, 8], [10, 20, 30], rounds=2, seed=seed)
     errors = [aggregation_error(u, w, s) for (u, w), s in zip(inputs, states[1:], strict=True)]
@@ -283,7 +285,7 @@ def _check_mixed_ranks(cls: type[LoraStrategy], seed: int) -> str:
 
 
 def _check_one_client(cls: type[LoraStrategy], seed: int) -> str:
-    from strategies.base import aggregation_error
+    from fedlora.strategies.base import aggregation_error
 
     _, states, inputs = _play(cls, [4], [7], rounds=2, seed=seed)
     errors = [aggregation_error(u, w, s) for (u, w), s in zip(inputs, states[1:], strict=True)]
@@ -299,7 +301,7 @@ def _check_dropped(cls: type[LoraStrategy], seed: int) -> str:
 
 
 def _check_zero_weight(cls: type[LoraStrategy], seed: int) -> str:
-    from strategies.base import aggregation_error
+    from fedlora.strategies.base import aggregation_error
 
     strategy = _fresh(cls, 4, [4, 4, 4], seed)
     current = _initial(strategy, 4, seed)
@@ -315,7 +317,7 @@ def _check_zero_weight(cls: type[LoraStrategy], seed: int) -> str:
 
 
 def _check_restore(cls: type[LoraStrategy], seed: int) -> str:
-    from fedlora.checkpoint import restore_state, serialise_state
+    from fedlora.run.checkpoint import restore_state, serialise_state
 
     strategy, states, _ = _play(cls, [4, 4, 4], [10, 20, 30], rounds=1, seed=seed)
     clone = _fresh(cls, 4, [4, 4, 4], seed)
@@ -352,7 +354,7 @@ def _check_bad_reply(cls: type[LoraStrategy], seed: int) -> str:
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedlora.adapters import to_arrayrecord
+    from fedlora.wire.records import to_arrayrecord
 
     for attr in ("run_id", "task_id", "node_id"):
         try:

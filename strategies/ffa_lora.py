@@ -2,7 +2,7 @@
 
 Sun, Qin, Li, Ding, "Improving LoRA in Privacy-preserving Federated Learning"
 (ICLR 2024). Every client regenerates the same A from the run's seed
-(:func:`fedlora.seeded.seeded_a`), so A is never transmitted; B starts at zero and is
+(:func:`fedlora.lora.seeded.seeded_a`), so A is never transmitted; B starts at zero and is
 the only trained factor. Since A is common, B = sum p_k B_k aggregates exactly:
 s B A = sum p_k s B_k A. Communication is halved versus FedAvg on LoRA, and under DP-SGD
 the noise lands on B only.
@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from strategies.base import (
+from fedlora.strategies.base import (
     AdapterState,
     ClientPlan,
     ClientUpdate,

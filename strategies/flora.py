@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from strategies.base import (
+from fedlora.strategies.base import (
     AdapterState,
     ClientPlan,
     ClientUpdate,

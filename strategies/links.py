@@ -12,14 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from fedlora import protocol
-from fedlora.compression import Codec
-from fedlora.link import (
-    apply_downlink,
-    decode_uplink,
-    encode_downlink,
-    uplink_reference,
-)
+from fedlora.wire import protocol
+from fedlora.wire.codec import Codec
+from fedlora.wire.links import apply_downlink, decode_uplink, encode_downlink, uplink_reference
 
 
 class NodeLinks:

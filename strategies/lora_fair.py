@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from strategies.base import (
+from fedlora.strategies.base import (
     AdapterState,
     ClientUpdate,
     LoraFactors,
@@ -32,7 +32,7 @@ from strategies.base import (
     ProductSum,
     StrategyOptions,
 )
-from strategies.fedavg import fedavg_states
+from fedlora.strategies.fedavg import fedavg_states
 
 
 def _target_terms(

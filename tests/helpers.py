@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from fedlora.model import EMBEDDED_PACKAGE, package_dir
+from fedlora.model.models import EMBEDDED_PACKAGE, package_dir
 
 TOKENIZER_FILES = (
     "vocab.txt",
@@ -43,8 +43,8 @@ def simulate_in_process(overrides: dict, num_supernodes: int = 3) -> None:
     """The real ServerApp and ClientApp in Flower's simulation runtime, in this process."""
     from flwr.simulation import run_simulation
 
-    from clients.app import app as client_app
-    from server.app import make_server_app
+    from fedlora.clients.app import app as client_app
+    from fedlora.server.app import make_server_app
 
     run_simulation(
         make_server_app(overrides),
@@ -58,7 +58,7 @@ def _smollm2_tokenizer() -> Any:
     """The embedded decoder's tokenizer, read straight from its GGUF file (a few seconds)."""
     from transformers import AutoTokenizer
 
-    from fedlora.decoder import DECODER_PACKAGE, GGUF_FILE
+    from fedlora.model.embedded_decoder import DECODER_PACKAGE, GGUF_FILE
 
     return AutoTokenizer.from_pretrained(package_dir(DECODER_PACKAGE), gguf_file=GGUF_FILE)
 
@@ -123,8 +123,9 @@ from flwr.app import (  # noqa: E402
     RecordDict,
 )
 
-from fedlora import protocol  # noqa: E402
-from fedlora.adapters import AdapterState, LoraFactors, to_arrayrecord  # noqa: E402
+from fedlora.lora.state import AdapterState, LoraFactors  # noqa: E402
+from fedlora.wire import protocol  # noqa: E402
+from fedlora.wire.records import to_arrayrecord  # noqa: E402
 
 MODULES = {"m.q": (6, 5), "m.v": (4, 7)}  # module -> (d_out, d_in)
 HEAD = {"m.head.weight": (3, 4)}
@@ -204,8 +205,8 @@ def make_job(cfg, node_config: dict, **fields):
     """A node's LocalJob for ``cfg`` without a message (round 1, no received tensors)."""
     from flwr.app import Context, RecordDict
 
-    from clients.local import LocalJob
-    from clients.node_state import NodeStore
+    from fedlora.clients.local import LocalJob
+    from fedlora.clients.node_state import NodeStore
     from fedlora.config import NodeConfig
 
     context = Context(1, 1, dict(node_config), RecordDict(), {})

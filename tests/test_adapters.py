@@ -7,16 +7,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedlora.adapters import (
-    AdapterError,
-    from_arrayrecord,
-    load_into_peft,
-    state_from_dict,
-    state_from_peft,
-    to_arrayrecord,
-)
-from fedlora.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fedlora.model import LoraSpec, build_lora_model, load_base_model
+from fedlora.lora.spec import LoraSpec
+from fedlora.lora.state import AdapterError, state_from_dict
+from fedlora.model.models import build_lora_model, load_base_model
+from fedlora.model.peft_state import load_into_peft, state_from_peft
+from fedlora.run.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedlora.wire.records import from_arrayrecord, to_arrayrecord
 
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("query", "value"))
 

@@ -17,11 +17,8 @@ from peft import PeftModel
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM
 
-from fedlora import results
-from fedlora.adapters import state_from_peft
 from fedlora.config import ConfigError, RunConfig
-from fedlora.data import eval_subset, load_table, tokenize
-from fedlora.instruct import (
+from fedlora.data.instruct import (
     IGNORE_INDEX,
     RESPONSE,
     TEXT,
@@ -30,10 +27,14 @@ from fedlora.instruct import (
     render_prompt,
     user_turn,
 )
-from fedlora.lm import evaluate_lm, example_mean_loss
-from fedlora.model import LoraSpec, build_lora_model, load_tokenizer
-from fedlora.privacy import make_private, new_budget
-from fedlora.train import make_optimizer, train_steps
+from fedlora.data.tables import eval_subset, load_table, tokenize
+from fedlora.lora.spec import LoraSpec
+from fedlora.model.lm import evaluate_lm, example_mean_loss
+from fedlora.model.models import build_lora_model, load_tokenizer
+from fedlora.model.peft_state import state_from_peft
+from fedlora.model.train import make_optimizer, train_steps
+from fedlora.privacy.dp_sgd import make_private, new_budget
+from fedlora.run import results
 from tests.helpers import make_tiny_gpt2, simulate_in_process
 
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("auto",), task="causal-lm")
@@ -228,7 +229,7 @@ def test_a_labelled_file_becomes_questions_whose_answer_is_the_label(tmp_path):
 
 
 def test_embedded_decoder_is_converted_once_and_shared(tmp_path, monkeypatch):
-    from fedlora import decoder
+    from fedlora.model import embedded_decoder as decoder
 
     monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path))
     calls = []

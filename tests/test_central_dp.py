@@ -16,19 +16,20 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from fedlora import protocol, results
-from fedlora.adapters import from_arrayrecord, to_arrayrecord
-from fedlora.checkpoint import load_checkpoint
 from fedlora.config import ConfigError, RunConfig
-from fedlora.model import LoraSpec
-from fedlora.privacy import central_epsilon
-from fedlora.seeded import seeded_a
-from server.central_dp import EPSILON_KEY, LEDGER_FILE, CentralDP
-from strategies.base import StrategyOptions
-from strategies.fedavg import FedAvg
-from strategies.ffa_lora import FfaLora
-from strategies.flora import Flora
-from strategies.lora_fair import LoraFair
+from fedlora.lora.seeded import seeded_a
+from fedlora.lora.spec import LoraSpec
+from fedlora.privacy.accounting import central_epsilon
+from fedlora.run import results
+from fedlora.run.checkpoint import load_checkpoint
+from fedlora.server.central_dp import EPSILON_KEY, LEDGER_FILE, CentralDP
+from fedlora.strategies.base import StrategyOptions
+from fedlora.strategies.fedavg import FedAvg
+from fedlora.strategies.ffa_lora import FfaLora
+from fedlora.strategies.flora import Flora
+from fedlora.strategies.lora_fair import LoraFair
+from fedlora.wire import protocol
+from fedlora.wire.records import from_arrayrecord, to_arrayrecord
 from tests.helpers import MODULES, FakeGrid, error_reply, random_state, simulate_in_process
 from tests.test_end_to_end import _tiny_run
 

@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from fedlora import certs
-from fedlora.cli import main
+from fedlora.run import certs
+from fedlora.run.cli import main
 
 
 def _certs(tmp_path, *args: str) -> int:

@@ -11,11 +11,18 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clients.local import encode_reply, receive_downlink
-from clients.node_state import NodeStore
-from fedlora import protocol
-from fedlora.adapters import AdapterState, LoraFactors, from_arrayrecord, to_arrayrecord
-from fedlora.compression import (
+from fedlora.clients.local import encode_reply, receive_downlink
+from fedlora.clients.node_state import NodeStore
+from fedlora.lora.spec import LoraSpec
+from fedlora.lora.state import AdapterState, LoraFactors
+from fedlora.strategies.base import ClientPlan, StrategyOptions
+from fedlora.strategies.conformance import SimulatedClient
+from fedlora.strategies.fedavg import FedAvg
+from fedlora.strategies.ffa_lora import FfaLora
+from fedlora.strategies.flora import Flora
+from fedlora.strategies.lora_fair import LoraFair
+from fedlora.wire import protocol
+from fedlora.wire.codec import (
     INDEX,
     SCALE,
     Codec,
@@ -26,14 +33,8 @@ from fedlora.compression import (
     kept,
     with_feedback,
 )
-from fedlora.link import apply_downlink, decode_uplink, encode_downlink, encode_uplink
-from fedlora.model import LoraSpec
-from strategies.base import ClientPlan, StrategyOptions
-from strategies.conformance import SimulatedClient
-from strategies.fedavg import FedAvg
-from strategies.ffa_lora import FfaLora
-from strategies.flora import Flora
-from strategies.lora_fair import LoraFair
+from fedlora.wire.links import apply_downlink, decode_uplink, encode_downlink, encode_uplink
+from fedlora.wire.records import from_arrayrecord, to_arrayrecord
 from tests.helpers import FakeGrid, error_reply, reply
 
 CODECS = [
@@ -451,7 +452,8 @@ def test_dense_sizes_match_the_tensors():
 def test_raw_arrays_round_trip_and_corrupt_ones_are_rejected():
     from flwr.app import Array, ArrayRecord
 
-    from fedlora.adapters import AdapterError, wire_bytes
+    from fedlora.lora.state import AdapterError
+    from fedlora.wire.records import wire_bytes
 
     tensors = {
         "a": np.arange(6, dtype=np.float16).reshape(2, 3),

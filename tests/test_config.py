@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.cli import load_scenario
-from fedlora.cli import main as cli_main
 from fedlora.config import ConfigError, NodeConfig, RunConfig
-from fedlora.data import load_table, partition
-from fedlora.model import LoraSpec, build_lora_model
-from server.federation import build_strategy, check_partitions
+from fedlora.data.tables import load_table, partition
+from fedlora.lora.spec import LoraSpec
+from fedlora.model.models import build_lora_model
+from fedlora.run.cli import load_scenario
+from fedlora.run.cli import main as cli_main
+from fedlora.server.federation import build_strategy, check_partitions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -206,7 +207,7 @@ def test_simulate_refuses_more_clients_per_round_than_supernodes(capsys):
 
 
 def test_simulate_clamps_the_defaults_to_a_small_federation():
-    from fedlora.cli import fit_to_nodes
+    from fedlora.run.cli import fit_to_nodes
 
     overrides, notes = fit_to_nodes({}, 2)
     assert overrides == {"clients-per-round": 2} and "clients-per-round" in notes[0]

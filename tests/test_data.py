@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fedlora.config import ConfigError, RunConfig
-from fedlora.data import eval_subset, load_table, partition, tokenize
-from fedlora.model import load_tokenizer
+from fedlora.data.tables import eval_subset, load_table, partition, tokenize
+from fedlora.model.models import load_tokenizer
 
 
 def test_20newsgroups_loads_with_20_labels():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from clients.data_cache import cache_dir, cache_key, file_stamp, load_or_build
+from fedlora.clients.data_cache import cache_dir, cache_key, file_stamp, load_or_build
 
 
 def _splits(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
@@ -90,7 +90,7 @@ def test_key_changes_with_what_shapes_the_data(tmp_path):
 
 def test_a_fresh_process_reads_its_partition_from_the_cache(tiny_model, tmp_path, monkeypatch):
     """What a new ClientApp process does in deployment: no re-partitioning, same data."""
-    from clients import local
+    from fedlora.clients import local
     from fedlora.config import RunConfig
     from tests.helpers import make_job
 

@@ -16,9 +16,9 @@ import pytest
 from cryptography import x509
 from safetensors.numpy import load_file
 
-from fedlora import results
-from fedlora.certs import make_node_key, make_server_files
-from fedlora.launch import BIN_DIR, LaunchError, free_port, local_federation, wait_for_port
+from fedlora.run import results
+from fedlora.run.certs import make_node_key, make_server_files
+from fedlora.run.launch import BIN_DIR, LaunchError, free_port, local_federation, wait_for_port
 from tests.test_end_to_end import _assert_stopped, _tiny_run
 
 

@@ -13,14 +13,14 @@ import pytest
 from flwr.simulation import run_simulation
 from peft import PeftModel
 
-from clients.app import app as client_app
-from fedlora import results
+from fedlora.clients.app import app as client_app
 from fedlora.config import RunConfig
-from fedlora.data import eval_subset, load_table, tokenize
-from fedlora.launch import local_federation
-from fedlora.model import load_base_model, load_tokenizer
-from fedlora.train import evaluate
-from server.app import make_server_app
+from fedlora.data.tables import eval_subset, load_table, tokenize
+from fedlora.model.models import load_base_model, load_tokenizer
+from fedlora.model.train import evaluate
+from fedlora.run import results
+from fedlora.run.launch import local_federation
+from fedlora.server.app import make_server_app
 from tests.helpers import read_scalars, simulate_in_process
 
 
@@ -142,7 +142,7 @@ def test_loopback_deployment_one_round(tiny_model, tmp_path):
 
 def test_failed_run_is_reported_not_swallowed(tiny_model, tmp_path):
     """`flwr run` exits 0 on a failed run; the launcher must read the status and raise."""
-    from fedlora.launch import LaunchError
+    from fedlora.run.launch import LaunchError
 
     out = tmp_path / "fail"
     out.mkdir()
@@ -232,7 +232,7 @@ def test_failing_strategy_stops_run_without_corrupting_adapter(tiny_model, tmp_p
         strategy="tests.test_conformance:ProducesNan",
         **{"num-server-rounds": 4, "max-failed-rounds": 2},
     )
-    from server.federation import StrategyFailedError
+    from fedlora.server.federation import StrategyFailedError
 
     with pytest.raises(StrategyFailedError, match="failed in 2 rounds"):
         simulate_in_process(overrides)
@@ -309,7 +309,7 @@ def test_same_seed_same_run(tiny_model, tmp_path):
 def test_a_run_in_which_no_round_aggregated_fails_and_says_so(tiny_model, tmp_path):
     """lr=1e30: every client fails with a NaN loss and every round is skipped. The run used to
     exit 0 as completed; now the ServerApp fails and the summary says why."""
-    from server.federation import RunFailedError
+    from fedlora.server.federation import RunFailedError
 
     out = tmp_path / "nothing"
     with pytest.raises(RunFailedError, match="no round aggregated anything"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Context, RecordDict
 
-from clients.node_state import NodeStore
+from fedlora.clients.node_state import NodeStore
 
 
 def _context():

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from fedlora import registry
-from fedlora.cli import build_parser
-from fedlora.cli import main as cli_main
 from fedlora.config import ConfigError
+from fedlora.run import registry
+from fedlora.run.cli import build_parser
+from fedlora.run.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,9 +103,9 @@ def test_broken_entry_point_names_package_and_error(tmp_path, on_path):
 def test_example_plugin_installs_and_runs_two_rounds(tiny_model, tmp_path, on_path):
     from flwr.simulation import run_simulation
 
-    from clients.app import app as client_app
-    from fedlora import results
-    from server.app import make_server_app
+    from fedlora.clients.app import app as client_app
+    from fedlora.run import results
+    from fedlora.server.app import make_server_app
 
     target = tmp_path / "site"
     _pip_target(ROOT / "examples" / "fedlora-flexlora", target)

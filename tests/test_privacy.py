@@ -10,15 +10,11 @@ import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedlora.adapters import state_from_peft
-from fedlora.model import LoraSpec, build_lora_model
-from fedlora.privacy import (
-    BudgetExhaustedError,
-    PrivacyBudget,
-    make_private,
-    new_budget,
-)
-from fedlora.train import make_optimizer, train_steps
+from fedlora.lora.spec import LoraSpec
+from fedlora.model.models import build_lora_model
+from fedlora.model.peft_state import state_from_peft
+from fedlora.model.train import make_optimizer, train_steps
+from fedlora.privacy.dp_sgd import BudgetExhaustedError, PrivacyBudget, make_private, new_budget
 
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("query", "value"))
 
@@ -202,7 +198,7 @@ def test_reproducible_noise_is_an_explicit_opt_in_that_repeats_exactly(tiny_mode
 
 def test_summary_marks_reproducible_noise_not_private():
     from fedlora.config import RunConfig
-    from server.federation import client_dp_line
+    from fedlora.server.federation import client_dp_line
 
     assert "NOT PRIVATE" in client_dp_line(RunConfig(dp=True, dp_reproducible_noise=True))
     assert "entropy pool" in client_dp_line(RunConfig(dp=True))

@@ -7,12 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora import protocol
-from fedlora.adapters import from_arrayrecord, to_arrayrecord, wire_bytes
-from fedlora.message_size import LIMIT_BYTES, MIB, MessageTooLargeError, check_message_size
-from fedlora.model import LoraSpec
-from strategies.base import StrategyOptions
-from strategies.fedavg import FedAvg
+from fedlora.lora.spec import LoraSpec
+from fedlora.strategies.base import StrategyOptions
+from fedlora.strategies.fedavg import FedAvg
+from fedlora.wire import protocol
+from fedlora.wire.message_size import LIMIT_BYTES, MIB, MessageTooLargeError, check_message_size
+from fedlora.wire.records import from_arrayrecord, to_arrayrecord, wire_bytes
 from tests.helpers import FakeGrid, error_reply, random_state, reply
 
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q", "v"))
@@ -421,7 +421,7 @@ def test_bad_evaluation_replies_are_ignored():
 def test_after_a_node_dies_the_next_round_does_not_wait_for_it(monkeypatch):
     """Round 1 has its three nodes; one then disappears. Round 2 samples the two that are
     left at once instead of waiting node_wait_timeout (900 s) for the third."""
-    from strategies import base
+    from fedlora.strategies import base
 
     clock = {"now": 0.0, "sleeps": 0}
 
@@ -445,7 +445,7 @@ def test_after_a_node_dies_the_next_round_does_not_wait_for_it(monkeypatch):
 
 
 def test_the_first_round_waits_for_a_full_sample(monkeypatch):
-    from strategies import base
+    from fedlora.strategies import base
 
     connected = iter([[1], [1, 2], [1, 2, 3]])
     grid = FakeGrid([])

@@ -6,11 +6,11 @@ import pytest
 from flwr.simulation import run_simulation
 from safetensors.numpy import load_file
 
-from clients.app import app as client_app
-from fedlora import results
-from fedlora.checkpoint import CheckpointError, check_resumable, latest_checkpoint
+from fedlora.clients.app import app as client_app
 from fedlora.config import ConfigError, RunConfig
-from server.app import make_server_app
+from fedlora.run import results
+from fedlora.run.checkpoint import CheckpointError, check_resumable, latest_checkpoint
+from fedlora.server.app import make_server_app
 from tests.test_end_to_end import _tiny_run
 
 BACKEND = {"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}}

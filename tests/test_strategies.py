@@ -7,14 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora.model import LoraSpec
-from fedlora.seeded import seeded_a
-from strategies.base import StrategyOptions, aggregation_error
-from strategies.conformance import SimulatedClient, simulate_round
-from strategies.fedavg import FedAvg
-from strategies.ffa_lora import FfaLora
-from strategies.flora import Flora
-from strategies.lora_fair import LoraFair, ridge_correction
+from fedlora.lora.seeded import seeded_a
+from fedlora.lora.spec import LoraSpec
+from fedlora.strategies.base import StrategyOptions, aggregation_error
+from fedlora.strategies.conformance import SimulatedClient, simulate_round
+from fedlora.strategies.fedavg import FedAvg
+from fedlora.strategies.ffa_lora import FfaLora
+from fedlora.strategies.flora import Flora
+from fedlora.strategies.lora_fair import LoraFair, ridge_correction
 from tests.helpers import random_state
 
 
@@ -244,7 +244,7 @@ def test_flora_state_round_trip_restores_merged_base():
 
 
 def test_truncated_svd_error_matches_discarded_singular_values():
-    from fedlora.delta import truncated_svd
+    from fedlora.lora.lowrank import truncated_svd
 
     rng = np.random.default_rng(0)
     d = rng.normal(size=(12, 3)) @ rng.normal(size=(3, 10)) + 0.01 * rng.normal(size=(12, 10))

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from fedlora.config import ConfigError, RunConfig
-from fedlora.tracking import make_tracker, round_scalars
+from fedlora.run.tracking import make_tracker, round_scalars
 from tests.helpers import read_scalars
 
 RECORD = {
@@ -53,7 +53,7 @@ def test_missing_mlflow_fails_before_any_round(tmp_path):
 
 
 def test_a_failing_backend_is_dropped_with_a_warning_and_epsilon_never_falls(caplog):
-    from fedlora.tracking import _Guarded
+    from fedlora.run.tracking import _Guarded
 
     class Flaky:
         def __init__(self):

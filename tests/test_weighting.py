@@ -7,12 +7,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora import protocol
-from fedlora.adapters import from_arrayrecord, to_arrayrecord
-from fedlora.model import LoraSpec
-from strategies.base import StrategyOptions
-from strategies.fedavg import FedAvg
-from strategies.weighting import Claim, WeightPolicy, bounded_counts, cap_shares, client_weights
+from fedlora.lora.spec import LoraSpec
+from fedlora.strategies.base import StrategyOptions
+from fedlora.strategies.fedavg import FedAvg
+from fedlora.strategies.weighting import (
+    Claim,
+    WeightPolicy,
+    bounded_counts,
+    cap_shares,
+    client_weights,
+)
+from fedlora.wire import protocol
+from fedlora.wire.records import from_arrayrecord, to_arrayrecord
 from tests.helpers import FakeGrid, random_state, reply
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from strategies.base import (
+from fedlora.strategies.base import (
     AdapterState,
     ClientUpdate,
     LoraFactors,

@@ -2,7 +2,7 @@
 
 from fedlora_flexlora import FlexLora
 
-from strategies.conformance import assert_conforms
+from fedlora.strategies.conformance import assert_conforms
 
 
 def test_flexlora_conforms():

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.config import RunConfig
-from fedlora.data import eval_subset, load_table, tokenize
-from fedlora.model import build_lora_model, load_tokenizer, lora_spec
-from fedlora.train import evaluate, make_optimizer, sampled_loader, train_steps
+from fedlora.data.tables import eval_subset, load_table, tokenize
+from fedlora.model.models import build_lora_model, load_tokenizer, lora_spec
+from fedlora.model.train import evaluate, make_optimizer, sampled_loader, train_steps
 
 
 @dataclass(frozen=True)

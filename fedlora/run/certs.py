@@ -36,7 +36,7 @@ class ServerFiles:
     key: Path
 
     def as_tls(self) -> dict[str, str]:
-        """The mapping :mod:`fedlora.launch` takes (``ca``, ``cert``, ``key``)."""
+        """The mapping :mod:`fedlora.run.launch` takes (``ca``, ``cert``, ``key``)."""
         return {"ca": str(self.ca), "cert": str(self.cert), "key": str(self.key)}
 
 

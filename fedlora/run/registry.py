@@ -17,10 +17,10 @@ from fedlora.config import ConfigError
 ENTRY_POINT_GROUP = "fedlora.strategies"
 
 BUILTINS: dict[str, str] = {
-    "fedavg": "strategies.fedavg:FedAvg",
-    "ffa_lora": "strategies.ffa_lora:FfaLora",
-    "flora": "strategies.flora:Flora",
-    "lora_fair": "strategies.lora_fair:LoraFair",
+    "fedavg": "fedlora.strategies.fedavg:FedAvg",
+    "ffa_lora": "fedlora.strategies.ffa_lora:FfaLora",
+    "flora": "fedlora.strategies.flora:Flora",
+    "lora_fair": "fedlora.strategies.lora_fair:LoraFair",
 }
 
 
@@ -78,8 +78,8 @@ def check_strategy_config(
     The same checks the server makes when it builds the strategy, so a typo in
     ``strategy-options`` or a mix of ranks the strategy cannot aggregate fails in the CLI.
     """
-    from strategies.base import LoraStrategy
-    from strategies.settings import parse_settings
+    from fedlora.strategies.base import LoraStrategy
+    from fedlora.strategies.settings import parse_settings
 
     cls = load_strategy_class(name)
     if not (isinstance(cls, type) and issubclass(cls, LoraStrategy)):

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.instruct import IGNORE_INDEX, encode_prompt
+from fedlora.data.instruct import IGNORE_INDEX, encode_prompt
 
 
 def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# payload keys of the base-merge stacks: "merge/<round>/<peft key>"
+from fedlora.lora.base_merge import MERGE_PREFIX as MERGE_PREFIX
+
 # RecordDict keys
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -30,12 +33,10 @@ DECLINED = "declined"  # 1 when the node refuses the round (privacy budget spent
 REASON = "reason"  # ConfigRecord key with the node's reason for declining
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
-A_FROM_SEED = "a-from-seed"  # lora_A is regenerated from INIT_SEED (fedlora.seeded), not sent
+A_FROM_SEED = "a-from-seed"  # lora_A is regenerated from INIT_SEED (fedlora.lora.seeded), not sent
 SEND_A = "send-a"  # whether the reply carries lora_A
 MERGE_ROUNDS = "merge-rounds"  # FLoRA: stacks the node must merge into its base, in order
-MERGE_PREFIX = "merge/"  # payload keys of those stacks: "merge/<round>/<peft key>"
 RESET_BASE = "reset-base"  # FLoRA: drop the merged base and merge every stack again
-BASE_ROUND = "base-round"  # the last round whose stack is merged into the expected base
 
 # MetricRecord keys of a node's self-description (reply to a QUERY message)
 NODE_RANK = "rank"
@@ -45,7 +46,7 @@ NODE_PARTITION = "partition-id"
 LAST_MERGED = "last-merged-round"
 BASE_FINGERPRINT = "base-fingerprint"
 
-# Compressed links (fedlora.link)
+# Compressed links (fedlora.wire.links)
 DOWNLINK_BASE = "downlink-base-round"  # the round of the payload the delta is taken from;
 # -1: nothing held, every tensor dense. Absent when the downlink is not compressed.
 UPLINK_RESIDUAL = "uplink-residual"  # node store name of the error-feedback residual

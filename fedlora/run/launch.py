@@ -31,7 +31,8 @@ from typing import IO, Any
 
 import psutil
 
-APP_DIR = Path(__file__).resolve().parent.parent
+APP_DIR = Path(__file__).resolve().parents[2]
+"""The Flower app: the repository root, which holds pyproject.toml."""
 BIN_DIR = Path(sys.executable).parent
 
 

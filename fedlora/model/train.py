@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from fedlora.lm import evaluate_lm, example_mean_loss
+from fedlora.model.lm import evaluate_lm, example_mean_loss
 
 
 @dataclass(frozen=True)

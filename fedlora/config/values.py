@@ -1,0 +1,89 @@
+"""Parsing and checking config values: one set of rules, used by every config class."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A run or node configuration value is invalid; the message names key and value."""
+
+
+def unknown_key(kind: str, key: str, value: Any, known: Iterable[str]) -> str:
+    """The message for an unknown key: the closest known ones, or (none close) all of them."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=2, cutoff=0.7)
+    hint = (
+        f"did you mean {' or '.join(repr(k) for k in close)}?"
+        if close
+        else f"known keys: {', '.join(known)}"
+    )
+    return f"Unknown {kind} key '{key}' (value {value!r}); {hint}"
+
+
+def fail(key: str, value: Any, why: str) -> None:
+    """Raise :class:`ConfigError` naming ``key`` and ``value``."""
+    raise ConfigError(f"Invalid value for '{key}': {value!r} {why}")
+
+
+def positive(cfg: Any, *names: str) -> None:
+    """Every named field of ``cfg`` is > 0 (NaN is not)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not value > 0:
+            fail(name.replace("_", "-"), value, "must be > 0")
+
+
+def non_negative(cfg: Any, *names: str) -> None:
+    """Every named field of ``cfg`` is >= 0."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 0:
+            fail(name.replace("_", "-"), value, "must be >= 0")
+
+
+def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    """``value`` is one of ``allowed``."""
+    if value not in allowed:
+        fail(key, value, f"must be one of {', '.join(allowed)}")
+
+
+def coerce_value(key: str, value: Any, type_name: Any) -> Any:
+    """Convert a TOML/CLI value to the field's type, or fail naming the key.
+
+    ``type_name`` is the field's annotation as written (``"int"``, ``"float | None"``...).
+    """
+    type_name = str(type_name)
+    if type_name.endswith(" | None"):
+        if value is None or str(value).strip().lower() in ("", "none"):
+            return None
+        type_name = type_name.removesuffix(" | None")
+    try:
+        if type_name == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if type_name == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if type_name == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+        else:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"Invalid value for '{key}': {value!r} is not a valid {type_name}"
+        ) from None
+    if not math.isfinite(number):
+        raise ConfigError(f"Invalid value for '{key}': {value!r} must be a finite number")
+    return number

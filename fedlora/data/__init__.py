@@ -1,0 +1,1 @@
+"""Datasets, partitions and prompts: the text a node trains and evaluates on."""

@@ -1,0 +1,1 @@
+"""Models on a device: loading and LoRA injection with peft, the training and evaluation loops."""

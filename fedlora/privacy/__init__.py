@@ -1,0 +1,1 @@
+"""Differential privacy: client DP-SGD with Opacus, and the accounting of central DP."""

@@ -1,0 +1,1 @@
+"""Running fedlora: the command line, Flower processes, preflight checks, results, checkpoints."""

@@ -1,0 +1,1 @@
+"""What crosses the wire: record keys, array records, codecs, link directions, size limits."""
