@@ -1,6 +1,6 @@
 """Flower ClientApp: receive the global adapter, train it locally, reply with the result.
 
-Thin glue over :mod:`clients.local`: parse the message, call the local job, wrap the
+Thin glue over :mod:`fedlora.clients.job`: parse the message, call the local job, wrap the
 answer in records. Nothing here keeps state between messages except process caches
 (base model, tokenised partition), which are safe to lose.
 """
@@ -16,7 +16,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedlora.clients.local import LocalJob
+from fedlora.clients.job import LocalJob
 from fedlora.privacy.dp_sgd import BudgetExhaustedError
 from fedlora.wire import protocol
 from fedlora.wire.message_size import check_message_size

@@ -2,9 +2,10 @@
 
 ``strategies/``, ``server/`` and ``clients/`` become ``fedlora.strategies``,
 ``fedlora.server`` and ``fedlora.clients``.
-Only in a regular build: an editable install maps ``fedlora`` to the source folder, whose
-``__init__`` finds the three folders itself (copying them into site-packages would
-shadow the live sources with a stale copy).
+Only in a regular build: an editable install maps ``fedlora`` to the source folder, where
+the stub packages ``fedlora/strategies`` etc. point at the three folders themselves
+(copying them into site-packages would shadow the live sources with a stale copy). The
+stubs are excluded from the wheel (``pyproject.toml``), the folders take their place.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ client clipping, since its replies carry no A; FLoRA and LoRA-FAIR: neither).
 
 What this module adds around the wrapper, and why:
 
-- the strategy's :meth:`~strategies.base.LoraStrategy.screen_replies` runs first, so a
-  failed node or a misshapen reply is recorded and left out instead of making the wrapper
-  skip the round or fail deep in numpy;
+- :meth:`~fedlora.server.flower_strategy.LoraFlowerStrategy.screen_replies` runs first, so
+  a failed node or a misshapen reply is recorded and left out instead of making the
+  wrapper skip the round or fail deep in numpy;
 - nodes that declare a rank other than ``lora-rank`` are excluded when they describe
   themselves, instead of being sampled and set aside round after round;
 - an accountant: Flower's own requires its ``FedAvg`` class, so the epsilon of the rounds
@@ -33,12 +33,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
 )
-from flwr.supercore import log
 
 from fedlora.config import ConfigError, RunConfig
 from fedlora.privacy.accounting import central_epsilon
-from fedlora.strategies.base import LoraStrategy
+from fedlora.server.flower_strategy import LoraFlowerStrategy
+from fedlora.server.reports import round_metrics
+from fedlora.strategies.api import logger
 
 WRAPPERS = {
     "client": DifferentialPrivacyClientSideFixedClipping,
@@ -48,11 +50,11 @@ EPSILON_KEY = "central-epsilon"
 LEDGER_FILE = "central_dp.json"
 
 
-class CentralDP:
-    """Drives one training round through Flower's DP wrapper around ``strategy``."""
+class CentralDP(Strategy):
+    """A Flower strategy: Flower's DP wrapper around ``inner``, screened and accounted."""
 
-    def __init__(self, strategy: LoraStrategy, cfg: RunConfig, out: Path) -> None:
-        mode = cfg.central_dp
+    def __init__(self, inner: LoraFlowerStrategy, cfg: RunConfig, out: Path) -> None:
+        mode, strategy, o = cfg.central_dp, inner.strategy, inner.options
         if mode not in strategy.central_dp:
             composes = sorted(strategy.central_dp) or ["none"]
             raise ConfigError(
@@ -60,14 +62,15 @@ class CentralDP:
                 f"with {', '.join(composes)} (Flower's wrappers add noise for a plain mean of the "
                 "replies; see docs/privacy.md)"
             )
-        o = strategy.options
-        if o.weighting != "uniform" or o.min_replies != o.clients_per_round:
+        if o.weights.weighting != "uniform" or o.min_replies != o.clients_per_round:
             raise ConfigError(
                 f"Invalid value for 'central-dp': {mode!r} needs weighting='uniform' and "
-                f"min-replies = clients-per-round; the strategy has {o.weighting!r} and "
+                f"min-replies = clients-per-round; the run has {o.weights.weighting!r} and "
                 f"{o.min_replies} of {o.clients_per_round}"
             )
-        self.strategy = strategy
+        # a node's B is rescaled and padded to the global rank, which changes its influence
+        inner.nodes.required_rank = strategy.lora.rank
+        self.inner = inner
         self.mode = mode
         self.ledger = out / LEDGER_FILE
         self.noise_multiplier = cfg.central_dp_noise
@@ -83,10 +86,10 @@ class CentralDP:
                     "the rounds it counted would go unaccounted"
                 ) from None
         self.wrapper = WRAPPERS[mode](
-            strategy,
+            inner,
             noise_multiplier=cfg.central_dp_noise,
             clipping_norm=cfg.central_dp_clip,
-            num_sampled_clients=strategy.options.clients_per_round,
+            num_sampled_clients=o.clients_per_round,
         )
 
     def epsilon(self) -> float:
@@ -106,20 +109,6 @@ class CentralDP:
         """Flower's wrapper summary (which includes the strategy's)."""
         self.wrapper.summary()
 
-    def discover_nodes(self, grid: Grid, config: ConfigRecord, timeout: float) -> None:
-        """The strategy's discovery, then exclude the nodes at another rank.
-
-        A node's B is rescaled and padded to the global rank, which changes its influence
-        on the mean.
-        """
-        self.strategy.discover_nodes(grid, config, timeout)
-        rank = self.strategy.options.lora.rank
-        for node_id, node_rank in list(self.strategy.node_ranks.items()):
-            if node_rank != rank and node_id not in self.strategy.excluded_nodes:
-                self.strategy.exclude_node(
-                    node_id, f"declared rank {node_rank}; central DP needs lora-rank={rank}"
-                )
-
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -130,7 +119,7 @@ class CentralDP:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen, clip (server mode), aggregate, add noise, and account the release."""
-        kept = self.strategy.screen_replies(server_round, replies, whole=self.mode == "server")
+        kept = self.inner.screen_replies(server_round, replies, whole=self.mode == "server")
         arrays, metrics = self.wrapper.aggregate_train(server_round, kept)
         if arrays is not None:
             self.releases += 1
@@ -138,10 +127,11 @@ class CentralDP:
             tmp = self.ledger.with_suffix(".tmp")
             tmp.write_text(json.dumps({"releases": self.releases, "mode": self.mode}))
             os.replace(tmp, self.ledger)  # before anyone sees the release
-        report = self.strategy.last_report
-        if report is not None:
-            report.metrics[EPSILON_KEY] = self.epsilon()
-        log(
+        # the wrapper returns no metrics when it skips the round: the report still has them
+        report = self.inner.reports[server_round]
+        report.metrics[EPSILON_KEY] = self.epsilon()
+        metrics = MetricRecord(round_metrics(report))
+        logger.log(
             INFO,
             "Central DP: %d releases, epsilon %.4g at delta %g",
             self.releases,
@@ -149,3 +139,15 @@ class CentralDP:
             self.delta,
         )
         return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Federated evaluation as without DP (its metrics are not noised; privacy.md)."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Federated evaluation as without DP."""
+        return self.inner.aggregate_evaluate(server_round, replies)

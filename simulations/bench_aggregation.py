@@ -27,12 +27,11 @@ import numpy as np
 
 from fedlora.lora.spec import LoraSpec
 from fedlora.run.registry import load_strategy_class
-from fedlora.strategies.base import (
+from fedlora.strategies.api import (
     AdapterState,
     ClientPlan,
     ClientUpdate,
     LoraFactors,
-    StrategyOptions,
     aggregation_error,
 )
 
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     per_client = sum(v.nbytes for v in updates[0].state.to_state_dict().values())
     strategies = {}
     for name in args.strategies:
-        strategy = load_strategy_class(name)(StrategyOptions(lora=spec))
+        strategy = load_strategy_class(name)(spec)
         strategy.initial_state(current)
         strategies[name] = strategy
 

@@ -32,23 +32,27 @@ from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.clients.app import train as client_train
-from fedlora.clients.local import LocalJob
+from fedlora.clients.job import LocalJob
 from fedlora.config import RunConfig
 from fedlora.data.tables import load_table
 from fedlora.model.models import build_lora_model, lora_spec
 from fedlora.model.peft_state import state_from_peft
 from fedlora.model.train import make_optimizer, sampled_loader
 from fedlora.run.cli import parse_overrides
-from fedlora.server.federation import build_strategy
+from fedlora.server.federation import build_strategy, round_options
+from fedlora.server.flower_strategy import LoraFlowerStrategy
 from fedlora.wire import protocol
 from fedlora.wire.records import to_arrayrecord
 
 
 class _OneNode:
-    """The node listing of a Grid, all ``configure_train`` needs here."""
+    """A Grid of one node that does not answer the server's query (it trains at lora-rank)."""
 
     def get_node_ids(self) -> list[int]:
         return [1]
+
+    def send_and_receive(self, messages: list, timeout: float | None = None) -> list:
+        return []
 
 
 def plain_peft_loop(job: LocalJob, batches: list) -> float:
@@ -79,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     table = load_table(cfg)
     # outside a Flower runtime, messages need the identity the runtime would set
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    strategy = build_strategy(cfg)
+    strategy = LoraFlowerStrategy(build_strategy(cfg), round_options(cfg))
     spec = lora_spec(cfg)
     model = build_lora_model(cfg.model, table.num_labels, spec, seed=cfg.seed)
-    state = strategy.initial_state(state_from_peft(model, spec.scaling))
+    state = strategy.strategy.initial_state(state_from_peft(model, spec.scaling))
     base = ConfigRecord(
         {protocol.RUN_CONFIG: cfg.to_json(), protocol.LABEL_NAMES: list(table.label_names)}
     )

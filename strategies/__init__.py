@@ -1,1 +1,1 @@
-"""Aggregation strategies: one module each, all on the public base in ``strategies.base``."""
+"""Aggregation strategies: the public API, one module per built-in, the conformance kit."""

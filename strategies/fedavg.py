@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedlora.strategies.base import (
+from fedlora.strategies.api import (
     AdapterState,
     ClientUpdate,
     LoraFactors,

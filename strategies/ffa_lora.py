@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedlora.strategies.base import (
+from fedlora.strategies.api import (
+    A_SUFFIX,
     AdapterState,
     ClientPlan,
     ClientUpdate,
@@ -66,7 +67,7 @@ class FfaLora(LoraStrategy):
         """A from the shared seed at the global rank, B = 0."""
         factors = {
             m: LoraFactors(
-                a=seeded_a(m, f.rank, f.a.shape[1], self.options.seed),
+                a=seeded_a(m, f.rank, f.a.shape[1], self.seed),
                 b=np.zeros_like(f.b),
             )
             for m, f in state.factors.items()
@@ -76,17 +77,17 @@ class FfaLora(LoraStrategy):
     def restore_fixed(self, state: AdapterState) -> AdapterState:
         """A from the seed, whatever the record held: the nodes regenerate it from the seed."""
         factors = {
-            m: LoraFactors(a=seeded_a(m, f.rank, f.a.shape[1], self.options.seed), b=f.b)
+            m: LoraFactors(a=seeded_a(m, f.rank, f.a.shape[1], self.seed), b=f.b)
             for m, f in state.factors.items()
         }
         return AdapterState(factors, state.dense, state.scaling)
 
-    def client_plan(self, server_round: int, node_id: int) -> ClientPlan:
+    def client_plan(self, server_round: int, node_id: int, rank: int) -> ClientPlan:
         """Train B only; A is the first r_k rows of the seeded A, never sent."""
         return ClientPlan(
-            rank=self.node_rank(node_id),
+            rank=rank,
             freeze_a=True,
-            init_seed=self.options.seed,
+            init_seed=self.seed,
             a_from_seed=True,
             send_a=False,
         )
@@ -96,7 +97,7 @@ class FfaLora(LoraStrategy):
     ) -> dict[str, np.ndarray]:
         """B (rescaled and truncated to r_k) and the dense tensors; no A."""
         view = node_view(current, plan.rank, self.scaling(plan.rank)).to_state_dict()
-        return {k: v for k, v in view.items() if not k.endswith(".lora_A.weight")}
+        return {k: v for k, v in view.items() if not k.endswith(A_SUFFIX)}
 
     def decode_update(
         self,
@@ -106,13 +107,11 @@ class FfaLora(LoraStrategy):
         current: AdapterState,
     ) -> AdapterState:
         """Rebuild each A_k from the seed; the reply carries B_k and the dense tensors."""
-        if any(k.endswith(".lora_A.weight") for k in tensors):
+        if any(k.endswith(A_SUFFIX) for k in tensors):
             raise ValueError("FFA-LoRA reply carries lora_A, which must never be sent")
         full = dict(tensors)
         for module, f in current.factors.items():
-            full[module + ".lora_A.weight"] = seeded_a(
-                module, plan.rank, f.a.shape[1], self.options.seed
-            )
+            full[module + A_SUFFIX] = seeded_a(module, plan.rank, f.a.shape[1], self.seed)
         return state_from_dict(full, self.scaling(plan.rank))
 
     def aggregate(

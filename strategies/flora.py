@@ -29,22 +29,21 @@ from typing import Any
 
 import numpy as np
 
-from fedlora.strategies.base import (
+from fedlora.strategies.api import (
+    LAST_MERGED,
     AdapterState,
     ClientPlan,
     ClientUpdate,
     LoraFactors,
     LoraStrategy,
-    StrategyOptions,
     average_dense,
-    fingerprint,
-    log,
+    base_disagreement,
+    fingerprint_distance,
+    logger,
     merge_into_base,
-    protocol,
+    stack_payload,
     state_from_dict,
 )
-
-FINGERPRINT_RTOL = 1e-4
 
 
 def stack_factors(factors: Sequence[LoraFactors], coefficients: Sequence[float]) -> LoraFactors:
@@ -80,15 +79,14 @@ class Flora(LoraStrategy):
 
         flora_catch_up: bool = True
 
-    def __init__(self, options: StrategyOptions) -> None:
-        super().__init__(options)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.catch_up = self.settings.flora_catch_up
         self.stacks: dict[int, AdapterState] = {}  # round -> stack of that round
         self.merged: dict[str, np.ndarray] = {}  # sum of stacks through merged_round
         self.merged_round = 0
         self.node_last_merged: dict[int, int] = {}
         self.node_reset: set[int] = set()
-        self._expected_fp: list[float] = fingerprint({})
 
     # -- the base every node must hold at the start of a round ---------------
     def _sync(self, server_round: int) -> None:
@@ -97,13 +95,12 @@ class Flora(LoraStrategy):
             if self.merged_round < r < server_round:
                 self.merged = merge_into_base(self.merged, self.stacks[r])
                 self.merged_round = r
-        self._expected_fp = fingerprint(self.merged)
 
     def base_delta(self) -> Mapping[str, np.ndarray]:
         """The merged base (sum of stacks before the current global adapter)."""
         return self.merged
 
-    def client_plan(self, server_round: int, node_id: int) -> ClientPlan:
+    def client_plan(self, server_round: int, node_id: int, rank: int) -> ClientPlan:
         """Fresh adapter at r_k (A from a per-round seed) after merging missed stacks."""
         self._sync(server_round)
         last = 0 if node_id in self.node_reset else self.node_last_merged.get(node_id, 0)
@@ -111,25 +108,19 @@ class Flora(LoraStrategy):
         if not self.catch_up:
             rounds = rounds[-1:]
         return ClientPlan(
-            rank=self.node_rank(node_id),
+            rank=rank,
             reinit=True,
-            init_seed=round_seed(self.options.seed, server_round, node_id),
+            init_seed=round_seed(self.seed, server_round, node_id),
             a_from_seed=True,
             merge_rounds=tuple(rounds),
-            config={protocol.RESET_BASE: node_id in self.node_reset},
+            reset_base=node_id in self.node_reset,
         )
 
     def payload(
         self, server_round: int, node_id: int, plan: ClientPlan, current: AdapterState
     ) -> dict[str, np.ndarray]:
         """The stacks the node must merge, and the averaged dense tensors."""
-        out: dict[str, np.ndarray] = {}
-        for r in plan.merge_rounds:
-            for key, value in self.stacks[r].to_state_dict().items():
-                if key.endswith((".lora_A.weight", ".lora_B.weight")):
-                    out[f"{protocol.MERGE_PREFIX}{r}/{key}"] = value
-        out.update(current.dense)
-        return out
+        return stack_payload(self.stacks, plan.merge_rounds) | dict(current.dense)
 
     def aggregate(
         self,
@@ -157,19 +148,12 @@ class Flora(LoraStrategy):
     def accept_update(self, server_round: int, update: ClientUpdate) -> str | None:
         """Drop a node whose merged base disagrees with the server's (and reset it)."""
         node = update.node_id
-        last = int(update.metrics.get(protocol.LAST_MERGED, -1))
-        fp = [update.metrics.get(f"{protocol.BASE_FINGERPRINT}-{i}") for i in range(4)]
-        expected_last = max((r for r in self.stacks if r < server_round), default=0)
-        self.node_last_merged[node] = max(last, 0)
-        if last != expected_last:
+        self.node_last_merged[node] = max(int(update.metrics.get(LAST_MERGED, -1)), 0)
+        expected_round = max((r for r in self.stacks if r < server_round), default=0)
+        why = base_disagreement(update.metrics, expected_round, self.merged)
+        if why is not None:
             self.node_reset.add(node)
-            return f"node merged up to round {last}, the server's base is at round {expected_last}"
-        if any(v is None for v in fp) or not np.allclose(
-            fp, self._expected_fp, rtol=FINGERPRINT_RTOL, atol=1e-6
-        ):
-            self.node_reset.add(node)
-            diff = max(abs((v or 0.0) - e) for v, e in zip(fp, self._expected_fp, strict=True))
-            return f"base fingerprint differs from the server's by {diff:.3e}"
+            return why
         self.node_reset.discard(node)
         return None
 
@@ -181,30 +165,26 @@ class Flora(LoraStrategy):
         result: AdapterState,
     ) -> dict[str, float]:
         """Stacked rank and the worst fingerprint distance among the aggregated nodes."""
-        worst = 0.0
-        for u in updates:
-            fp = [u.metrics.get(f"{protocol.BASE_FINGERPRINT}-{i}", np.nan) for i in range(4)]
-            worst = max(worst, max(abs(a - b) for a, b in zip(fp, self._expected_fp, strict=True)))
+        worst = max((fingerprint_distance(u.metrics, self.merged) for u in updates), default=0.0)
         return {"stack-rank": float(result.rank), "base-fingerprint-max-diff": worst}
 
     # -- checkpointing -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Stacks, merged base and each node's last merged round."""
-        state = super().state_dict()
-        state["flora"] = {
-            "merged_round": self.merged_round,
-            "node_last_merged": {str(k): v for k, v in self.node_last_merged.items()},
-            "node_reset": sorted(self.node_reset),
-            "stacks": {
-                str(r): {"scaling": s.scaling, "tensors": s.to_state_dict()}
-                for r, s in self.stacks.items()
-            },
+        return {
+            "flora": {
+                "merged_round": self.merged_round,
+                "node_last_merged": {str(k): v for k, v in self.node_last_merged.items()},
+                "node_reset": sorted(self.node_reset),
+                "stacks": {
+                    str(r): {"scaling": s.scaling, "tensors": s.to_state_dict()}
+                    for r, s in self.stacks.items()
+                },
+            }
         }
-        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore stacks and rebuild the merged base from them."""
-        super().load_state_dict(state)
         flora = state.get("flora", {})
         self.stacks = {
             int(r): state_from_dict(
@@ -220,4 +200,6 @@ class Flora(LoraStrategy):
         target = int(flora.get("merged_round", 0))
         self._sync(target + 1)
         if self.merged_round != target:
-            log(WARNING, "FLoRA state: merged round %d rebuilt as %d", target, self.merged_round)
+            logger.log(
+                WARNING, "FLoRA state: merged round %d rebuilt as %d", target, self.merged_round
+            )

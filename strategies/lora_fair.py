@@ -20,17 +20,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from fedlora.strategies.base import (
+from fedlora.strategies.api import (
     AdapterState,
     ClientUpdate,
     LoraFactors,
     LoraStrategy,
     LowRankTerm,
     ProductSum,
-    StrategyOptions,
 )
 from fedlora.strategies.fedavg import fedavg_states
 
@@ -95,20 +95,6 @@ def cosine_correction(
     return db.detach().numpy().astype(np.float32)
 
 
-def row_space_floor(target: Sequence[Sequence[LowRankTerm]], a_bars: Sequence[np.ndarray]) -> float:
-    """||dW* (I - P_A)|| / ||dW*||: the error left for the best B given A_bar (per module lists)."""
-    sums = [ProductSum(terms) for terms in target]
-    return _floor(sums, a_bars)
-
-
-def _floor(sums: Sequence[ProductSum], a_bars: Sequence[np.ndarray]) -> float:
-    den = sum(t.sq_norm for t in sums)
-    if den <= 0.0:
-        return 0.0
-    num = sum(t.outside_rows_sq(a) for t, a in zip(sums, a_bars, strict=True))
-    return float(np.sqrt(num / den))
-
-
 class LoraFair(LoraStrategy):
     """FedAvg of A and B plus the server-side residual correction of B."""
 
@@ -143,8 +129,8 @@ class LoraFair(LoraStrategy):
             if self.fair_steps <= 0 or self.fair_lr <= 0:
                 raise ValueError("Invalid value for 'fair-steps' / 'fair-lr': must be > 0")
 
-    def __init__(self, options: StrategyOptions) -> None:
-        super().__init__(options)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         s = self.settings
         self.method = s.fair_method
         default_lam = 1e-4 if self.method == "ridge" else 0.01

@@ -145,13 +145,37 @@ def random_state(rng: np.random.Generator, rank: int, scaling: float = 2.0) -> A
 
 
 class FakeGrid:
-    """Only the node listing of a Grid, for calling configure_train in unit tests."""
+    """A Grid's node listing, for calling configure_train in unit tests.
+
+    Its nodes do not answer the server's query (they train at the run's rank); set
+    ``flower.nodes.ranks`` for nodes of other ranks.
+    """
 
     def __init__(self, node_ids: list[int]) -> None:
         self.node_ids = node_ids
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
+
+    def send_and_receive(self, messages, timeout=None):
+        return []
+
+
+def flower_strategy(cls=None, lora=None, *, seed: int = 0, settings=None, **options):
+    """A LoraFlowerStrategy around ``cls`` (default FedAvg) with RoundOptions ``options``."""
+    from fedlora.lora.spec import LoraSpec
+    from fedlora.server.flower_strategy import LoraFlowerStrategy, RoundOptions
+    from fedlora.server.weights import WeightPolicy
+    from fedlora.strategies.fedavg import FedAvg
+
+    weights = {
+        k: options.pop(k) for k in ("weighting", "max_share", "max_claim_ratio") if k in options
+    }
+    if weights:
+        options["weights"] = WeightPolicy(**weights)
+    options.setdefault("seed", seed)
+    strategy = (cls or FedAvg)(lora or LoraSpec(4, 8.0, ("q", "v")), seed=seed, settings=settings)
+    return LoraFlowerStrategy(strategy, RoundOptions(**options))
 
 
 def reply(instruction: Message, tensors: dict, num_examples: float, **metrics: float) -> Message:
@@ -205,23 +229,17 @@ def make_job(cfg, node_config: dict, **fields):
     """A node's LocalJob for ``cfg`` without a message (round 1, no received tensors)."""
     from flwr.app import Context, RecordDict
 
-    from fedlora.clients.local import LocalJob
+    from fedlora.clients.job import LocalJob
     from fedlora.clients.node_state import NodeStore
     from fedlora.config import NodeConfig
+    from fedlora.lora.plan import ClientPlan
 
     context = Context(1, 1, dict(node_config), RecordDict(), {})
     values = {
         "cfg": cfg,
         "node": NodeConfig.from_mapping(node_config),
         "server_round": 1,
-        "rank": cfg.lora_rank,
-        "freeze_a": False,
-        "reinit": False,
-        "init_seed": 0,
-        "a_from_seed": False,
-        "send_a": True,
-        "merge_rounds": (),
-        "reset_base": False,
+        "plan": ClientPlan(rank=cfg.lora_rank),
         "store": NodeStore(context, None),
         "label_names": (),
         "tensors": {},

@@ -224,7 +224,9 @@ def test_a_labelled_file_becomes_questions_whose_answer_is_the_label(tmp_path):
     pairs.write_text("prompt,response\n" + "".join(f"q{i},r{i}\n" for i in range(10)))
     for own, expected in ((path, {"a", "b"}), (pairs, {f"r{i}" for i in range(10)})):
         job = make_job(cfg, {"data-path": str(own)}, label_names=("a", "b"))
-        train, test = job._frames()
+        from fedlora.clients.node_data import frames
+
+        train, test = frames(job.cfg, job.node, job.label_names)
         assert set(train[RESPONSE]) | set(test[RESPONSE]) == expected
 
 

@@ -23,14 +23,20 @@ from fedlora.privacy.accounting import central_epsilon
 from fedlora.run import results
 from fedlora.run.checkpoint import load_checkpoint
 from fedlora.server.central_dp import EPSILON_KEY, LEDGER_FILE, CentralDP
-from fedlora.strategies.base import StrategyOptions
 from fedlora.strategies.fedavg import FedAvg
 from fedlora.strategies.ffa_lora import FfaLora
 from fedlora.strategies.flora import Flora
 from fedlora.strategies.lora_fair import LoraFair
 from fedlora.wire import protocol
 from fedlora.wire.records import from_arrayrecord, to_arrayrecord
-from tests.helpers import MODULES, FakeGrid, error_reply, random_state, simulate_in_process
+from tests.helpers import (
+    MODULES,
+    FakeGrid,
+    error_reply,
+    flower_strategy,
+    random_state,
+    simulate_in_process,
+)
 from tests.test_end_to_end import _tiny_run
 
 RANK = 3
@@ -49,14 +55,14 @@ def _setup(mode: str, noise: float, clip: float, out, nodes: int = 3):
         }
     )
     spec = LoraSpec(rank=RANK, alpha=2.0 * RANK, target_modules=tuple(MODULES))
-    options = StrategyOptions(
-        lora=spec,
+    strategy = flower_strategy(
+        FedAvg,
+        spec,
         clients_per_round=nodes,
         min_replies=nodes,
         weighting="uniform",
         flower_numpy=True,
     )
-    strategy = FedAvg(options)
     return strategy, CentralDP(strategy, cfg, out)
 
 
@@ -107,7 +113,7 @@ def test_server_clipping_and_mean_match_numpy(tmp_path):
     for k, v in current.items():
         expected = v + np.mean([c[k] for c in clipped], axis=0)
         np.testing.assert_allclose(got[k], expected, rtol=1e-5, atol=1e-6)
-    assert strategy.last_report.num_ok == 3 and central.releases == 1
+    assert strategy.reports[1].num_ok == 3 and central.releases == 1
 
 
 def test_noise_has_the_std_flower_claims(tmp_path):
@@ -167,7 +173,7 @@ def test_bad_replies_are_set_aside_before_flowers_wrapper(tmp_path, kind, status
     replies[1] = _corrupt(kind, messages[1], current)
     arrays, _ = central.aggregate_train(1, replies)
     assert arrays is None and central.releases == 0
-    report = strategy.last_report
+    report = strategy.reports[1]
     outcomes = {o.node_id: o for o in report.outcomes}
     assert outcomes[2].status == status and words in outcomes[2].reason, outcomes[2]
     assert [o.status for o in report.outcomes].count("ok") == 3
@@ -182,31 +188,30 @@ def test_bad_replies_are_set_aside_before_flowers_wrapper(tmp_path, kind, status
 def test_a_corrupt_ledger_stops_a_resume(tmp_path):
     cfg = RunConfig.from_mapping({**CENTRAL, "resume": "latest"})
     spec = LoraSpec(rank=RANK, alpha=6.0, target_modules=tuple(MODULES))
-    options = StrategyOptions(lora=spec, clients_per_round=3, min_replies=3, weighting="uniform")
+    flower = flower_strategy(FedAvg, spec, clients_per_round=3, min_replies=3, weighting="uniform")
     (tmp_path / LEDGER_FILE).write_text('{"releases": ')
     with pytest.raises(ConfigError, match="ledger.*unreadable"):
-        CentralDP(FedAvg(options), cfg, tmp_path)
+        CentralDP(flower, cfg, tmp_path)
 
 
 def test_a_node_at_another_rank_is_excluded_once(tmp_path):
-    strategy, central = _setup("client", noise=1.0, clip=1.0, out=tmp_path)
+    strategy, _central = _setup("client", noise=1.0, clip=1.0, out=tmp_path)
     for node in (1, 3):
-        strategy.register_node(node, RANK)
-    strategy.register_node(2, RANK - 1)  # FedAvg accepts mixed ranks; central DP must not
-    central.discover_nodes(FakeGrid([1, 2, 3]), ConfigRecord(), timeout=1.0)
-    assert set(strategy.excluded_nodes) == {2}
-    assert f"lora-rank={RANK}" in strategy.excluded_nodes[2]
+        strategy.nodes.register(node, RANK)
+    strategy.nodes.register(2, RANK - 1)  # FedAvg accepts mixed ranks; central DP must not
+    assert set(strategy.nodes.excluded) == {2}
+    assert f"lora-rank={RANK}" in strategy.nodes.excluded[2]
 
 
 def test_a_strategy_built_without_the_required_settings_is_refused(tmp_path):
     cfg = RunConfig.from_mapping(CENTRAL)
     spec = LoraSpec(rank=RANK, alpha=6.0, target_modules=tuple(MODULES))
     for options in (
-        StrategyOptions(lora=spec, clients_per_round=3, min_replies=2, weighting="uniform"),
-        StrategyOptions(lora=spec, clients_per_round=3, min_replies=3),
+        {"clients_per_round": 3, "min_replies": 2, "weighting": "uniform"},
+        {"clients_per_round": 3, "min_replies": 3},
     ):
         with pytest.raises(ConfigError, match="central-dp"):
-            CentralDP(FedAvg(options), cfg, tmp_path)
+            CentralDP(flower_strategy(FedAvg, spec, **options), cfg, tmp_path)
 
 
 def _exact_gaussian_epsilon(mu: float, delta: float) -> float:
@@ -247,7 +252,7 @@ def test_epsilon_lies_between_the_exact_curve_and_the_classic_rdp_bound(z, round
 def test_strategies_that_do_not_compose_are_refused(cls, mode, tmp_path):
     cfg = RunConfig.from_mapping({**CENTRAL, "central-dp": mode})
     spec = LoraSpec(rank=RANK, alpha=6.0, target_modules=tuple(MODULES))
-    strategy = cls(StrategyOptions(lora=spec, clients_per_round=3, min_replies=3))
+    strategy = flower_strategy(cls, spec, clients_per_round=3, min_replies=3)
     with pytest.raises(ConfigError, match="central-dp.*composes with"):
         CentralDP(strategy, cfg, tmp_path)
 

@@ -11,11 +11,11 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora.clients.local import encode_reply, receive_downlink
+from fedlora.clients.node_links import encode_reply, receive_downlink
 from fedlora.clients.node_state import NodeStore
+from fedlora.lora.plan import ClientPlan
 from fedlora.lora.spec import LoraSpec
 from fedlora.lora.state import AdapterState, LoraFactors
-from fedlora.strategies.base import ClientPlan, StrategyOptions
 from fedlora.strategies.conformance import SimulatedClient
 from fedlora.strategies.fedavg import FedAvg
 from fedlora.strategies.ffa_lora import FfaLora
@@ -35,7 +35,7 @@ from fedlora.wire.codec import (
 )
 from fedlora.wire.links import apply_downlink, decode_uplink, encode_downlink, encode_uplink
 from fedlora.wire.records import from_arrayrecord, to_arrayrecord
-from tests.helpers import FakeGrid, error_reply, reply
+from tests.helpers import FakeGrid, error_reply, flower_strategy, reply
 
 CODECS = [
     Codec(d, v) for d in (1.0, 0.5, 0.1, 0.05, 0.01) for v in ("fp32", "fp16", "int8", "sign")
@@ -300,29 +300,11 @@ class _Node:
                 received = receive_downlink(self.store, wire, base, server_round)
             except CompressionError as err:
                 return error_reply(msg, str(err))
-        plan = ClientPlan(
-            rank=int(cfg[protocol.RANK]),
-            freeze_a=bool(cfg[protocol.FREEZE_A]),
-            reinit=bool(cfg[protocol.REINIT]),
-            init_seed=int(cfg[protocol.INIT_SEED]),
-            a_from_seed=bool(cfg[protocol.A_FROM_SEED]),
-            send_a=bool(cfg[protocol.SEND_A]),
-            merge_rounds=tuple(int(r) for r in cfg[protocol.MERGE_ROUNDS]),
-            config={protocol.RESET_BASE: bool(cfg.get(protocol.RESET_BASE, False))},
-        )
-        metrics = self.sim.merge(plan, received, strategy.scaling)
-        trained = self.sim.train(plan, received, current, rng)
+        plan = ClientPlan.from_json(cfg[protocol.PLAN])
+        trained, metrics = self.sim.train(strategy.strategy, plan, received, current, rng)
         self.trained = trained
         tensors = encode_reply(
-            self.store,
-            trained,
-            received,
-            codec=strategy.options.uplink,
-            rank=plan.rank,
-            reinit=plan.reinit,
-            a_from_seed=plan.a_from_seed,
-            init_seed=plan.init_seed,
-            server_round=server_round,
+            self.store, trained, received, plan, strategy.options.uplink, server_round
         )
         if corrupt is not None:
             tensors = corrupt(tensors)
@@ -348,15 +330,15 @@ def _round(strategy, server_round, arrays, nodes, rng, corrupt=None):
 @pytest.mark.parametrize("cls", [FedAvg, FfaLora, Flora, LoraFair])
 def test_compressed_rounds_agree_on_what_each_node_holds(cls, uplink):
     rng = np.random.default_rng(4)
-    strategy = cls(
-        StrategyOptions(lora=SPEC, clients_per_round=2, min_replies=2, uplink=uplink, downlink=DOWN)
+    strategy = flower_strategy(
+        cls, SPEC, clients_per_round=2, min_replies=2, uplink=uplink, downlink=DOWN
     )
-    state = strategy.initial_state(_state(rng))
+    state = strategy.strategy.initial_state(_state(rng))
     arrays = to_arrayrecord(state.to_state_dict())
     nodes = {i: _Node(i) for i in (1, 2, 3)}
     for server_round in range(1, 6):
         arrays, metrics, messages = _round(strategy, server_round, arrays, nodes, rng)
-        report = strategy.last_report
+        report = strategy.reports[server_round]
         assert report.num_ok == 2, [o.reason for o in report.outcomes]
         assert metrics["bytes-up"] < metrics["dense-up"] / 2
         if cls.exact:  # the strategy aggregates the decoded updates exactly
@@ -382,11 +364,15 @@ def test_server_decodes_what_the_node_trained(downlink):
     """One node per round, so FedAvg's new global is that node's decoded reply: it must be
     what the node trained (up to fp16 rounding), not a delta taken for the tensors."""
     rng = np.random.default_rng(6)
-    options = StrategyOptions(
-        lora=SPEC, clients_per_round=1, min_replies=1, uplink=Codec(1.0, "fp16"), downlink=downlink
+    strategy = flower_strategy(
+        FedAvg,
+        SPEC,
+        clients_per_round=1,
+        min_replies=1,
+        uplink=Codec(1.0, "fp16"),
+        downlink=downlink,
     )
-    strategy = FedAvg(options)
-    arrays = to_arrayrecord(strategy.initial_state(_state(rng)).to_state_dict())
+    arrays = to_arrayrecord(strategy.strategy.initial_state(_state(rng)).to_state_dict())
     nodes = {i: _Node(i) for i in (1, 2)}
     for server_round in range(1, 5):
         arrays, _, messages = _round(strategy, server_round, arrays, nodes, rng)
@@ -398,8 +384,8 @@ def test_server_decodes_what_the_node_trained(downlink):
 
 def test_a_corrupt_sparse_reply_is_dropped_and_the_node_recovers():
     rng = np.random.default_rng(5)
-    strategy = FedAvg(
-        StrategyOptions(lora=SPEC, clients_per_round=3, min_replies=2, uplink=UP, downlink=DOWN)
+    strategy = flower_strategy(
+        FedAvg, SPEC, clients_per_round=3, min_replies=2, uplink=UP, downlink=DOWN
     )
     arrays = to_arrayrecord(_state(rng).to_state_dict())
     nodes = {i: _Node(i) for i in (1, 2, 3)}
@@ -411,24 +397,24 @@ def test_a_corrupt_sparse_reply_is_dropped_and_the_node_recovers():
         return tensors | {key: idx}
 
     arrays, _, _ = _round(strategy, 1, arrays, nodes, rng, corrupt={2: duplicate})
-    outcome = {o.node_id: o for o in strategy.last_report.outcomes}
+    outcome = {o.node_id: o for o in strategy.reports[1].outcomes}
     assert outcome[2].status == "dropped" and "strictly increasing" in outcome[2].reason
     assert outcome[1].status == outcome[3].status == "ok"
     _round(strategy, 2, arrays, nodes, rng)
-    assert all(o.status == "ok" for o in strategy.last_report.outcomes)
+    assert all(o.status == "ok" for o in strategy.reports[2].outcomes)
 
 
 def test_a_node_that_lost_its_payload_gets_the_next_one_dense():
     rng = np.random.default_rng(6)
-    strategy = FedAvg(
-        StrategyOptions(lora=SPEC, clients_per_round=2, min_replies=1, uplink=UP, downlink=DOWN)
+    strategy = flower_strategy(
+        FedAvg, SPEC, clients_per_round=2, min_replies=1, uplink=UP, downlink=DOWN
     )
     arrays = to_arrayrecord(_state(rng).to_state_dict())
     nodes = {i: _Node(i) for i in (1, 2)}
     arrays, _, _ = _round(strategy, 1, arrays, nodes, rng)
     nodes[2] = _Node(2)  # a restarted node without a state dir: its store is empty
     arrays, _, _ = _round(strategy, 2, arrays, nodes, rng)
-    outcome = {o.node_id: o for o in strategy.last_report.outcomes}
+    outcome = {o.node_id: o for o in strategy.reports[2].outcomes}
     assert outcome[2].status == "error" and protocol.DOWNLINK_BASE in outcome[2].reason
     _, _, messages = _round(strategy, 3, arrays, nodes, rng)
     base = {
@@ -436,12 +422,12 @@ def test_a_node_that_lost_its_payload_gets_the_next_one_dense():
         for m in messages
     }
     assert base == {1: 2, 2: -1}
-    assert all(o.status == "ok" for o in strategy.last_report.outcomes)
+    assert all(o.status == "ok" for o in strategy.reports[3].outcomes)
 
 
 def test_dense_sizes_match_the_tensors():
     rng = np.random.default_rng(7)
-    strategy = FedAvg(StrategyOptions(lora=SPEC, clients_per_round=2, min_replies=2))
+    strategy = flower_strategy(FedAvg, SPEC, clients_per_round=2, min_replies=2)
     state = _state(rng)
     nodes = {i: _Node(i) for i in (1, 2)}
     _, metrics, _ = _round(strategy, 1, to_arrayrecord(state.to_state_dict()), nodes, rng)

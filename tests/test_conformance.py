@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedlora.run.registry import BUILTINS, load_strategy_class
-from fedlora.strategies.base import AdapterState, LoraFactors
+from fedlora.strategies.api import AdapterState, LoraFactors
 from fedlora.strategies.conformance import assert_conforms, check_strategy
 from fedlora.strategies.fedavg import FedAvg
 
@@ -86,6 +86,42 @@ def test_kit_catches_a_false_central_dp_claim(base, modes):
     assert "central DP claim" in _failed(cls)
 
 
+def test_kit_catches_settings_that_are_not_a_frozen_dataclass():
+    from dataclasses import dataclass
+
+    class Mutable(FedAvg):
+        @dataclass
+        class Settings:
+            knob: int = 1
+
+    class NotADataclass(FedAvg):
+        class Settings:
+            pass
+
+    assert "settings" in _failed(Mutable) and "settings" in _failed(NotADataclass)
+
+
+def test_the_public_api_imports_neither_flower_nor_torch():
+    """A strategy can be written and tested with numpy alone (a fresh interpreter checks)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fedlora.strategies.api, fedlora.strategies.conformance;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('flwr', 'torch'));"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_public_api_stays_small():
+    import importlib.util
+
+    path = Path(importlib.util.find_spec("fedlora.strategies.api").origin)
+    assert len(path.read_text().splitlines()) <= 320
+
+
 def test_kit_catches_wrong_shapes_and_nan():
     assert "output shapes and dtypes" in _failed(WrongShape)
     assert "output shapes and dtypes" in _failed(ProducesNan)
@@ -102,7 +138,7 @@ ALLOWED_TOP = {
     "numpy",
     "torch",
 }
-PUBLIC_API = "fedlora.strategies.base"
+PUBLIC_API = "fedlora.strategies.api"
 
 
 @pytest.mark.parametrize("target", sorted(BUILTINS.values()))

@@ -90,20 +90,20 @@ def test_key_changes_with_what_shapes_the_data(tmp_path):
 
 def test_a_fresh_process_reads_its_partition_from_the_cache(tiny_model, tmp_path, monkeypatch):
     """What a new ClientApp process does in deployment: no re-partitioning, same data."""
-    from fedlora.clients import local
+    from fedlora.clients import node_data
     from fedlora.config import RunConfig
     from tests.helpers import make_job
 
     monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path))
     cfg = RunConfig(model=str(tiny_model), num_partitions=4)
     job = make_job(cfg, {"partition-id": 1, "num-partitions": 4})
-    monkeypatch.setattr(local, "_DATA_CACHE", {})
+    monkeypatch.setattr(node_data, "_DATA_CACHE", {})
     first = job.data()
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
-    monkeypatch.setattr(local, "_DATA_CACHE", {})  # a new process: nothing in memory
+    monkeypatch.setattr(node_data, "_DATA_CACHE", {})  # a new process: nothing in memory
 
-    def no_partitioning(self):
+    def no_partitioning(*args):
         raise AssertionError("the partition was rebuilt although it is cached")
 
-    monkeypatch.setattr(local.LocalJob, "_frames", no_partitioning)
+    monkeypatch.setattr(node_data, "frames", no_partitioning)
     assert _equal(job.data(), first)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from fedlora.lora.lowrank import ProductSum, relative_error, sum_sq_norm
 from fedlora.lora.state import LoraFactors, resize_rank
-from fedlora.strategies.base import ClientPlan, ClientUpdate, aggregation_error
+from fedlora.strategies.api import ClientPlan, ClientUpdate, aggregation_error
 from fedlora.strategies.fedavg import fedavg_states
 from tests.helpers import random_state
 
@@ -148,7 +148,7 @@ def test_product_sum_against_dense_numpy(seed, n, d_out):
 
 
 def test_weighted_average_of_many_clients_within_its_error_bound():
-    from fedlora.strategies.base import weighted_average
+    from fedlora.strategies.api import weighted_average
 
     rng = np.random.default_rng(7)
     xs = [rng.standard_normal((64, 16)).astype(np.float32) for _ in range(100)]

@@ -135,3 +135,13 @@ def test_example_plugin_installs_and_runs_two_rounds(tiny_model, tmp_path, on_pa
     records = results.read_records(out)
     assert [r["round"] for r in records] == [0, 1, 2]
     assert all(r["num_ok"] == 2 and not r["skipped"] for r in records[1:])
+
+
+def test_a_plugin_written_for_the_old_api_gets_a_message_naming_the_new_import(tmp_path, on_path):
+    (tmp_path / "old_plugin.py").write_text(
+        "from strategies.base import LoraStrategy\n\n\nclass Old(LoraStrategy):\n    pass\n"
+    )
+    on_path(tmp_path)
+    with pytest.raises(ConfigError, match="fedlora.strategies.api") as info:
+        registry.load_strategy_class("old_plugin:Old")
+    assert "docs/plugins.md" in str(info.value)

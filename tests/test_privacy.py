@@ -198,7 +198,7 @@ def test_reproducible_noise_is_an_explicit_opt_in_that_repeats_exactly(tiny_mode
 
 def test_summary_marks_reproducible_noise_not_private():
     from fedlora.config import RunConfig
-    from fedlora.server.federation import client_dp_line
+    from fedlora.server.outputs import client_dp_line
 
     assert "NOT PRIVATE" in client_dp_line(RunConfig(dp=True, dp_reproducible_noise=True))
     assert "entropy pool" in client_dp_line(RunConfig(dp=True))

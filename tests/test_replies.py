@@ -7,23 +7,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedlora.lora.plan import ClientPlan
 from fedlora.lora.spec import LoraSpec
-from fedlora.strategies.base import StrategyOptions
 from fedlora.strategies.fedavg import FedAvg
 from fedlora.wire import protocol
 from fedlora.wire.message_size import LIMIT_BYTES, MIB, MessageTooLargeError, check_message_size
 from fedlora.wire.records import from_arrayrecord, to_arrayrecord, wire_bytes
-from tests.helpers import FakeGrid, error_reply, random_state, reply
+from tests.helpers import FakeGrid, error_reply, flower_strategy, random_state, reply
 
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q", "v"))
 
 
 def _setup(min_replies=2, nodes=(11, 22, 33)):
     rng = np.random.default_rng(0)
-    strategy = FedAvg(  # plain example weights: the share cap is tested on its own
-        StrategyOptions(
-            lora=SPEC, clients_per_round=len(nodes), min_replies=min_replies, max_weight_share=1.0
-        )
+    # plain example weights: the share cap is tested on its own
+    strategy = flower_strategy(
+        lora=SPEC, clients_per_round=len(nodes), min_replies=min_replies, max_share=1.0
     )
     current = random_state(rng, rank=4, scaling=SPEC.scaling)
     arrays = to_arrayrecord(current.to_state_dict())
@@ -45,7 +44,8 @@ def _good(rng):
 def test_configure_train_sends_rank_and_round():
     _strategy, current, _, messages, _ = _setup()
     cfg = next(iter(messages.values())).content.config_records[protocol.CONFIG]
-    assert cfg[protocol.RANK] == 4 and cfg[protocol.SERVER_ROUND] == 1
+    plan = ClientPlan.from_json(cfg[protocol.PLAN])
+    assert plan.rank == 4 and cfg[protocol.SERVER_ROUND] == 1
     sent = from_arrayrecord(next(iter(messages.values())).content.array_records[protocol.ARRAYS])
     for k, v in current.to_state_dict().items():
         np.testing.assert_array_equal(sent[k], v)
@@ -87,7 +87,7 @@ def test_bad_reply_is_dropped_and_round_aggregates_the_rest(corrupt, reason, cap
     ]
     arrays, _metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None
-    report = strategy.last_report
+    report = strategy.reports[1]
     bad = next(o for o in report.outcomes if o.node_id == n3)
     assert bad.status == "dropped" and reason in bad.reason
     assert report.num_ok == 2
@@ -117,7 +117,7 @@ def test_missing_metrics_and_examples_are_dropped():
     replies = [no_metrics, no_examples, reply(messages[n3], _good(rng), 5)]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is None  # 1 valid < min_replies=2
-    reasons = {o.node_id: o.reason for o in strategy.last_report.outcomes}
+    reasons = {o.node_id: o.reason for o in strategy.reports[1].outcomes}
     assert "MetricRecord" in reasons[n1] and protocol.NUM_EXAMPLES in reasons[n2]
 
 
@@ -130,7 +130,7 @@ def test_too_few_valid_replies_skips_round_and_keeps_global():
     ]  # n3 never replies
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is None
-    report = strategy.last_report
+    report = strategy.reports[1]
     assert report.skipped and "fewer than min-replies=2" in report.skip_reason
     status = {o.node_id: (o.status, o.reason) for o in report.outcomes}
     assert status[n2] == ("error", "node crashed")
@@ -148,7 +148,7 @@ def test_round_survives_loss_of_some_clients():
     assert arrays is not None
     for k, v in from_arrayrecord(arrays).items():
         np.testing.assert_allclose(v, good[k], rtol=1e-6)
-    assert strategy.last_report.aggregation_error < 1e-6
+    assert strategy.reports[1].aggregation_error < 1e-6
 
 
 def test_reply_from_unsampled_node_is_dropped():
@@ -160,7 +160,7 @@ def test_reply_from_unsampled_node_is_dropped():
         1, [stranger, *(reply(m, _good(rng), 5) for m in messages.values())]
     )
     assert arrays is not None
-    assert [o.status for o in strategy.last_report.outcomes if o.node_id == 999] == ["dropped"]
+    assert [o.status for o in strategy.reports[1].outcomes if o.node_id == 999] == ["dropped"]
 
 
 def test_failing_strategy_keeps_global_and_reports(caplog):
@@ -170,22 +170,28 @@ def test_failing_strategy_keeps_global_and_reports(caplog):
         def aggregate(self, server_round, updates, weights, current):
             raise RuntimeError("boom")
 
-    strategy = Broken(StrategyOptions(lora=SPEC, clients_per_round=2, min_replies=1))
+    strategy = flower_strategy(Broken, SPEC, clients_per_round=2, min_replies=1)
     rng = np.random.default_rng(0)
     arrays = to_arrayrecord(random_state(rng, rank=4).to_state_dict())
     messages = list(strategy.configure_train(1, arrays, _config(), FakeGrid([1, 2])))
     out, _ = strategy.aggregate_train(1, [reply(m, _good(rng), 5) for m in messages])
     assert out is None
-    assert "Broken) failed: RuntimeError: boom" in strategy.last_report.skip_reason
+    assert "Broken) failed: RuntimeError: boom" in strategy.reports[1].skip_reason
 
 
 def test_sampling_is_seeded_and_skips_excluded_nodes():
-    a = FedAvg(StrategyOptions(lora=SPEC, clients_per_round=3, seed=7))
-    b = FedAvg(StrategyOptions(lora=SPEC, clients_per_round=3, seed=7))
+    from fedlora.server.nodes import sample_nodes
+
+    a = flower_strategy(lora=SPEC, clients_per_round=3, seed=7)
+    b = flower_strategy(lora=SPEC, clients_per_round=3, seed=7)
     grid = FakeGrid(list(range(100, 120)))
-    assert a.sample_nodes(grid, 3) == b.sample_nodes(grid, 3)
-    a.exclude_node(100, "budget spent")
-    assert all(100 not in a.sample_nodes(grid, 19) for _ in range(3))
+
+    def sample(s, count):
+        return sample_nodes(grid, s.nodes, s.rng, count, min_replies=2, timeout=0)
+
+    assert sample(a, 3) == sample(b, 3)
+    a.nodes.exclude(100, "budget spent")
+    assert all(100 not in sample(a, 19) for _ in range(3))
 
 
 def test_message_size_check_names_the_tensors():
@@ -199,7 +205,7 @@ def test_message_size_check_names_the_tensors():
 
 def test_payload_over_the_message_limit_fails_before_sending():
     rng = np.random.default_rng(0)
-    strategy = FedAvg(StrategyOptions(lora=SPEC, clients_per_round=2, max_message_bytes=64))
+    strategy = flower_strategy(lora=SPEC, clients_per_round=2, max_message_bytes=64)
     arrays = to_arrayrecord(random_state(rng, rank=4).to_state_dict())
     with pytest.raises(MessageTooLargeError, match=r"training payload for node \d+ in round 1"):
         strategy.configure_train(1, arrays, _config(), FakeGrid([1, 2]))
@@ -211,11 +217,9 @@ def test_node_whose_payload_is_too_large_is_left_out_and_round_goes_on(caplog):
     current = random_state(rng, rank=4, scaling=SPEC.scaling)
     arrays = to_arrayrecord(current.to_state_dict())
 
-    def strategy(limit: int) -> FedAvg:
-        s = FedAvg(
-            StrategyOptions(lora=SPEC, clients_per_round=3, min_replies=2, max_message_bytes=limit)
-        )
-        s.node_ranks = {1: 1, 2: 1, 3: 4}
+    def strategy(limit: int):
+        s = flower_strategy(lora=SPEC, clients_per_round=3, min_replies=2, max_message_bytes=limit)
+        s.nodes.ranks = {1: 1, 2: 1, 3: 4}
         return s
 
     sizes = {
@@ -232,7 +236,7 @@ def test_node_whose_payload_is_too_large_is_left_out_and_round_goes_on(caplog):
     ]
     out, _ = capped.aggregate_train(1, replies)
     assert out is not None
-    status = {o.node_id: o.status for o in capped.last_report.outcomes}
+    status = {o.node_id: o.status for o in capped.reports[1].outcomes}
     assert status == {1: "ok", 2: "ok", 3: "too-large"}
 
 
@@ -248,7 +252,7 @@ def test_error_reply_made_by_the_superlink_is_matched_to_the_lost_node():
         1, [reply(messages[n1], _good(rng), 10), reply(messages[n2], _good(rng), 10), lost]
     )
     assert out is not None
-    status = {o.node_id: o.status for o in strategy.last_report.outcomes}
+    status = {o.node_id: o.status for o in strategy.reports[1].outcomes}
     assert status == {n1: "ok", n2: "ok", n3: "error"}  # one outcome per node, none "missing"
 
 
@@ -306,7 +310,7 @@ def test_a_corrupt_array_drops_its_reply_and_the_round_goes_on(kind):
     replies = [reply(messages[n1], _good(rng), 10), reply(messages[n2], _good(rng), 10), bad]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
-    status = {o.node_id: (o.status, o.reason) for o in strategy.last_report.outcomes}
+    status = {o.node_id: (o.status, o.reason) for o in strategy.reports[1].outcomes}
     assert status[n3][0] == "dropped" and "m.q.lora_A.weight" in status[n3][1], status[n3]
     assert status[n1][0] == status[n2][0] == "ok"
 
@@ -343,7 +347,7 @@ def test_fuzzed_arrays_never_crash_the_server(stype, dtype, shape, data, header)
     )
     arrays, _ = strategy.aggregate_train(1, [reply(messages[n1], _good(rng), 10), bad])
     assert arrays is not None  # the good reply is aggregated whatever the bad one holds
-    assert {o.node_id: o.status for o in strategy.last_report.outcomes}[n3] in ("dropped", "ok")
+    assert {o.node_id: o.status for o in strategy.reports[1].outcomes}[n3] in ("dropped", "ok")
 
 
 @pytest.mark.parametrize("value", [[1.0, 2.0], float("nan"), 1e300, -5, 2.5, 0], ids=repr)
@@ -354,7 +358,7 @@ def test_bad_metric_values_drop_the_reply_not_the_server(value):
     bad.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES] = value
     arrays, _ = strategy.aggregate_train(1, [reply(messages[n1], _good(rng), 10), bad])
     assert arrays is not None
-    status = {o.node_id: o.status for o in strategy.last_report.outcomes}
+    status = {o.node_id: o.status for o in strategy.reports[1].outcomes}
     assert status[n2] == "dropped"
 
 
@@ -381,7 +385,7 @@ class _QueryGrid(FakeGrid):
 def test_a_node_describing_itself_with_nonsense_is_excluded_not_fatal():
     from flwr.app import ConfigRecord
 
-    strategy = FedAvg(StrategyOptions(lora=SPEC, clients_per_round=3, node_wait_timeout=0))
+    strategy = flower_strategy(lora=SPEC, clients_per_round=3, node_wait_timeout=0)
     grid = _QueryGrid(
         {
             1: {protocol.NODE_RANK: 4, protocol.NODE_PARTITION: 0, protocol.NUM_EXAMPLES: 90},
@@ -389,9 +393,11 @@ def test_a_node_describing_itself_with_nonsense_is_excluded_not_fatal():
             3: {protocol.NODE_RANK: [4.0, 8.0]},
         }
     )
-    strategy.discover_nodes(grid, ConfigRecord(), timeout=1)
-    assert strategy.node_ranks == {1: 4} and strategy.node_examples == {1: 90}
-    assert sorted(strategy.excluded_nodes) == [2, 3]
+    from fedlora.server.nodes import discover_nodes
+
+    discover_nodes(grid, strategy.nodes, ConfigRecord(), count=3, min_replies=2, timeout=1)
+    assert strategy.nodes.ranks == {1: 4} and strategy.nodes.examples == {1: 90}
+    assert sorted(strategy.nodes.excluded) == [2, 3]
 
 
 def test_bad_evaluation_replies_are_ignored():
@@ -405,7 +411,7 @@ def test_bad_evaluation_replies_are_ignored():
             RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=instruction(node)
         )
 
-    strategy = FedAvg(StrategyOptions(lora=SPEC))
+    strategy = flower_strategy(lora=SPEC)
     out = strategy.aggregate_evaluate(
         1,
         [
@@ -421,7 +427,7 @@ def test_bad_evaluation_replies_are_ignored():
 def test_after_a_node_dies_the_next_round_does_not_wait_for_it(monkeypatch):
     """Round 1 has its three nodes; one then disappears. Round 2 samples the two that are
     left at once instead of waiting node_wait_timeout (900 s) for the third."""
-    from fedlora.strategies import base
+    from fedlora.server import nodes
 
     clock = {"now": 0.0, "sleeps": 0}
 
@@ -429,27 +435,29 @@ def test_after_a_node_dies_the_next_round_does_not_wait_for_it(monkeypatch):
         clock["sleeps"] += 1
         clock["now"] += seconds
 
-    monkeypatch.setattr(base.time, "sleep", sleep)
-    monkeypatch.setattr(base.time, "monotonic", lambda: clock["now"])
-    strategy = FedAvg(
-        StrategyOptions(lora=SPEC, clients_per_round=3, min_replies=2, node_wait_timeout=900)
-    )
+    monkeypatch.setattr(nodes.time, "sleep", sleep)
+    monkeypatch.setattr(nodes.time, "monotonic", lambda: clock["now"])
+    registry, rng = nodes.NodeRegistry(4), np.random.default_rng(0)
     grid = FakeGrid([1, 2, 3])
-    assert strategy.sample_nodes(grid, 3) == [1, 2, 3] and clock["sleeps"] == 0
+
+    def sample():
+        return nodes.sample_nodes(grid, registry, rng, 3, min_replies=2, timeout=900)
+
+    assert sample() == [1, 2, 3] and clock["sleeps"] == 0
     grid.node_ids = [1, 3]  # node 2 died; the SuperLink no longer lists it
-    assert strategy.sample_nodes(grid, 3) == [1, 3]
+    assert sample() == [1, 3]
     assert clock["sleeps"] == 0, f"waited {clock['now']:.0f} s for a dead node"
     grid.node_ids = [3]  # below min-replies: it waits, as before, up to the timeout
-    strategy.sample_nodes(grid, 3)
+    sample()
     assert clock["now"] >= 900
 
 
 def test_the_first_round_waits_for_a_full_sample(monkeypatch):
-    from fedlora.strategies import base
+    from fedlora.server import nodes
 
     connected = iter([[1], [1, 2], [1, 2, 3]])
     grid = FakeGrid([])
     grid.get_node_ids = lambda: next(connected)
-    monkeypatch.setattr(base.time, "sleep", lambda s: None)
-    strategy = FedAvg(StrategyOptions(lora=SPEC, clients_per_round=3, min_replies=2))
-    assert strategy.sample_nodes(grid, 3) == [1, 2, 3]
+    monkeypatch.setattr(nodes.time, "sleep", lambda s: None)
+    registry, rng = nodes.NodeRegistry(4), np.random.default_rng(0)
+    assert nodes.sample_nodes(grid, registry, rng, 3, min_replies=2, timeout=900) == [1, 2, 3]

@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedlora.config.settings import parse_settings
 from fedlora.lora.seeded import seeded_a
 from fedlora.lora.spec import LoraSpec
-from fedlora.strategies.base import StrategyOptions, aggregation_error
+from fedlora.strategies.api import aggregation_error
 from fedlora.strategies.conformance import SimulatedClient, simulate_round
 from fedlora.strategies.fedavg import FedAvg
 from fedlora.strategies.ffa_lora import FfaLora
@@ -20,9 +21,8 @@ from tests.helpers import random_state
 
 def _make(cls, ranks, seed=0, alpha=16.0, **extra):
     r_max = max(ranks)
-    strategy = cls(StrategyOptions(lora=LoraSpec(r_max, alpha, ("q", "v")), seed=seed, extra=extra))
-    for node, r in enumerate(ranks):
-        strategy.register_node(node, r)
+    settings = parse_settings(cls.Settings, extra, cls.name)
+    strategy = cls(LoraSpec(r_max, alpha, ("q", "v")), seed=seed, settings=settings)
     rng = np.random.default_rng(seed)
     current = strategy.initial_state(random_state(rng, r_max, strategy.scaling(r_max)))
     return strategy, current, rng
@@ -47,7 +47,10 @@ def _direct(updates, weights, state):
 
 def _round(cls, ranks, n, seed=0, **extra):
     strategy, current, rng = _make(cls, ranks, seed, **extra)
-    clients = [SimulatedClient(i, int(n_i)) for i, n_i in enumerate(n)]
+    ranks = list(ranks) * len(n) if len(ranks) == 1 else ranks
+    clients = [
+        SimulatedClient(i, int(n_i), r) for i, (n_i, r) in enumerate(zip(n, ranks, strict=True))
+    ]
     updates, rejected = simulate_round(strategy, 1, current, clients, rng)
     assert not rejected
     w = np.asarray(n, float) / np.sum(n)
@@ -76,12 +79,12 @@ def test_ffa_lora_is_exact_for_mixed_ranks(ranks):
 
 def test_ffa_lora_payload_and_reply_never_carry_a():
     strategy, current, rng = _make(FfaLora, (4, 8))
-    plan = strategy.client_plan(1, 0)
+    plan = strategy.client_plan(1, 0, 4)
     assert plan.freeze_a and plan.a_from_seed and not plan.send_a
     payload = strategy.payload(1, 0, plan, current)
     assert not any(k.endswith("lora_A.weight") for k in payload)
     assert payload["m.q.lora_B.weight"].shape == (6, 4)
-    reply = SimulatedClient(0, 5).train(plan, payload, current, rng)
+    reply, _ = SimulatedClient(0, 5, rank=4).train(strategy, plan, payload, current, rng)
     assert not any(k.endswith("lora_A.weight") for k in reply)
     with pytest.raises(ValueError, match="must never be sent"):
         strategy.decode_update(1, plan, {**reply, "m.q.lora_A.weight": np.zeros((4, 5))}, current)
@@ -146,12 +149,14 @@ def test_lora_fair_rejects_bad_settings():
         _make(LoraFair, (4,), **{"fair-lambda": -1})
 
 
-def test_strategy_refuses_ranks_it_cannot_take():
-    strategy, _, _ = _make(LoraFair, (8,))
-    strategy.register_node(5, 4)
-    assert 5 in strategy.excluded_nodes and "heterogeneous" in strategy.excluded_nodes[5]
-    strategy.register_node(6, 99)
-    assert "outside [1, lora-rank=8]" in strategy.excluded_nodes[6]
+def test_the_server_refuses_ranks_the_strategy_cannot_take():
+    from fedlora.server.nodes import NodeRegistry
+
+    registry = NodeRegistry(8, mixed_ranks=LoraFair.heterogeneous_ranks)
+    registry.register(5, 4)
+    assert 5 in registry.excluded and "heterogeneous" in registry.excluded[5]
+    registry.register(6, 99)
+    assert "outside [1, lora-rank=8]" in registry.excluded[6]
 
 
 STRATEGIES = [FedAvg, FfaLora, LoraFair, Flora]
@@ -199,7 +204,7 @@ def test_flora_stacking_is_exact_for_mixed_ranks(ranks):
 def _flora_run(catch_up, rounds=4, n_nodes=5, per_round=2, seed=0):
     ranks = [4, 8, 4, 16, 8][:n_nodes]
     strategy, current, rng = _make(Flora, ranks, seed, **{"flora-catch-up": str(catch_up)})
-    clients = [SimulatedClient(i, 10 + i) for i in range(n_nodes)]
+    clients = [SimulatedClient(i, 10 + i, r) for i, r in enumerate(ranks)]
     sampler = np.random.default_rng(seed)
     rejected_total = {}
     for r in range(1, rounds + 1):
@@ -211,11 +216,13 @@ def _flora_run(catch_up, rounds=4, n_nodes=5, per_round=2, seed=0):
             current = strategy.aggregate(r, updates, w / w.sum(), current)
     # a final round in which every node catches up (or not) to the server's base
     for c in clients:
-        plan = strategy.client_plan(rounds + 1, c.node_id)
-        c.merge(plan, strategy.payload(rounds + 1, c.node_id, plan, current), strategy.scaling)
+        plan = strategy.client_plan(rounds + 1, c.node_id, c.rank)
+        payload = strategy.payload(rounds + 1, c.node_id, plan, current)
+        c.base = c.base.merged(payload, plan.merge_rounds, strategy.scaling, reset=plan.reset_base)
     server = strategy.base_delta()
     diffs = [
-        max(float(np.max(np.abs(c.base.get(m, 0) - server[m]))) for m in server) for c in clients
+        max(float(np.max(np.abs(c.base.delta.get(m, 0) - server[m]))) for m in server)
+        for c in clients
     ]
     return diffs, rejected_total, strategy
 
@@ -235,7 +242,7 @@ def test_flora_without_catch_up_nodes_drift_and_are_rejected():
 
 def test_flora_state_round_trip_restores_merged_base():
     _, _, strategy = _flora_run(catch_up=True)
-    clone = Flora(strategy.options)
+    clone = Flora(strategy.lora, seed=strategy.seed, settings=strategy.settings)
     clone.load_state_dict(strategy.state_dict())
     assert clone.merged_round == strategy.merged_round
     for m, d in strategy.base_delta().items():

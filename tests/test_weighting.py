@@ -8,18 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlora.lora.spec import LoraSpec
-from fedlora.strategies.base import StrategyOptions
-from fedlora.strategies.fedavg import FedAvg
-from fedlora.strategies.weighting import (
+from fedlora.server.weights import (
     Claim,
     WeightPolicy,
     bounded_counts,
     cap_shares,
     client_weights,
 )
+from fedlora.strategies.fedavg import FedAvg
 from fedlora.wire import protocol
 from fedlora.wire.records import from_arrayrecord, to_arrayrecord
-from tests.helpers import FakeGrid, random_state, reply
+from tests.helpers import FakeGrid, flower_strategy, random_state, reply
 
 
 def _waterfill_reference(w: np.ndarray, cap: float) -> np.ndarray:
@@ -88,10 +87,10 @@ def test_policy_rejects_bad_bounds():
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q", "v"))
 
 
-def _round(options: StrategyOptions, claims: dict[int, float], poison: int | None = None):
+def _round(options: dict, claims: dict[int, float], poison: int | None = None):
     """One FedAvg round where node ``poison`` sends a huge adapter; returns (strategy, global)."""
     rng = np.random.default_rng(0)
-    strategy = FedAvg(options)
+    strategy = flower_strategy(FedAvg, SPEC, **options)
     current = random_state(rng, rank=4, scaling=SPEC.scaling)
     arrays = to_arrayrecord(current.to_state_dict())
     from flwr.app import ConfigRecord
@@ -112,9 +111,9 @@ def _round(options: StrategyOptions, claims: dict[int, float], poison: int | Non
 def test_a_lying_client_no_longer_owns_the_average():
     """Measured before the bounds: weight 0.999996, the global equal to its tensors."""
     claims = {1: 1100, 2: 1200, 3: 900, 4: 1e9}
-    options = StrategyOptions(lora=SPEC, clients_per_round=4, min_replies=2)
+    options = {"clients_per_round": 4, "min_replies": 2}
     strategy, result, tensors = _round(options, claims, poison=4)
-    report = strategy.last_report
+    report = strategy.reports[1]
     weights = {o.node_id: o.weight for o in report.outcomes}
     assert weights[4] == pytest.approx(0.5)  # cut to 10x the median, then the share cap
     honest = np.array([1100, 1200, 900], float)
@@ -129,17 +128,15 @@ def test_a_lying_client_no_longer_owns_the_average():
 def test_without_the_bounds_the_liar_owns_the_average():
     """The attack as reported, with every bound switched off (the test can fail)."""
     claims = {1: 1100, 2: 1200, 3: 900, 4: 1e9}
-    options = StrategyOptions(
-        lora=SPEC, clients_per_round=4, min_replies=2, max_weight_share=1.0, max_claim_ratio=0
-    )
+    options = {"clients_per_round": 4, "min_replies": 2, "max_share": 1.0, "max_claim_ratio": 0}
     strategy, result, tensors = _round(options, claims, poison=4)
-    weights = {o.node_id: o.weight for o in strategy.last_report.outcomes}
+    weights = {o.node_id: o.weight for o in strategy.reports[1].outcomes}
     assert weights[4] > 0.99999
     np.testing.assert_allclose(result["m.q.lora_A.weight"], tensors[4]["m.q.lora_A.weight"], 1e-4)
 
 
 def test_a_claim_of_zero_examples_is_dropped_with_the_reason():
     claims = {1: 1100, 2: 0, 3: 900}
-    strategy, _, _ = _round(StrategyOptions(lora=SPEC, clients_per_round=3), claims)
-    outcome = next(o for o in strategy.last_report.outcomes if o.node_id == 2)
+    strategy, _, _ = _round({"clients_per_round": 3}, claims)
+    outcome = next(o for o in strategy.reports[1].outcomes if o.node_id == 2)
     assert outcome.status == "dropped" and "at least 1" in outcome.reason

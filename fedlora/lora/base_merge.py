@@ -1,59 +1,121 @@
-"""Merging low-rank stacks into a node's base weights (FLoRA; any strategy that writes the base).
+"""Low-rank stacks merged into the base weights: both ends of it, in one place.
 
-Server and nodes both merge with these functions, in round order, so their merged
-bases agree bit for bit; a node reports a fingerprint of its base so the server can
-tell when one drifted.
+FLoRA (and any strategy that writes the base, such as FedEx-LoRA's residual) sends a
+node the stacks it has not merged yet under ``merge/<round>/<peft key>`` payload keys,
+listed in its :class:`~fedlora.lora.plan.ClientPlan` (``merge_rounds``). The node merges
+them into its base in round order (:meth:`NodeBase.merged`) and reports the last round it
+merged and a fingerprint of its base (:meth:`NodeBase.report`); the server compares that
+with its own merged base (:func:`base_disagreement`). Both ends merge with
+:func:`merge_into_base`, so their bases agree bit for bit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedlora.lora.lowrank import merge_product
-from fedlora.lora.state import AdapterError, AdapterState, state_from_dict
+from fedlora.lora.lowrank import fingerprint, merge_product
+from fedlora.lora.state import A_SUFFIX, B_SUFFIX, AdapterError, AdapterState, state_from_dict
 
 MERGE_PREFIX = "merge/"
 """Payload keys of the stacks a node merges: ``merge/<round>/<peft key>``."""
+LAST_MERGED = "last-merged-round"
+"""Reply metric: the last round whose stack the node has merged."""
+BASE_FINGERPRINT = "base-fingerprint"
+"""Reply metrics ``base-fingerprint-<i>``: :func:`~fedlora.lora.lowrank.fingerprint` of the base."""
+FINGERPRINT_PROBES = 4
+FINGERPRINT_RTOL = 1e-4
+"""Relative tolerance between the server's and a node's fingerprint (float32 merges)."""
 
 
 def merge_into_base(
     delta: Mapping[str, np.ndarray] | None, stack: AdapterState
 ) -> dict[str, np.ndarray]:
-    """The base delta after merging ``stack`` (s B A per module) into ``delta``.
-
-    Server and clients both merge FLoRA stacks with this function, in round order, so
-    their merged bases agree bit for bit.
-    """
+    """The base delta after merging ``stack`` (s B A per module) into ``delta``."""
     out = dict(delta or {})
     for module, f in stack.factors.items():
         out[module] = merge_product(out.get(module), stack.scaling, f.b, f.a)
     return out
 
 
-def merge_received_stacks(
-    base: Mapping[str, np.ndarray],
-    last_merged: int,
-    received: Mapping[str, np.ndarray],
-    rounds: Iterable[int],
-    scaling_of_rank: Callable[[int], float],
-) -> tuple[dict[str, np.ndarray], int]:
-    """Merge the stacks ``received`` under ``merge/<round>/`` keys into ``base``, in order.
-
-    Rounds at or before ``last_merged`` are already in the base and skipped. Returns the
-    new base and the last round merged. This is the client half of FLoRA's catch-up.
-    """
-    out, last = dict(base), last_merged
+def stack_payload(stacks: Mapping[int, AdapterState], rounds: Iterable[int]) -> dict:
+    """The payload entries that carry the stacks of ``rounds`` (their LoRA factors)."""
+    out: dict[str, np.ndarray] = {}
     for r in rounds:
-        if r <= last:
-            continue
-        prefix = f"{MERGE_PREFIX}{r}/"
-        stack = state_from_dict(
-            {k[len(prefix) :]: v for k, v in received.items() if k.startswith(prefix)}, 1.0
-        )
-        if not stack.factors:
-            raise AdapterError(f"Stack of round {r} is missing from the payload")
-        stack = AdapterState(stack.factors, {}, scaling_of_rank(stack.rank))
-        out, last = merge_into_base(out, stack), r
-    return out, last
+        for key, value in stacks[r].to_state_dict().items():
+            if key.endswith((A_SUFFIX, B_SUFFIX)):
+                out[f"{MERGE_PREFIX}{r}/{key}"] = value
+    return out
+
+
+def without_stacks(received: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The received tensors other than base-merge stacks (what the adapter loads)."""
+    return {k: v for k, v in received.items() if not k.startswith(MERGE_PREFIX)}
+
+
+@dataclass(frozen=True)
+class NodeBase:
+    """A node's merged base: the delta per module, and the last round merged into it."""
+
+    delta: Mapping[str, np.ndarray] = field(default_factory=dict)
+    last_merged: int = 0
+
+    def merged(
+        self,
+        received: Mapping[str, np.ndarray],
+        rounds: Iterable[int],
+        scaling_of_rank: Callable[[int], float],
+        *,
+        reset: bool = False,
+    ) -> NodeBase:
+        """This base after merging the stacks of ``rounds`` found in ``received``, in order.
+
+        Rounds at or before :attr:`last_merged` are already in and skipped; ``reset``
+        starts again from the original base. This is the node half of FLoRA's catch-up.
+        """
+        out, last = ({}, 0) if reset else (dict(self.delta), self.last_merged)
+        for r in rounds:
+            if r <= last:
+                continue
+            prefix = f"{MERGE_PREFIX}{r}/"
+            stack = state_from_dict(
+                {k[len(prefix) :]: v for k, v in received.items() if k.startswith(prefix)}, 1.0
+            )
+            if not stack.factors:
+                raise AdapterError(f"Stack of round {r} is missing from the payload")
+            stack = AdapterState(stack.factors, {}, scaling_of_rank(stack.rank))
+            out, last = merge_into_base(out, stack), r
+        return NodeBase(out, last)
+
+    def report(self) -> dict[str, float]:
+        """What a node tells the server about its base, with every training reply."""
+        metrics = {LAST_MERGED: float(self.last_merged)}
+        for i, value in enumerate(fingerprint(self.delta, FINGERPRINT_PROBES)):
+            metrics[f"{BASE_FINGERPRINT}-{i}"] = value
+        return metrics
+
+
+def base_disagreement(
+    metrics: Mapping[str, float], expected_round: int, expected: Mapping[str, np.ndarray]
+) -> str | None:
+    """Why a node's reported base differs from the server's ``expected`` one (None: agrees)."""
+    last = int(metrics.get(LAST_MERGED, -1))
+    if last != expected_round:
+        return f"node merged up to round {last}, the server's base is at round {expected_round}"
+    reported = [metrics.get(f"{BASE_FINGERPRINT}-{i}") for i in range(FINGERPRINT_PROBES)]
+    want = fingerprint(expected, FINGERPRINT_PROBES)
+    if any(v is None for v in reported) or not np.allclose(
+        reported, want, rtol=FINGERPRINT_RTOL, atol=1e-6
+    ):
+        diff = max(abs((v or 0.0) - e) for v, e in zip(reported, want, strict=True))
+        return f"base fingerprint differs from the server's by {diff:.3e}"
+    return None
+
+
+def fingerprint_distance(metrics: Mapping[str, float], expected: Mapping[str, np.ndarray]) -> float:
+    """The largest difference between a node's reported fingerprint and ``expected``'s."""
+    want = fingerprint(expected, FINGERPRINT_PROBES)
+    reported = [metrics.get(f"{BASE_FINGERPRINT}-{i}", np.nan) for i in range(FINGERPRINT_PROBES)]
+    return max(abs(a - b) for a, b in zip(reported, want, strict=True))

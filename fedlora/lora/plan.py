@@ -1,37 +1,146 @@
-"""What a node is asked to do in one round, and what that means on both ends."""
+"""What a node is asked to do in one round, and what that means on both ends.
+
+A :class:`ClientPlan` is the one home of a round's instructions: the strategy writes it
+(``LoraStrategy.client_plan``), it crosses the wire as one versioned JSON entry, and the
+client, the server's uplink decoder and the conformance kit's simulated client all read
+its meaning from the methods below, so the three agree by construction.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
 from fedlora.lora.seeded import seeded_a
-from fedlora.lora.state import A_SUFFIX, B_SUFFIX
+from fedlora.lora.state import A_SUFFIX, B_SUFFIX, AdapterError, AdapterState
+
+PLAN_VERSION = 1
+"""Bump when a field changes meaning; a node refuses a plan of another version."""
 
 
-def start_tensors(
-    fresh: Mapping[str, np.ndarray],
-    received: Mapping[str, np.ndarray],
-    *,
-    rank: int,
-    reinit: bool,
-    a_from_seed: bool,
-    init_seed: int,
-) -> dict[str, np.ndarray]:
-    """The adapter a client starts its round from (the client-side half of a ClientPlan).
+@dataclass(frozen=True)
+class ClientPlan:
+    """One node's instructions for one round.
 
-    ``fresh`` is the model's own initialisation. Received factors replace it unless
-    ``reinit`` (then B = 0 and A stays fresh); lora_A is the shared seeded draw when
-    ``a_from_seed``; received dense tensors (the head) always load.
+    ``rank``: the LoRA rank it trains. ``freeze_a``: keep lora_A fixed. ``reinit``: start
+    a fresh adapter (A drawn from ``init_seed``, B = 0) instead of the received factors
+    (received dense tensors still load). ``a_from_seed``: lora_A is :func:`seeded_a` of
+    ``init_seed``, so it need not be sent. ``send_a``: whether the reply carries lora_A.
+    ``merge_rounds``: base-merge stacks (payload keys ``merge/<round>/<key>``) the node
+    merges into its base weights, in order, before training; ``reset_base``: drop the
+    merged base first. ``config``: further strategy-specific instructions (JSON values).
     """
-    start = {k: np.asarray(v) for k, v in fresh.items()}
-    for key, value in received.items():
-        if not key.endswith((A_SUFFIX, B_SUFFIX)) or not reinit:
-            start[key] = np.asarray(value)
-    for key, value in start.items():
-        if reinit and key.endswith(B_SUFFIX):
-            start[key] = np.zeros_like(value)
-        if a_from_seed and key.endswith(A_SUFFIX):
-            start[key] = seeded_a(key[: -len(A_SUFFIX)], rank, value.shape[1], init_seed)
-    return start
+
+    rank: int
+    freeze_a: bool = False
+    reinit: bool = False
+    init_seed: int = 0
+    a_from_seed: bool = False
+    send_a: bool = True
+    merge_rounds: tuple[int, ...] = ()
+    reset_base: bool = False
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise AdapterError(f"plan rank {self.rank} must be > 0")
+
+    # -- the start of training --------------------------------------------------
+    def start(
+        self, fresh: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """The tensors a node starts training from.
+
+        ``fresh`` is the model's own initialisation. Received factors replace it unless
+        ``reinit`` (then B = 0 and A stays fresh); lora_A is the shared seeded draw when
+        ``a_from_seed``; received dense tensors (the head) always load.
+        """
+        start = {k: np.asarray(v) for k, v in fresh.items()}
+        for key, value in received.items():
+            if not is_factor(key) or not self.reinit:
+                start[key] = np.asarray(value)
+        for key, value in start.items():
+            if self.reinit and key.endswith(B_SUFFIX):
+                start[key] = np.zeros_like(value)
+            if self.a_from_seed and key.endswith(A_SUFFIX):
+                start[key] = self.seeded(key, value.shape[1])
+        return start
+
+    def seeded(self, key: str, d_in: int) -> np.ndarray:
+        """The shared seeded lora_A of the module of ``key`` at this plan's rank."""
+        return seeded_a(key[: -len(A_SUFFIX)], self.rank, d_in, self.init_seed)
+
+    def trains(self, key: str) -> bool:
+        """Whether the tensor under ``key`` is trained (frozen: lora_A with ``freeze_a``)."""
+        return not (self.freeze_a and "lora_A" in key)
+
+    # -- the reply ----------------------------------------------------------------
+    def reply(self, trained: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What of the trained tensors the reply carries."""
+        return {k: v for k, v in trained.items() if self.send_a or not k.endswith(A_SUFFIX)}
+
+    def reply_shapes(self, current: AdapterState) -> dict[str, tuple[int, ...]]:
+        """The tensors a reply carries, at this plan's rank (what the server expects)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for module, f in current.factors.items():
+            if self.send_a:
+                shapes[module + A_SUFFIX] = (self.rank, f.a.shape[1])
+            shapes[module + B_SUFFIX] = (f.b.shape[0], self.rank)
+        shapes.update({k: tuple(v.shape) for k, v in current.dense.items()})
+        return shapes
+
+    def reference(
+        self, shapes: Mapping[str, tuple[int, ...]], received: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """The start of each reply tensor that both ends can rebuild.
+
+        A compressed uplink sends deltas from it: a seeded A, a re-initialised B (zero) or
+        a received tensor. A fresh A from the model's own random init is known to the node
+        only, so it is absent here and travels dense.
+        """
+        out: dict[str, np.ndarray] = {}
+        for key, shape in shapes.items():
+            if self.a_from_seed and key.endswith(A_SUFFIX):
+                out[key] = self.seeded(key, shape[1])
+            elif self.reinit and key.endswith(B_SUFFIX):
+                out[key] = np.zeros(shape, dtype=np.float32)
+            elif (self.reinit and is_factor(key)) or key not in received:
+                continue
+            elif received[key].shape == tuple(shape):
+                out[key] = np.asarray(received[key], dtype=np.float32)
+        return out
+
+    # -- the wire -------------------------------------------------------------------
+    def to_json(self) -> str:
+        """The plan as one versioned JSON text (a ConfigRecord value)."""
+        body = asdict(self) | {"merge_rounds": list(self.merge_rounds), "config": dict(self.config)}
+        return json.dumps({"version": PLAN_VERSION, **body}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ClientPlan:
+        """Inverse of :meth:`to_json`; a plan of another version or with unknown fields fails."""
+        try:
+            data = json.loads(text)
+            version = data.pop("version", None)
+        except (TypeError, ValueError, AttributeError) as err:
+            raise AdapterError(f"the round's plan is not readable JSON ({err})") from None
+        if version != PLAN_VERSION:
+            raise AdapterError(
+                f"plan version {version!r}, this node reads version {PLAN_VERSION}: server and "
+                "node run different fedlora versions"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AdapterError(f"plan has unknown fields {unknown}")
+        data["merge_rounds"] = tuple(int(r) for r in data.get("merge_rounds", ()))
+        return cls(**data)
+
+
+def is_factor(key: str) -> bool:
+    """Whether ``key`` names a LoRA factor (lora_A or lora_B), not a dense tensor."""
+    return key.endswith((A_SUFFIX, B_SUFFIX))

@@ -8,7 +8,7 @@ cannot carry bfloat16) and what the strategies' pure math works on.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,10 +62,6 @@ class AdapterState:
         out.update(self.dense)
         return out
 
-    def num_parameters(self) -> int:
-        """Number of scalars the adapter holds (what a dense fp32 message would carry)."""
-        return sum(int(v.size) for v in self.to_state_dict().values())
-
     def check_finite(self) -> None:
         """Raise naming the first tensor that holds NaN or Inf."""
         for key, value in self.to_state_dict().items():
@@ -108,15 +104,3 @@ def resize_rank(factors: LoraFactors, rank: int) -> LoraFactors:
     a[:r] = factors.a
     b[:, :r] = factors.b
     return LoraFactors(a=a, b=b)
-
-
-def module_names(states: Iterable[AdapterState]) -> list[str]:
-    """The module keys shared by all states, sorted; raise if they disagree."""
-    names: list[str] | None = None
-    for state in states:
-        current = sorted(state.factors)
-        if names is None:
-            names = current
-        elif current != names:
-            raise AdapterError("Adapters adapt different modules")
-    return names or []

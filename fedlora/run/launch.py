@@ -1,7 +1,7 @@
 """Start Flower processes on this machine and run the app against them.
 
 Used by ``fedlora simulate``, ``fedlora deploy-local`` and the end-to-end tests. It
-works around the pitfalls listed in DESIGN.md: it starts its own SuperLink instead of
+works around the Flower facts listed in docs/architecture.md: it starts its own SuperLink instead of
 ``flwr run``'s auto-started one, keeps Flower's CLI state in a private ``FLWR_HOME``,
 disables runtime dependency installation, puts the venv's ``bin`` on ``PATH`` (the
 SuperLink starts ``flower-superexec`` by bare name), reads the run's final status
@@ -170,16 +170,6 @@ class Process:
             return [root, *root.children(recursive=True)]
         except psutil.Error:
             return []
-
-    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
-        """SIGTERM the process and its descendants by PID, then SIGKILL what lingers.
-
-        A SuperLink starts flower-superexec (and it the simulation runtime) in process
-        groups of their own: the descendants are collected first and stopped with it.
-        """
-        stop_processes(self.tree(), grace)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=grace)
 
 
 @dataclass

@@ -59,6 +59,19 @@ def load_strategy_class(name: str) -> type[Any]:
     module_name, _, attr = entry.target.partition(":")
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == "strategies" or (err.name or "").startswith("strategies."):
+            raise ConfigError(
+                f"Strategy {name!r} ({entry.source}) imports '{err.name}', fedlora 0.1's "
+                "strategy API. Since 0.2 it is 'fedlora.strategies.api': change "
+                "'from strategies.base import ...' to 'from fedlora.strategies.api import ...', "
+                "and the constructor's 'options' to (lora, seed=..., settings=...); see "
+                "docs/plugins.md"
+            ) from err
+        raise ConfigError(
+            f"Strategy {name!r} ({entry.source}) cannot be imported from {module_name!r}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
     except Exception as err:
         raise ConfigError(
             f"Strategy {name!r} ({entry.source}) cannot be imported from {module_name!r}: "
@@ -78,14 +91,14 @@ def check_strategy_config(
     The same checks the server makes when it builds the strategy, so a typo in
     ``strategy-options`` or a mix of ranks the strategy cannot aggregate fails in the CLI.
     """
-    from fedlora.strategies.base import LoraStrategy
-    from fedlora.strategies.settings import parse_settings
+    from fedlora.config.settings import parse_settings
+    from fedlora.strategies.api import LoraStrategy
 
     cls = load_strategy_class(name)
     if not (isinstance(cls, type) and issubclass(cls, LoraStrategy)):
         raise ConfigError(
             f"Invalid value for 'strategy': {name!r} resolves to {cls!r}, which is not "
-            "a subclass of strategies.base.LoraStrategy"
+            "a subclass of fedlora.strategies.api.LoraStrategy"
         )
     if any(r != lora_rank for r in client_ranks) and not cls.heterogeneous_ranks:
         raise ConfigError(

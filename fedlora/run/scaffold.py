@@ -46,7 +46,8 @@ Start from weighted FedAvg of the factors and change :meth:`{cls}.aggregate`. Op
 hooks of ``LoraStrategy``: ``client_plan`` (rank, frozen or re-initialised factors),
 ``payload`` (what each node receives), ``decode_update`` (rebuild what a reply omits),
 ``accept_update``, ``initial_state``, ``state_dict``/``load_state_dict``,
-``extra_round_metrics``. See docs/plugins.md.
+``extra_round_metrics``; settings of your own go in a frozen ``Settings`` dataclass.
+See docs/plugins.md.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from strategies.base import (
+from fedlora.strategies.api import (
     AdapterState,
     ClientUpdate,
     LoraFactors,
@@ -96,7 +97,7 @@ TEST = '''\
 """The plugin passes fedlora's conformance kit."""
 
 from {package} import {cls}
-from strategies.conformance import assert_conforms
+from fedlora.strategies.conformance import assert_conforms
 
 
 def test_conforms():

@@ -293,11 +293,6 @@ def with_feedback(
     return wire, {k: (total[k] - sent[k]).astype(np.float32) for k in total}
 
 
-def payload_bytes(arrays: Iterable[np.ndarray]) -> int:
-    """Bytes of the array data (what :meth:`ArrayRecord.count_bytes` adds up, less keys)."""
-    return sum(np.asarray(a).nbytes for a in arrays)
-
-
 def dense_bytes(shapes: Iterable[tuple[int, ...]]) -> int:
     """Size of the same tensors sent dense in float32."""
     return sum(4 * math.prod(s) for s in shapes)

@@ -12,8 +12,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedlora.lora.seeded import seeded_a
-from fedlora.lora.state import A_SUFFIX, B_SUFFIX
 from fedlora.wire.codec import Codec, CompressionError, decode, encode, is_encoded, with_feedback
 
 
@@ -57,35 +55,6 @@ def apply_downlink(
         k: (v if k in dense else held[k] + v).astype(np.float32, copy=False)
         for k, v in decoded.items()
     }
-
-
-def uplink_reference(
-    shapes: Mapping[str, tuple[int, ...]],
-    received: Mapping[str, np.ndarray],
-    *,
-    rank: int,
-    reinit: bool,
-    a_from_seed: bool,
-    init_seed: int,
-) -> dict[str, np.ndarray]:
-    """The start of each tensor that both ends can rebuild; the uplink sends deltas from it.
-
-    Mirrors :func:`fedlora.lora.plan.start_tensors`: a seeded A, a re-initialised B (zero)
-    or a received tensor. A fresh A from the model's own random init is known to the
-    node only, so it is absent here and travels dense.
-    """
-    out: dict[str, np.ndarray] = {}
-    for key, shape in shapes.items():
-        factor = key.endswith((A_SUFFIX, B_SUFFIX))
-        if a_from_seed and key.endswith(A_SUFFIX):
-            out[key] = seeded_a(key[: -len(A_SUFFIX)], rank, shape[1], init_seed)
-        elif reinit and key.endswith(B_SUFFIX):
-            out[key] = np.zeros(shape, dtype=np.float32)
-        elif (reinit and factor) or key not in received:
-            continue
-        elif received[key].shape == tuple(shape):
-            out[key] = np.asarray(received[key], dtype=np.float32)
-    return out
 
 
 def encode_uplink(

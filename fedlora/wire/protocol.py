@@ -13,10 +13,7 @@ METRICS = "metrics"
 # ConfigRecord keys sent down with each train/evaluate message
 SERVER_ROUND = "server-round"
 RUN_CONFIG = "run-config"  # the server's validated RunConfig as JSON: one source of defaults
-RANK = "rank"
-FREEZE_A = "freeze-a"
-REINIT = "reinit"
-INIT_SEED = "init-seed"
+PLAN = "plan"  # this node's ClientPlan for the round, one versioned JSON text (fedlora.lora.plan)
 LABEL_NAMES = "label-names"
 
 # MetricRecord keys sent back by clients
@@ -33,18 +30,14 @@ DECLINED = "declined"  # 1 when the node refuses the round (privacy budget spent
 REASON = "reason"  # ConfigRecord key with the node's reason for declining
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
-A_FROM_SEED = "a-from-seed"  # lora_A is regenerated from INIT_SEED (fedlora.lora.seeded), not sent
-SEND_A = "send-a"  # whether the reply carries lora_A
-MERGE_ROUNDS = "merge-rounds"  # FLoRA: stacks the node must merge into its base, in order
-RESET_BASE = "reset-base"  # FLoRA: drop the merged base and merge every stack again
 
 # MetricRecord keys of a node's self-description (reply to a QUERY message)
 NODE_RANK = "rank"
 NODE_PARTITION = "partition-id"
 
-# MetricRecord keys a node reports about its merged base (FLoRA)
-LAST_MERGED = "last-merged-round"
-BASE_FINGERPRINT = "base-fingerprint"
+# MetricRecord keys a node reports about its merged base (fedlora.lora.base_merge)
+from fedlora.lora.base_merge import BASE_FINGERPRINT as BASE_FINGERPRINT  # noqa: E402
+from fedlora.lora.base_merge import LAST_MERGED as LAST_MERGED  # noqa: E402
 
 # Compressed links (fedlora.wire.links)
 DOWNLINK_BASE = "downlink-base-round"  # the round of the payload the delta is taken from;

@@ -1,4 +1,4 @@
-"""FlexLoRA as a fedlora strategy plugin (written against ``strategies.base`` only)."""
+"""FlexLoRA as a fedlora strategy plugin (written against ``fedlora.strategies.api`` only)."""
 
 from fedlora_flexlora.strategy import FlexLora
 

@@ -1,4 +1,4 @@
-"""A strategy's own settings: a frozen dataclass the server fills from ``strategy-options``.
+"""A strategy's own settings: a frozen dataclass filled from ``strategy-options``.
 
 A strategy declares ``Settings`` (fields with defaults; ``__post_init__`` rejects bad
 values); ``strategy-options = "fair-method=cosine,fair-lambda=0.01"`` is parsed into it,
@@ -12,13 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from fedlora.config import ConfigError, coerce_value, unknown_key
-
-
-@dataclasses.dataclass(frozen=True)
-class NoSettings:
-    """The settings of a strategy that has none."""
-
+from fedlora.config.values import ConfigError, coerce_value, unknown_key
 
 S = TypeVar("S")
 

@@ -12,9 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from fedlora.lora.base_merge import without_stacks
+from fedlora.lora.plan import ClientPlan
 from fedlora.wire import protocol
 from fedlora.wire.codec import Codec
-from fedlora.wire.links import apply_downlink, decode_uplink, encode_downlink, uplink_reference
+from fedlora.wire.links import apply_downlink, decode_uplink, encode_downlink
 
 
 class NodeLinks:
@@ -38,7 +40,7 @@ class NodeLinks:
         wire = encode_downlink(payload, held, self.downlink)
         received = apply_downlink(wire, held)
         self._received[node_id] = received
-        kept = {k: v for k, v in received.items() if not k.startswith(protocol.MERGE_PREFIX)}
+        kept = without_stacks(received)
         self._pending[node_id] = (server_round, kept)
         return wire, {protocol.DOWNLINK_BASE: held_round}
 
@@ -80,21 +82,14 @@ class NodeLinks:
         node_id: int,
         wire: Mapping[str, np.ndarray],
         shapes: Mapping[str, tuple[int, ...]],
-        *,
-        rank: int,
-        reinit: bool,
-        a_from_seed: bool,
-        init_seed: int,
+        plan: ClientPlan,
     ) -> dict[str, np.ndarray]:
-        """The dense tensors ``node_id`` trained, from its reply (raises CompressionError)."""
+        """The dense tensors ``node_id`` trained, from its reply (raises CompressionError).
+
+        The uplink sends deltas from the start of each tensor that both ends can rebuild
+        (:meth:`~fedlora.lora.plan.ClientPlan.reference`).
+        """
         if self.uplink.identity:
             return dict(wire)
-        reference = uplink_reference(
-            shapes,
-            self._received.get(node_id, {}),
-            rank=rank,
-            reinit=reinit,
-            a_from_seed=a_from_seed,
-            init_seed=init_seed,
-        )
+        reference = plan.reference(shapes, self._received.get(node_id, {}))
         return decode_uplink(wire, shapes, reference)

@@ -1,0 +1,262 @@
+"""What a client does with one message: its plan -> model -> train (DP) -> encode -> reply.
+
+Built from a message: the server sends its validated run configuration (the one source
+of defaults), this round's :class:`~fedlora.lora.plan.ClientPlan` and the payload; the
+node adds what only it knows (its partition or its own data file, its rank, its state
+directory) from its node config. The plan's meaning (the start tensors, what is frozen,
+what the reply carries, the uplink's reference) lives in :mod:`fedlora.lora.plan` and the
+merged base in :mod:`fedlora.lora.base_merge`; the conformance kit's simulated client
+uses the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+from peft import PeftModel
+from torch.utils.data import TensorDataset
+
+from fedlora.clients.node_data import node_data, node_state_dir
+from fedlora.clients.node_links import encode_reply, receive_downlink
+from fedlora.clients.node_state import NodeStore
+from fedlora.config import ConfigError, NodeConfig, RunConfig
+from fedlora.data.tables import load_table
+from fedlora.lora.base_merge import LAST_MERGED, NodeBase, without_stacks
+from fedlora.lora.plan import ClientPlan
+from fedlora.lora.spec import LoraSpec
+from fedlora.lora.state import state_from_dict
+from fedlora.model.models import apply_base_delta, build_lora_model, lora_spec
+from fedlora.model.peft_state import load_into_peft, state_from_peft
+from fedlora.model.train import evaluate, make_optimizer, sampled_loader, train_steps
+from fedlora.privacy.dp_sgd import PrivacyBudget, default_delta, make_private, new_budget
+from fedlora.wire import protocol
+from fedlora.wire.records import from_arrayrecord
+
+BASE_STATE = "merged-base"
+"""Store name of the node's merged base (stacks merged into its base weights)."""
+PRIVACY_STATE = "privacy"
+"""Store name of the node's DP budget (accountant history, sigma, q, delta)."""
+
+
+def _configure_threads() -> None:
+    """One intra-op thread per client unless told otherwise (clients share few cores)."""
+    threads = int(os.environ.get("FEDLORA_CLIENT_THREADS", os.environ.get("OMP_NUM_THREADS", "1")))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(max(1, threads))
+
+
+@dataclass
+class LocalJob:
+    """Everything one train, evaluate or query message asks of this node."""
+
+    cfg: RunConfig
+    node: NodeConfig
+    server_round: int
+    plan: ClientPlan
+    store: NodeStore
+    label_names: tuple[str, ...]
+    tensors: dict[str, np.ndarray]
+
+    @classmethod
+    def from_message(cls, msg: Message, context: Context) -> LocalJob:
+        """Parse the server's instructions and this node's own configuration."""
+        config = msg.content.config_records[protocol.CONFIG]
+        cfg = RunConfig.from_mapping(json.loads(str(config[protocol.RUN_CONFIG])))
+        node = NodeConfig.from_mapping(context.node_config)
+        arrays = msg.content.array_records.get(protocol.ARRAYS)
+        store = NodeStore(context, node_state_dir(cfg, node))
+        tensors = {} if arrays is None else from_arrayrecord(arrays)
+        if protocol.DOWNLINK_BASE in config:
+            tensors = receive_downlink(
+                store,
+                tensors,
+                int(config[protocol.DOWNLINK_BASE]),
+                int(config[protocol.SERVER_ROUND]),
+            )
+        plan = (
+            ClientPlan.from_json(str(config[protocol.PLAN]))
+            if protocol.PLAN in config
+            else ClientPlan(rank=cfg.lora_rank, init_seed=cfg.seed)  # a query: no plan
+        )
+        return cls(
+            cfg=cfg,
+            node=node,
+            server_round=int(config.get(protocol.SERVER_ROUND, 0)),
+            plan=plan,
+            store=store,
+            label_names=tuple(str(x) for x in config.get(protocol.LABEL_NAMES, [])),
+            tensors=tensors,
+        )
+
+    @property
+    def spec(self) -> LoraSpec:
+        """The LoRA layout this node trains this round."""
+        return lora_spec(self.cfg).with_rank(self.plan.rank)
+
+    @property
+    def partition_key(self) -> int:
+        """A stable per-node number for seeding (partition id, or a hash of the data path)."""
+        if self.node.partition_id is not None:
+            return self.node.partition_id
+        return sum(ord(ch) for ch in str(self.node.data_path)) % 100_003
+
+    def data(self) -> tuple[TensorDataset, TensorDataset]:
+        """This node's (train, held-out) tokenised data."""
+        return node_data(self.cfg, self.node, self.label_names)
+
+    def node_info(self) -> dict[str, float]:
+        """What this node tells the server about itself: rank, partition, training examples.
+
+        Also where a wrong node-config shows, at the start of the run: a partition
+        outside the run's partitions fails here rather than in every training round.
+        """
+        num = self.node.num_partitions or self.cfg.num_partitions
+        pid = self.node.partition_id
+        if pid is not None and not 0 <= pid < num:
+            raise ConfigError(
+                f"Invalid value for 'partition-id': {pid} not in [0, {num}) "
+                "(the run's num-partitions, unless the node-config sets its own)"
+            )
+        rank = self.node.lora_rank or self.cfg.rank_of_partition(pid)
+        # the server caps this node's later claims at what it declares now
+        return {
+            protocol.NODE_RANK: rank,
+            protocol.NODE_PARTITION: -1 if pid is None else pid,
+            protocol.NUM_EXAMPLES: len(self.data()[0]),
+        }
+
+    def merged_base(self) -> NodeBase:
+        """This node's base after merging the stacks it was sent, kept in its store."""
+        delta, meta = self.store.load(BASE_STATE)
+        stored = NodeBase(delta, int(meta.get(LAST_MERGED, 0)))
+        base = stored.merged(
+            self.tensors,
+            self.plan.merge_rounds,
+            lambda r: self.spec.with_rank(r).scaling,
+            reset=self.plan.reset_base,
+        )
+        if self.plan.reset_base or base.last_merged != stored.last_merged:
+            self.store.save(BASE_STATE, dict(base.delta), {LAST_MERGED: base.last_merged})
+        return base
+
+    def model(self, base: NodeBase | None = None) -> PeftModel:
+        """The LoRA model this round starts from, as the plan says."""
+        num_labels = len(self.label_names) if self.label_names else load_table(self.cfg).num_labels
+        spec = self.spec
+        model = build_lora_model(self.cfg.model, num_labels, spec, seed=self.plan.init_seed)
+        if base is not None and base.delta:
+            apply_base_delta(model, dict(base.delta))
+        fresh = state_from_peft(model, spec.scaling).to_state_dict()
+        start = self.plan.start(fresh, without_stacks(self.tensors))
+        load_into_peft(model, state_from_dict(start, spec.scaling))
+        for name, param in model.named_parameters():
+            if param.requires_grad and not self.plan.trains(name):
+                param.requires_grad_(False)
+        return model
+
+    def train(self) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Run the local steps; return the reply's (encoded) tensors and the metrics."""
+        _configure_threads()
+        cfg = self.cfg
+        train_data, _ = self.data()
+        if len(train_data) == 0:
+            raise ConfigError(f"Node partition {self.node.partition_id} has no training examples")
+        base = self.merged_base()
+        model = self.model(base)
+        optimizer = make_optimizer(model, cfg.lr)
+        seed = cfg.seed * 1_000_003 + self.server_round * 1009 + self.partition_key
+        private = None
+        if cfg.dp:
+            private = make_private(
+                model,
+                optimizer,
+                train_data,
+                budget=self.privacy_budget(len(train_data)),
+                clip_norm=cfg.dp_clip,
+                steps=cfg.local_steps,
+                # None: noise and sampling from the OS entropy pool, which the server cannot
+                # replay; the run's seed only when the user opted out of privacy
+                seed=seed if cfg.dp_reproducible_noise else None,
+            )  # raises BudgetExhaustedError before any step when the budget is spent
+            loop_model, loop_optimizer, loader = private.model, private.optimizer, private.loader
+        else:
+            loop_model, loop_optimizer = model, optimizer
+            loader = sampled_loader(train_data, cfg.batch_size, cfg.local_steps, seed)
+        started = time.perf_counter()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            result = train_steps(
+                loop_model,
+                loop_optimizer,
+                loader,
+                desc=f"round {self.server_round}",
+                show_progress=_progress_enabled(),
+            )
+        seconds = time.perf_counter() - started
+        tensors = self.plan.reply(state_from_peft(model, self.spec.scaling).to_state_dict())
+        # in the order received: Flower's clipping pairs a reply with its payload by position
+        order = [k for k in self.tensors if k in tensors]
+        tensors = {k: tensors[k] for k in order + [k for k in tensors if k not in order]}
+        started = time.perf_counter()
+        tensors = encode_reply(
+            self.store, tensors, self.tensors, self.plan, cfg.uplink, self.server_round
+        )
+        metrics = {
+            protocol.NUM_EXAMPLES: len(train_data),
+            protocol.TRAIN_LOSS: result.mean_loss,
+            protocol.TRAIN_LOSS_FIRST: result.first_loss,
+            protocol.TRAIN_SECONDS: seconds,
+            "train-steps": result.steps,
+            "encode-seconds": time.perf_counter() - started,
+            **base.report(),
+        }
+        if private is not None:
+            private.finish()
+            self.store.save(PRIVACY_STATE, {}, private.budget.to_state())
+            metrics |= {
+                protocol.EPSILON: private.budget.epsilon(),
+                protocol.DELTA: private.budget.delta,
+                "dp-noise-multiplier": private.budget.noise_multiplier,
+                "dp-steps": private.budget.steps,
+            }
+        return tensors, metrics
+
+    def privacy_budget(self, num_examples: int) -> PrivacyBudget:
+        """This node's budget: restored from its store, or calibrated once on first use."""
+        _, state = self.store.load(PRIVACY_STATE)
+        if state:
+            return PrivacyBudget.from_state(state)
+        c = self.cfg
+        return new_budget(
+            accountant=c.dp_accountant,
+            target_epsilon=c.dp_epsilon,
+            delta=c.dp_delta or default_delta(num_examples),
+            num_examples=num_examples,
+            batch_size=c.batch_size,
+            steps_per_round=c.local_steps,
+            expected_rounds=c.expected_client_rounds,
+            noise_multiplier=c.dp_noise or None,
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss and accuracy of the received adapter on this node's held-out data."""
+        _configure_threads()
+        _, test_data = self.data()
+        result = evaluate(
+            self.model(), test_data, self.cfg.eval_batch_size, show_progress=_progress_enabled()
+        )
+        return {
+            protocol.NUM_EXAMPLES: result.num_examples,
+            protocol.EVAL_LOSS: result.loss,
+            protocol.EVAL_ACCURACY: result.accuracy,
+        }
+
+
+def _progress_enabled() -> bool:
+    return os.environ.get("FEDLORA_CLIENT_PROGRESS", "0") == "1"

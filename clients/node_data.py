@@ -1,0 +1,125 @@
+"""A node's own data: its partition of the run's dataset, or its own file, tokenised once.
+
+A node with ``data-path`` in its node config reads only that file (it never needs the
+server's dataset, which may not exist where it runs); any other node derives its
+partition of the run's dataset exactly as every other process does. Both are tokenised
+once per process and cached on disk (:mod:`fedlora.clients.data_cache`), so a fresh
+ClientApp process in deployment skips the work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import transformers
+from torch.utils.data import TensorDataset
+
+from fedlora.clients.data_cache import cache_dir, cache_key, file_stamp, load_or_build
+from fedlora.config import CAUSAL_LM, ConfigError, NodeConfig, RunConfig
+from fedlora.data.files import read_frame
+from fedlora.data.instruct import is_labelled_only, questions_from_labels, read_instruction_file
+from fedlora.data.tables import (
+    TEST_FRACTION,
+    encode_labels,
+    load_table,
+    partition,
+    read_user_file,
+    tokenize,
+)
+from fedlora.model.models import load_tokenizer
+
+DATA_FORMAT = 1
+"""Bump when tokenisation changes, so cached data from older code is not reused."""
+
+Splits = tuple[TensorDataset, TensorDataset]
+_DATA_CACHE: dict[tuple[Any, ...], Splits] = {}
+
+
+def node_state_dir(cfg: RunConfig, node: NodeConfig) -> str | None:
+    """Where this node's state also goes on disk: its own state-dir, else one per partition.
+
+    Simulated nodes have no node config of their own, and a resumed simulation starts
+    new ones: ``node-state-dir`` lets them find their DP ledger and residuals again.
+    """
+    if node.state_dir:
+        return node.state_dir
+    if cfg.node_state_dir and node.partition_id is not None:
+        return str(Path(cfg.node_state_dir).expanduser() / f"partition-{node.partition_id}")
+    return None
+
+
+def node_data(cfg: RunConfig, node: NodeConfig, label_names: tuple[str, ...]) -> Splits:
+    """This node's (train, held-out) tokenised data, cached per process and on disk."""
+    key = (
+        cfg.task,
+        cfg.prompt_column,
+        cfg.response_column,
+        cfg.dataset,
+        cfg.text_column,
+        cfg.label_column,
+        cfg.partitioner,
+        cfg.dirichlet_alpha,
+        cfg.partition_column,
+        cfg.seed,
+        cfg.model,
+        cfg.max_seq_len,
+        node.partition_id,
+        node.num_partitions or cfg.num_partitions,
+        node.data_path,
+        label_names,
+    )
+    if key not in _DATA_CACHE:
+
+        def build() -> Splits:
+            train_frame, test_frame = frames(cfg, node, label_names)
+            tokenizer = load_tokenizer(cfg.model, cfg.task)
+            return (
+                tokenize(train_frame, tokenizer, cfg.max_seq_len, cfg.task),
+                tokenize(test_frame, tokenizer, cfg.max_seq_len, cfg.task),
+            )
+
+        # a fresh process (deployment) finds the tokenised data on disk
+        folder = cache_dir(node_state_dir(cfg, node))
+        dataset = None if node.data_path is not None else cfg.dataset  # what it reads
+        stamps = (file_stamp(node.data_path), file_stamp(dataset), file_stamp(cfg.model))
+        stamped = (*key, *stamps, transformers.__version__, DATA_FORMAT)
+        _DATA_CACHE[key] = load_or_build(folder, cache_key(stamped), build)
+    return _DATA_CACHE[key]
+
+
+def frames(
+    cfg: RunConfig, node: NodeConfig, label_names: tuple[str, ...]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The node's (train, held-out) rows, before tokenisation."""
+    if node.data_path is not None:
+        frame = own_file(cfg, Path(node.data_path), label_names)
+        order = np.random.default_rng(cfg.seed).permutation(len(frame))
+        n_test = round(TEST_FRACTION * len(frame)) if len(frame) >= 5 else 0
+        test, train = frame.iloc[order[:n_test]], frame.iloc[order[n_test:]]
+        return train.reset_index(drop=True), test.reset_index(drop=True)
+    table = load_table(cfg)
+    num = node.num_partitions or cfg.num_partitions
+    pid = int(node.partition_id or 0)
+    return partition(table.train, cfg, pid, num), partition(table.test, cfg, pid, num)
+
+
+def own_file(cfg: RunConfig, path: Path, label_names: tuple[str, ...]) -> pd.DataFrame:
+    """This node's own data file: labelled rows, or (causal-lm) prompts and responses.
+
+    A labelled file on the causal-lm path becomes questions whose answer is the label,
+    as the server's own labelled data does.
+    """
+    columns = set(read_frame(path).columns)
+    labelled = is_labelled_only(columns, cfg.text_column, cfg.label_column, cfg.prompt_column)
+    if cfg.task == CAUSAL_LM and not labelled:
+        return read_instruction_file(path, cfg.prompt_column, cfg.response_column)
+    if not label_names:
+        raise ConfigError("The server sent no label names for a node with data-path")
+    frame = read_user_file(path, cfg.text_column, cfg.label_column)
+    frame = encode_labels(frame, label_names, source=f"data-path {path}")
+    if cfg.task == CAUSAL_LM:
+        frame = questions_from_labels(frame, label_names, str(path))
+    return frame

@@ -1,0 +1,78 @@
+"""One round's aggregation: the weights, the strategy's ``aggregate``, and what it returns.
+
+The strategy is trusted with nothing: the weights come from claims bounded against liars
+(:mod:`fedlora.server.weights`), a round with too few valid replies is skipped, and an
+``aggregate`` that raises or returns NaN or the wrong shapes keeps the previous global
+adapter, with the strategy's name and the reason in the round's report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from logging import INFO, WARNING
+from typing import TYPE_CHECKING
+
+from fedlora.lora.state import AdapterState
+from fedlora.server.replies import check_against
+from fedlora.server.reports import RoundReport, client_metrics
+from fedlora.server.weights import Claim, client_weights
+from fedlora.strategies.api import ClientUpdate, LoraStrategy, aggregation_error, logger
+
+if TYPE_CHECKING:
+    from fedlora.server.flower_strategy import RoundOptions
+
+
+def aggregate_round(
+    strategy: LoraStrategy,
+    server_round: int,
+    updates: Sequence[ClientUpdate],
+    current: AdapterState,
+    report: RoundReport,
+    options: RoundOptions,
+    declared: Mapping[int, int],
+) -> AdapterState | None:
+    """The next global adapter from the round's valid updates, or None (skipped, reported).
+
+    ``declared``: the training examples each node declared when it joined, the bound on
+    what it may claim.
+    """
+    claims = [Claim(u.node_id, u.num_examples, declared.get(u.node_id)) for u in updates]
+    weights, anomalies = client_weights(claims, options.weights)
+    for a in anomalies:
+        logger.log(
+            WARNING, "Round %d: node %s's weight cut: %s; counted as %g", server_round,
+            a.node_id, a.reason, a.used,
+        )  # fmt: skip
+    report.anomalies.extend(anomalies)
+    if len(updates) < options.min_replies or weights is None:
+        report.skip(
+            f"{len(updates)} valid replies, fewer than min-replies={options.min_replies}"
+            if weights is not None or not updates
+            else "all valid replies carry zero examples"
+        )
+        logger.log(WARNING, "Round %d skipped: %s; global adapter unchanged", server_round,
+                   report.skip_reason)  # fmt: skip
+        return None
+    try:
+        result = strategy.aggregate(server_round, updates, weights, current)
+        check_against(result, current, None)
+        result.check_finite()
+    except Exception as err:  # a plugin's bug must not corrupt the global adapter
+        kind = type(strategy)
+        name = f"'{strategy.name or '?'}' ({kind.__module__}.{kind.__qualname__})"
+        error = f"{type(err).__name__}: {err}"
+        report.skip(f"strategy {name} failed: {error}", strategy_error=error)
+        logger.log(WARNING, "Round %d: %s; global adapter unchanged", server_round,
+                   report.skip_reason)  # fmt: skip
+        return None
+    by_node = {u.node_id: float(w) for u, w in zip(updates, weights, strict=True)}
+    report.outcomes = [
+        replace(o, weight=by_node[o.node_id]) if o.status == "ok" else o for o in report.outcomes
+    ]
+    report.aggregation_error = aggregation_error(updates, weights, result)
+    report.metrics.update(client_metrics(updates, weights))
+    report.metrics.update(strategy.extra_round_metrics(updates, weights, current, result))
+    logger.log(INFO, "Round %d aggregated %d replies, aggregation error %.3e", server_round,
+               len(updates), report.aggregation_error)  # fmt: skip
+    return result
