@@ -245,3 +245,34 @@ def make_job(cfg, node_config: dict, **fields):
         "tensors": {},
     }
     return LocalJob(**(values | fields))
+
+
+def tiny_run(tiny_model, out, **extra):
+    """The overrides of a short run on the tiny model (2 rounds, 3 partitions)."""
+    return {
+        "model": str(tiny_model),
+        "num-server-rounds": 2,
+        "clients-per-round": 2,
+        "min-replies": 2,
+        "num-partitions": 3,
+        "local-steps": 8,
+        "lr": 0.02,
+        "max-seq-len": 32,
+        "eval-examples": 200,
+        "output-dir": str(out),
+        **extra,
+    }
+
+
+def assert_stopped(pids):
+    """Every process in ``pids`` has exited (a zombie awaiting its parent counts)."""
+    import os
+
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        # a zombie awaiting reaping is stopped too; anything else is a leak
+        with open(f"/proc/{pid}/stat") as fh:
+            assert fh.read().split()[2] == "Z", f"process {pid} still running"

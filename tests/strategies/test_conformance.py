@@ -13,7 +13,7 @@ from fedlora.strategies.api import AdapterState, LoraFactors
 from fedlora.strategies.conformance import assert_conforms, check_strategy
 from fedlora.strategies.fedavg import FedAvg
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", sorted(BUILTINS))

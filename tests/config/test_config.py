@@ -15,7 +15,7 @@ from fedlora.run.cli import load_scenario
 from fedlora.run.cli import main as cli_main
 from fedlora.server.federation import build_strategy, check_partitions
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_pyproject_defaults_match_runconfig():

@@ -21,23 +21,7 @@ from fedlora.model.train import evaluate
 from fedlora.run import results
 from fedlora.run.launch import local_federation
 from fedlora.server.app import make_server_app
-from tests.helpers import read_scalars, simulate_in_process
-
-
-def _tiny_run(tiny_model, out, **extra):
-    return {
-        "model": str(tiny_model),
-        "num-server-rounds": 2,
-        "clients-per-round": 2,
-        "min-replies": 2,
-        "num-partitions": 3,
-        "local-steps": 8,
-        "lr": 0.02,
-        "max-seq-len": 32,
-        "eval-examples": 200,
-        "output-dir": str(out),
-        **extra,
-    }
+from tests.helpers import assert_stopped, read_scalars, simulate_in_process, tiny_run
 
 
 def _check_results(out, rounds):
@@ -68,7 +52,7 @@ def _check_results(out, rounds):
 
 def test_in_process_simulation_learns_and_writes_results(tiny_model, tmp_path):
     out = tmp_path / "run"
-    overrides = _tiny_run(tiny_model, out, **{"fraction-evaluate": 0.5, "tracking": "tensorboard"})
+    overrides = tiny_run(tiny_model, out, **{"fraction-evaluate": 0.5, "tracking": "tensorboard"})
     simulate_in_process(overrides)
     records = _check_results(out, rounds=2)
     # the clients' training loss falls (a random tiny BERT learns little beyond the
@@ -103,14 +87,14 @@ def test_flwr_run_simulation_one_round(tiny_model, tmp_path):
     with local_federation(tmp_path / "flwr") as fed:
         fed.start_superlink(simulation=True)
         status = fed.run_app(
-            _tiny_run(tiny_model, out, **{"num-server-rounds": 1}),
+            tiny_run(tiny_model, out, **{"num-server-rounds": 1}),
             {"num-supernodes": 3, "client-resources-num-cpus": 1, "init-args-num-cpus": 2},
             timeout=600,
         )
         pids = [p.pid for p in fed.processes]
     assert status["status"] == "finished:completed"
     _check_results(out, rounds=1)
-    _assert_stopped(pids)
+    assert_stopped(pids)
 
 
 def test_loopback_deployment_one_round(tiny_model, tmp_path):
@@ -127,7 +111,7 @@ def test_loopback_deployment_one_round(tiny_model, tmp_path):
         fed.start_supernode("site-b", {"data-path": str(csv)})
         fed.start_supernode("misconfigured", {"partition-id": 5, "num-partitions": 2})
         run = {"num-server-rounds": 1, "num-partitions": 2, "clients-per-round": 3}
-        status = fed.run_app(_tiny_run(tiny_model, out, **run), timeout=600)
+        status = fed.run_app(tiny_run(tiny_model, out, **run), timeout=600)
         pids = [p.pid for p in fed.processes]
         assert len(pids) == 4
     assert status["status"] == "finished:completed"
@@ -137,7 +121,7 @@ def test_loopback_deployment_one_round(tiny_model, tmp_path):
     assert len(trained) == 2 and 60 - round(0.2 * 60) in trained  # the CSV node's rows
     summary = (out / results.SUMMARY_FILE).read_text()
     assert "excluded nodes" in summary and "'partition-id': 5" in summary
-    _assert_stopped(pids)
+    assert_stopped(pids)
 
 
 def test_failed_run_is_reported_not_swallowed(tiny_model, tmp_path):
@@ -152,20 +136,7 @@ def test_failed_run_is_reported_not_swallowed(tiny_model, tmp_path):
     with local_federation(tmp_path / "flwr") as fed:
         fed.start_superlink(simulation=True)
         with pytest.raises(LaunchError, match="finished:failed"):
-            fed.run_app(_tiny_run(tiny_model, out), {"num-supernodes": 2}, timeout=300)
-
-
-def _assert_stopped(pids):
-    import os
-
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        # a zombie awaiting reaping is stopped too; anything else is a leak
-        with open(f"/proc/{pid}/stat") as fh:
-            assert fh.read().split()[2] == "Z", f"process {pid} still running"
+            fed.run_app(tiny_run(tiny_model, out), {"num-supernodes": 2}, timeout=300)
 
 
 COMPRESSED = {
@@ -194,7 +165,7 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
     Three nodes, two sampled per round, so FLoRA must catch up a node that missed a round.
     """
     out = tmp_path / strategy
-    overrides = _tiny_run(tiny_model, out, strategy=strategy, **{"num-server-rounds": 3}, **extra)
+    overrides = tiny_run(tiny_model, out, strategy=strategy, **{"num-server-rounds": 3}, **extra)
     simulate_in_process(overrides)
     records = _check_results(out, rounds=3)
     errors = [r["aggregation_error"] for r in records[1:]]
@@ -226,7 +197,7 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
 def test_failing_strategy_stops_run_without_corrupting_adapter(tiny_model, tmp_path, caplog):
     """A plugin that returns NaN: logged with its name, adapter kept, run stops after N rounds."""
     out = tmp_path / "broken"
-    overrides = _tiny_run(
+    overrides = tiny_run(
         tiny_model,
         out,
         strategy="tests.test_conformance:ProducesNan",
@@ -248,7 +219,7 @@ def test_failing_strategy_stops_run_without_corrupting_adapter(tiny_model, tmp_p
 def test_dp_simulation_true_epsilon_and_budget_declines(tiny_model, tmp_path):
     """DP-SGD through the real apps: epsilon grows per node and a spent node declines."""
     out = tmp_path / "dp"
-    overrides = _tiny_run(
+    overrides = tiny_run(
         tiny_model,
         out,
         **{
@@ -290,7 +261,7 @@ def test_same_seed_same_run(tiny_model, tmp_path):
     for name in ("a", "b"):
         out = tmp_path / name
         run_simulation(
-            make_server_app(_tiny_run(tiny_model, out, **{"num-server-rounds": 2})),
+            make_server_app(tiny_run(tiny_model, out, **{"num-server-rounds": 2})),
             client_app,
             num_supernodes=3,
             backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
@@ -313,6 +284,6 @@ def test_a_run_in_which_no_round_aggregated_fails_and_says_so(tiny_model, tmp_pa
 
     out = tmp_path / "nothing"
     with pytest.raises(RunFailedError, match="no round aggregated anything"):
-        simulate_in_process(_tiny_run(tiny_model, out, **{"num-server-rounds": 1, "lr": 1e30}))
+        simulate_in_process(tiny_run(tiny_model, out, **{"num-server-rounds": 1, "lr": 1e30}))
     summary = (out / results.SUMMARY_FILE).read_text()
     assert "FAILED: no round aggregated anything" in summary

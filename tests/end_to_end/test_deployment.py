@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from fedlora.run import results
 from fedlora.run.certs import make_node_key, make_server_files
 from fedlora.run.launch import BIN_DIR, LaunchError, free_port, local_federation, wait_for_port
-from tests.test_end_to_end import _assert_stopped, _tiny_run
+from tests.helpers import assert_stopped, tiny_run
 
 
 def _wait_for_clientapp(pid: int, timeout: float = 120.0) -> None:
@@ -38,7 +38,7 @@ def test_supernode_killed_mid_round_run_completes_with_the_others(tiny_model, tm
     """SIGKILL one of three SuperNodes while it trains: both rounds complete with the others,
     and the records say who replied and who did not."""
     out = tmp_path / "killed"
-    overrides = _tiny_run(
+    overrides = tiny_run(
         tiny_model,
         out,
         **{
@@ -78,7 +78,7 @@ def test_supernode_killed_mid_round_run_completes_with_the_others(tiny_model, tm
     # the round after the kill did not wait round-timeout for the dead node to come back
     waited = records[2]["phase_seconds"]["discover"] + records[2]["phase_seconds"]["configure"]
     assert waited < 15.0, records[2]["phase_seconds"]
-    _assert_stopped(pids)
+    assert_stopped(pids)
 
 
 def test_server_certificate_names_every_address(tmp_path):
@@ -102,7 +102,7 @@ def test_tls_with_node_auth_admits_only_registered_nodes_that_trust_the_ca(tiny_
     registered, stranger = (make_node_key(tmp_path / "certs", n) for n in ("site-a", "site-b"))
     tls = files.as_tls()
     out = tmp_path / "tls"
-    overrides = _tiny_run(
+    overrides = tiny_run(
         tiny_model,
         out,
         **{"num-server-rounds": 1, "num-partitions": 2, "clients-per-round": 1, "min-replies": 1},
@@ -126,7 +126,7 @@ def test_tls_with_node_auth_admits_only_registered_nodes_that_trust_the_ca(tiny_
     assert records[1]["num_ok"] == 1 and len(online) == 1
     assert "Failed to activate SuperNode" in refused[0].log_path.read_text()
     assert "CERTIFICATE_VERIFY_FAILED" in refused[1].log_path.read_text()
-    _assert_stopped(pids)
+    assert_stopped(pids)
 
 
 def _serverapp_pids(superlink_pid: int) -> list[int]:
@@ -158,7 +158,7 @@ def test_serverapp_killed_after_round_2_resumes_to_the_same_adapter(tiny_model, 
 
         def first_attempt() -> None:
             try:
-                fed.run_app(_tiny_run(tiny_model, killed, **config), timeout=600)
+                fed.run_app(tiny_run(tiny_model, killed, **config), timeout=600)
             except LaunchError as err:
                 failure["error"] = str(err)
 
@@ -174,8 +174,8 @@ def test_serverapp_killed_after_round_2_resumes_to_the_same_adapter(tiny_model, 
             os.kill(pid, signal.SIGKILL)
         runner.join(timeout=600)
         assert "failed" in failure.get("error", ""), failure
-        fed.run_app(_tiny_run(tiny_model, killed, **config, resume="latest"), timeout=600)
-        fed.run_app(_tiny_run(tiny_model, whole, **config), timeout=600)
+        fed.run_app(tiny_run(tiny_model, killed, **config, resume="latest"), timeout=600)
+        fed.run_app(tiny_run(tiny_model, whole, **config), timeout=600)
         pids = [p.pid for p in fed.processes]
     a = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
@@ -183,7 +183,7 @@ def test_serverapp_killed_after_round_2_resumes_to_the_same_adapter(tiny_model, 
     for key in a:
         assert abs(a[key] - b[key]).max() <= 1e-5, key
     assert [r["round"] for r in results.read_records(killed)] == [0, 1, 2, 3, 4]
-    _assert_stopped(pids)
+    assert_stopped(pids)
 
 
 @pytest.mark.slow
@@ -217,7 +217,7 @@ def test_simulation_runs_on_an_existing_ray_cluster(tiny_model, tmp_path):
         fed.start_superlink(simulation=True)
         # no init-args: a driver that joins a cluster must not size it
         status = fed.run_app(
-            _tiny_run(tiny_model, out, **{"num-server-rounds": 1}),
+            tiny_run(tiny_model, out, **{"num-server-rounds": 1}),
             {"num-supernodes": 3, "client-resources-num-cpus": 1},
             timeout=600,
         )
@@ -229,4 +229,4 @@ def test_simulation_runs_on_an_existing_ray_cluster(tiny_model, tmp_path):
     assert status["status"] == "finished:completed"
     assert results.read_records(out)[1]["num_ok"] == 2
     assert workers, f"no worker ran in the cluster ({len(files)} files in {ray_tmp})"
-    _assert_stopped(pids)
+    assert_stopped(pids)

@@ -11,7 +11,7 @@ from fedlora.config import ConfigError, RunConfig
 from fedlora.run import results
 from fedlora.run.checkpoint import CheckpointError, check_resumable, latest_checkpoint
 from fedlora.server.app import make_server_app
-from tests.test_end_to_end import _tiny_run
+from tests.helpers import tiny_run
 
 BACKEND = {"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}}
 COMPRESSED = {"uplink-density": 0.25, "uplink-values": "int8"}
@@ -33,10 +33,10 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model, tmp_path):
     """
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     extra = COMPRESSED | {"node-state-dir": str(tmp_path / "nodes-whole")}
-    _simulate(_tiny_run(tiny_model, whole, **{"num-server-rounds": 4}, **extra))
+    _simulate(tiny_run(tiny_model, whole, **{"num-server-rounds": 4}, **extra))
     extra = COMPRESSED | {"node-state-dir": str(tmp_path / "nodes-parts")}
-    _simulate(_tiny_run(tiny_model, parts, **{"num-server-rounds": 2}, **extra))
-    _simulate(_tiny_run(tiny_model, parts, **{"num-server-rounds": 4, "resume": "latest"}, **extra))
+    _simulate(tiny_run(tiny_model, parts, **{"num-server-rounds": 2}, **extra))
+    _simulate(tiny_run(tiny_model, parts, **{"num-server-rounds": 4, "resume": "latest"}, **extra))
     assert (tmp_path / "nodes-parts" / "partition-0").is_dir()
     a, b = _adapter(whole), _adapter(parts)
     assert a.keys() == b.keys()
@@ -52,14 +52,14 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model, tmp_path):
 
 def test_resume_refuses_another_configuration_and_a_finished_run(tiny_model, tmp_path):
     out = tmp_path / "run"
-    _simulate(_tiny_run(tiny_model, out, **{"num-server-rounds": 1}))
+    _simulate(tiny_run(tiny_model, out, **{"num-server-rounds": 1}))
     folder = latest_checkpoint(out / "checkpoints")
-    saved = RunConfig.from_mapping(_tiny_run(tiny_model, out)).to_mapping()
+    saved = RunConfig.from_mapping(tiny_run(tiny_model, out)).to_mapping()
     check_resumable(saved, {**saved, "num-server-rounds": 9, "resume": "latest"}, folder)
     with pytest.raises(CheckpointError, match=r"lr: 0.02 -> 0.5"):
         check_resumable(saved, {**saved, "lr": 0.5}, folder)
     with pytest.raises(ConfigError, match="already holds round 1"):
-        _simulate(_tiny_run(tiny_model, out, **{"num-server-rounds": 1, "resume": "latest"}))
+        _simulate(tiny_run(tiny_model, out, **{"num-server-rounds": 1, "resume": "latest"}))
 
 
 def test_latest_checkpoint_is_the_newest_complete_folder(tmp_path):

@@ -16,7 +16,7 @@ from fedlora.run import registry
 from fedlora.run.cli import build_parser
 from fedlora.run.cli import main as cli_main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _pip_target(package: Path, target: Path) -> None:

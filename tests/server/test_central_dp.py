@@ -36,8 +36,8 @@ from tests.helpers import (
     flower_strategy,
     random_state,
     simulate_in_process,
+    tiny_run,
 )
-from tests.test_end_to_end import _tiny_run
 
 RANK = 3
 CENTRAL = {"central-dp": "server", "weighting": "uniform", "min-replies": 3, "clients-per-round": 3}
@@ -287,7 +287,7 @@ CENTRAL_RUN = {
 def _run(tiny_model, out, **extra):
     """The end-to-end tests' tiny run, with what central DP needs (uniform weighting) and
     every round's checkpoint kept."""
-    return _tiny_run(tiny_model, out, **{**CENTRAL_RUN, **extra})
+    return tiny_run(tiny_model, out, **{**CENTRAL_RUN, **extra})
 
 
 def _global(out, server_round: int) -> dict[str, np.ndarray]:
