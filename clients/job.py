@@ -147,7 +147,9 @@ class LocalJob:
 
     def model(self, base: NodeBase | None = None) -> PeftModel:
         """The LoRA model this round starts from, as the plan says."""
-        num_labels = len(self.label_names) if self.label_names else load_table(self.cfg).num_labels
+        num_labels = (
+            len(self.label_names) if self.label_names else load_table(self.cfg.data).num_labels
+        )
         spec = self.spec
         model = build_lora_model(self.cfg.model, num_labels, spec, seed=self.plan.init_seed)
         if base is not None and base.delta:

@@ -100,10 +100,10 @@ def frames(
         n_test = round(TEST_FRACTION * len(frame)) if len(frame) >= 5 else 0
         test, train = frame.iloc[order[:n_test]], frame.iloc[order[n_test:]]
         return train.reset_index(drop=True), test.reset_index(drop=True)
-    table = load_table(cfg)
+    table = load_table(cfg.data)
     num = node.num_partitions or cfg.num_partitions
     pid = int(node.partition_id or 0)
-    return partition(table.train, cfg, pid, num), partition(table.test, cfg, pid, num)
+    return partition(table.train, cfg.data, pid, num), partition(table.test, cfg.data, pid, num)
 
 
 def own_file(cfg: RunConfig, path: Path, label_names: tuple[str, ...]) -> pd.DataFrame:

@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedlora.config import ConfigError, RunConfig
+from fedlora.config.run_config import check_central_dp_round
 from fedlora.privacy.accounting import central_epsilon
 from fedlora.server.flower_strategy import LoraFlowerStrategy
 from fedlora.server.reports import round_metrics
@@ -62,12 +63,7 @@ class CentralDP(Strategy):
                 f"with {', '.join(composes)} (Flower's wrappers add noise for a plain mean of the "
                 "replies; see docs/privacy.md)"
             )
-        if o.weights.weighting != "uniform" or o.min_replies != o.clients_per_round:
-            raise ConfigError(
-                f"Invalid value for 'central-dp': {mode!r} needs weighting='uniform' and "
-                f"min-replies = clients-per-round; the run has {o.weights.weighting!r} and "
-                f"{o.min_replies} of {o.clients_per_round}"
-            )
+        check_central_dp_round(mode, o.weights.weighting, o.min_replies, o.clients_per_round)
         # a node's B is rescaled and padded to the global rank, which changes its influence
         inner.nodes.required_rank = strategy.lora.rank
         self.inner = inner

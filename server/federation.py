@@ -90,7 +90,7 @@ def check_partitions(cfg: RunConfig, table: TextTable) -> None:
             f"Invalid value for 'num-partitions': {cfg.num_partitions} exceeds the "
             f"{len(table.train)} training examples"
         )
-    partition(table.train, cfg, 0, cfg.num_partitions)
+    partition(table.train, cfg.data, 0, cfg.num_partitions)
 
 
 def evaluation_record(server_round: int, ev: EvalResult, task: str) -> dict[str, Any]:
@@ -218,7 +218,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
 
 def _setup(cfg: RunConfig, out: Path, tracker: Tracker) -> Federation:
     """Data, strategy, Flower strategy, evaluator, the first global adapter (or the resumed one)."""
-    table = load_table(cfg)
+    table = load_table(cfg.data)
     check_partitions(cfg, table)
     strategy = build_strategy(cfg)
     flower = LoraFlowerStrategy(strategy, round_options(cfg))

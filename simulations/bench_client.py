@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     # one node: the strategy would otherwise wait for clients-per-round to connect
     overrides = parse_overrides(args.config) | {"clients-per-round": 1, "min-replies": 1}
     cfg = RunConfig.from_mapping(overrides)
-    table = load_table(cfg)
+    table = load_table(cfg.data)
     # outside a Flower runtime, messages need the identity the runtime would set
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     strategy = LoraFlowerStrategy(build_strategy(cfg), round_options(cfg))

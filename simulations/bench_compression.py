@@ -47,10 +47,10 @@ def one_round(cfg: RunConfig, steps: int, seed: int) -> tuple[dict, dict, float]
     """Start tensors, trained tensors and training seconds of one local round."""
     torch.manual_seed(seed)
     spec = lora_spec(cfg)
-    table = load_table(cfg)
+    table = load_table(cfg.data)
     model = build_lora_model(cfg.model, table.num_labels, spec, seed=seed)
     start = state_from_peft(model, spec.scaling).to_state_dict()
-    frame = partition(table.train, cfg, seed % cfg.num_partitions, cfg.num_partitions)
+    frame = partition(table.train, cfg.data, seed % cfg.num_partitions, cfg.num_partitions)
     data = tokenize(frame, load_tokenizer(cfg.model, cfg.task), cfg.max_seq_len, cfg.task)
     loader = sampled_loader(data, cfg.batch_size, steps, seed)
     optimizer = make_optimizer(model, cfg.lr)

@@ -14,7 +14,6 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from fedlora.config.values import (
@@ -26,6 +25,7 @@ from fedlora.config.values import (
     positive,
     unknown_key,
 )
+from fedlora.data.spec import DataSpec
 from fedlora.lora.spec import AUTO_TARGETS, CAUSAL_LM, CLASSIFY, TASKS
 from fedlora.wire.codec import VALUE_TYPES, Codec
 from fedlora.wire.message_size import LIMIT_BYTES, MIB
@@ -301,8 +301,6 @@ class RunConfig:
             fail("lora-targets", self.lora_targets, "must name at least one module")
         if self.dataset not in BUILTIN_DATASETS and not _looks_like_hub_or_path(self.dataset):
             fail("dataset", self.dataset, f"is neither one of {BUILTIN_DATASETS} nor a file")
-        if self.dataset not in BUILTIN_DATASETS and not Path(self.dataset).is_file():
-            fail("dataset", self.dataset, "file does not exist")
 
     def _check_central_dp(self) -> None:
         """Refuse settings under which central DP's epsilon would be false.
@@ -317,19 +315,9 @@ class RunConfig:
         if self.central_dp == "off":
             return
         why = f"with central-dp={self.central_dp!r}"
-        if self.weighting != "uniform":
-            fail(
-                "weighting",
-                self.weighting,
-                f"must be 'uniform' {why} (noise is calibrated to a plain mean)",
-            )
-        if self.min_replies != self.clients_per_round:
-            fail(
-                "min-replies",
-                self.min_replies,
-                f"must equal clients-per-round ({self.clients_per_round}) {why}: a round with "
-                "fewer replies would be released with too little noise",
-            )
+        check_central_dp_round(
+            self.central_dp, self.weighting, self.min_replies, self.clients_per_round
+        )
         if self.client_ranks:
             fail(
                 "client-ranks", self.client_ranks, f"must be empty {why} (one rank for every node)"
@@ -353,6 +341,22 @@ class RunConfig:
                     getattr(self, f"{direction}_values"),
                     f"must be 'fp32' {why}",
                 )
+
+    @property
+    def data(self) -> DataSpec:
+        """The dataset and its split (what the data functions read)."""
+        return DataSpec(
+            dataset=self.dataset,
+            task=self.task,
+            text_column=self.text_column,
+            label_column=self.label_column,
+            prompt_column=self.prompt_column,
+            response_column=self.response_column,
+            partitioner=self.partitioner,
+            dirichlet_alpha=self.dirichlet_alpha,
+            partition_column=self.partition_column,
+            seed=self.seed,
+        )
 
     @property
     def max_message_bytes(self) -> int:
@@ -442,3 +446,25 @@ class RunConfig:
 
 def _looks_like_hub_or_path(value: str) -> bool:
     return bool(value) and ("/" in value or "." in value)
+
+
+def check_central_dp_round(
+    mode: str, weighting: str, min_replies: int, clients_per_round: int
+) -> None:
+    """What central DP needs of a round, for the run config and for the server alike.
+
+    Flower's wrappers add noise z C / m to a plain mean of m clipped updates: the weights
+    must be uniform and every round must have all m replies.
+    """
+    why = f"with central-dp={mode!r}"
+    if weighting != "uniform":
+        fail(
+            "weighting", weighting, f"must be 'uniform' {why} (noise is calibrated to a plain mean)"
+        )
+    if min_replies != clients_per_round:
+        fail(
+            "min-replies",
+            min_replies,
+            f"must equal clients-per-round ({clients_per_round}) {why}: a round with fewer "
+            "replies would be released with too little noise",
+        )

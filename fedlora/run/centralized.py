@@ -31,7 +31,7 @@ class CentralizedResult:
 
 def run_centralized(cfg: RunConfig, show_progress: bool = True) -> CentralizedResult:
     """Train on all training data for the federation's total step budget, then evaluate."""
-    table = load_table(cfg)
+    table = load_table(cfg.data)
     tokenizer = load_tokenizer(cfg.model, cfg.task)
     spec = lora_spec(cfg)
     model = build_lora_model(cfg.model, table.num_labels, spec, seed=cfg.seed)

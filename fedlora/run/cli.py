@@ -96,9 +96,13 @@ def _config(args: argparse.Namespace, nodes: int | None = None) -> dict[str, Any
         overrides, notes = fit_to_nodes(overrides, nodes)
         for note in notes:
             print(f"fedlora: {note}", file=sys.stderr)
-    # The ServerApp runs in another working directory: always pass an absolute path.
+    # The ServerApp runs in another working directory: always pass absolute paths.
     default = RunConfig().output_dir
     overrides["output-dir"] = str(Path(overrides.get("output-dir", default)).resolve())
+    for key in ("dataset", "model"):
+        value = str(overrides.get(key, ""))
+        if value and Path(value).expanduser().exists() and not Path(value).is_absolute():
+            overrides[key] = str(Path(value).expanduser().resolve())
     cfg = RunConfig.from_mapping(overrides)  # fail here, before any process starts
     check_tracker(cfg.tracking)
     preflight(cfg)
@@ -107,9 +111,10 @@ def _config(args: argparse.Namespace, nodes: int | None = None) -> dict[str, Any
 
 def preflight(cfg: RunConfig) -> None:
     """Everything that can be checked before a process starts: strategy, model, targets."""
-    from fedlora.run.preflight import check_model
+    from fedlora.run.preflight import check_model, check_paths
     from fedlora.run.registry import check_strategy_config
 
+    check_paths(cfg)
     check_strategy_config(cfg.strategy, cfg.strategy_extra, cfg.client_rank_list, cfg.lora_rank)
     check_model(cfg)
 
@@ -367,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedlora`` console script."""
-    from fedlora.run.launch import interrupt_on_signals
+    from fedlora.run.processes import interrupt_on_signals
 
     args = build_parser().parse_args(argv)
     try:

@@ -15,12 +15,10 @@ import contextlib
 import json
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,85 +29,21 @@ from typing import IO, Any
 
 import psutil
 
+from fedlora.run.processes import (
+    MARKER,
+    STOP_GRACE_SECONDS,
+    interrupt_on_signals,
+    marked_processes,
+    stop_processes,
+)
+
 APP_DIR = Path(__file__).resolve().parents[2]
 """The Flower app: the repository root, which holds pyproject.toml."""
 BIN_DIR = Path(sys.executable).parent
 
 
-MARKER = "FEDLORA_FEDERATION"
-"""Environment variable that every process of one local federation inherits.
-
-The processes Flower and Ray start do not stay in one process tree or group (the
-SuperLink starts flower-superexec in a session of its own, Ray daemonises its raylet
-and GCS server, and a parent that dies leaves its children to init), but they all
-inherit their parent's environment: the marker finds every one of them to stop it.
-"""
-
-STOP_GRACE_SECONDS = 5.0
-"""How long stopped processes get to exit after SIGTERM before they are SIGKILLed."""
-
-
 class LaunchError(RuntimeError):
     """A Flower process failed to start, or a run did not complete."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised in the main thread so that every ``finally`` runs.
-
-    CI cancellation, ``timeout``, Slurm and systemd stop a job with SIGTERM; without a
-    handler Python dies at once and leaves the federation it started running.
-    """
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextmanager
-def interrupt_on_signals() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP into :class:`Interrupted` while the block runs.
-
-    Only in the main thread (the only one Python delivers signals to); elsewhere a no-op.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: object) -> None:
-        for sig in previous:  # one is enough: the clean-up must not be interrupted in turn
-            signal.signal(sig, signal.SIG_IGN)
-        raise Interrupted(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def marked_processes(marker: str) -> list[psutil.Process]:
-    """Every process whose environment carries ``MARKER=marker`` (this one excluded)."""
-    found = []
-    for proc in psutil.process_iter():
-        if proc.pid == os.getpid():
-            continue
-        with contextlib.suppress(psutil.Error):
-            if proc.environ().get(MARKER) == marker:
-                found.append(proc)
-    return found
-
-
-def stop_processes(procs: Sequence[psutil.Process], grace: float = STOP_GRACE_SECONDS) -> None:
-    """SIGTERM every process, then SIGKILL those still alive after ``grace`` seconds."""
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _gone, alive = psutil.wait_procs(procs, timeout=grace)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=grace)
 
 
 def free_port() -> int:
@@ -183,8 +117,11 @@ class LocalFederation:
     fleet_address: str = ""
     connection: str = "fedlora-local"
 
-    def start(self, name: str, argv: Sequence[str]) -> Process:
-        """Start ``argv`` in its own process group, logging to ``workdir/name.log``."""
+    def start(self, name: str, argv: Sequence[str], cwd: Path | None = None) -> Process:
+        """Start ``argv`` in its own process group, logging to ``workdir/name.log``.
+
+        ``cwd``: its working directory (default: the federation's folder).
+        """
         log_path = self.workdir / f"{name}.log"
         handle: IO[bytes] = log_path.open("wb")
         popen = subprocess.Popen(
@@ -192,7 +129,7 @@ class LocalFederation:
             stdout=handle,
             stderr=subprocess.STDOUT,
             env=self.env,
-            cwd=self.workdir,
+            cwd=cwd or self.workdir,
             start_new_session=True,
         )
         handle.close()
@@ -244,11 +181,12 @@ class LocalFederation:
         tls: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
         auth_key: str | Path | None = None,
+        cwd: Path | None = None,
     ) -> Process:
         """Start a SuperNode that connects to this SuperLink's Fleet API over gRPC-rere.
 
         ``auth_key``: the node's private key (OpenSSH format), for a SuperLink with node
-        authentication.
+        authentication. ``cwd``: the node's working directory (another machine's, say).
         """
         if not self.fleet_address:
             raise LaunchError("start_superlink(simulation=False) must come first")
@@ -270,7 +208,7 @@ class LocalFederation:
             argv.append("--insecure")
         if auth_key is not None:
             argv += ["--auth-supernode-private-key", str(auth_key)]
-        return self.start(name, [*argv, *extra_args])
+        return self.start(name, [*argv, *extra_args], cwd=cwd)
 
     def register_node(self, public_key: str | Path) -> None:
         """Admit the SuperNode holding the private half of ``public_key`` (OpenSSH format)."""

@@ -9,12 +9,13 @@ started. The model is built on PyTorch's ``meta`` device: its structure, no weig
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from fedlora.config import CAUSAL_LM, ConfigError, RunConfig
+from fedlora.config import BUILTIN_DATASETS, CAUSAL_LM, ConfigError, RunConfig
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,16 @@ def skeleton(cfg: RunConfig, num_labels: int = 2) -> PeftModel:
             config.num_labels = num_labels
             base = AutoModelForSequenceClassification.from_config(config)
         return attach_lora(base, lora_spec(cfg), seed=cfg.seed)
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """The files the server will read exist where this command runs.
+
+    Not part of the run configuration's own checks: a node that brings its own data file
+    must not be refused because the server's dataset is not on its machine.
+    """
+    if cfg.dataset not in BUILTIN_DATASETS and not Path(cfg.dataset).expanduser().is_file():
+        raise ConfigError(f"Invalid value for 'dataset': {cfg.dataset!r} file does not exist")
 
 
 def check_model(cfg: RunConfig) -> list[AdaptedLayer]:

@@ -41,7 +41,6 @@ def test_round_trip_through_mapping():
         ({"num-server-rounds": 0}, "num-server-rounds", "0"),
         ({"partitioner": "random"}, "partitioner", "'random'"),
         ({"min-replies": 5, "clients-per-round": 3}, "min-replies", "5"),
-        ({"dataset": "/no/such/file.csv"}, "dataset", "'/no/such/file.csv'"),
         ({"lora-rank": "eight"}, "lora-rank", "'eight'"),
         ({"lora-rank": 2.5}, "lora-rank", "2.5"),
         ({"partitioner": "natural"}, "partition-column", "''"),
@@ -83,14 +82,14 @@ def test_more_partitions_than_examples(tmp_path):
     path.write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(10)))
     cfg = RunConfig(dataset=str(path), num_partitions=50, partitioner="iid")
     with pytest.raises(ConfigError, match="'num-partitions': 50 exceeds the 8 training examples"):
-        check_partitions(cfg, load_table(cfg))
+        check_partitions(cfg, load_table(cfg.data))
 
 
 def test_missing_column_named(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("body,label\nhello,1\n")
     with pytest.raises(ConfigError, match="'text-column': 'text' is not a column"):
-        load_table(RunConfig(dataset=str(path)))
+        load_table(RunConfig(dataset=str(path)).data)
 
 
 def test_node_config_errors():
@@ -102,6 +101,12 @@ def test_node_config_errors():
         NodeConfig.from_mapping({"partition": 1})
     with pytest.raises(ConfigError, match="needs either 'partition-id'"):
         NodeConfig.from_mapping({})
+
+
+def test_a_missing_dataset_file_is_refused_by_the_cli_not_by_the_config(capsys):
+    RunConfig(dataset="/no/such/file.csv")  # a node that never reads it must not fail on it
+    assert cli_main(["simulate", "-c", "dataset=/no/such/file.csv"]) == 2
+    assert "'dataset': '/no/such/file.csv' file does not exist" in capsys.readouterr().err
 
 
 def test_cli_reports_bad_config_before_starting_anything(capsys):
@@ -116,7 +121,7 @@ def test_natural_partition_count_must_match(tmp_path):
         dataset=str(path), partitioner="natural", partition_column="site", num_partitions=4
     )
     with pytest.raises(ConfigError, match="'num-partitions': 4, but column 'site' has 3"):
-        partition(load_table(cfg).train, cfg, 0, 4)
+        partition(load_table(cfg.data).train, cfg.data, 0, 4)
 
 
 def test_configuration_doc_is_in_sync():

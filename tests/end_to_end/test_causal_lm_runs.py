@@ -104,7 +104,7 @@ def test_two_federated_rounds_of_instruction_tuning(tiny_llama, tmp_path, strate
         AutoModelForCausalLM.from_pretrained(tiny_llama), out / "adapter"
     )
     data = tokenize(
-        eval_subset(load_table(cfg).test, cfg.eval_examples, cfg.seed),
+        eval_subset(load_table(cfg.data).test, cfg.eval_examples, cfg.seed),
         _tokenizer(tiny_llama),
         cfg.max_seq_len,
         cfg.task,

@@ -15,7 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedlora.run.launch import BIN_DIR, MARKER, marked_processes
+from fedlora.run.launch import BIN_DIR
+from fedlora.run.processes import MARKER, marked_processes
 
 
 def _start(command: str, tiny_model: Path, out: Path, *extra: str) -> subprocess.Popen:

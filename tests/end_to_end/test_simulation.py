@@ -68,7 +68,7 @@ def test_in_process_simulation_learns_and_writes_results(tiny_model, tmp_path):
 
     # The exported adapter loads with peft alone and reproduces the reported accuracy.
     cfg = RunConfig.from_mapping(overrides)
-    table = load_table(cfg)
+    table = load_table(cfg.data)
     model = PeftModel.from_pretrained(
         load_base_model(str(tiny_model), table.num_labels), out / "adapter"
     )
@@ -98,19 +98,35 @@ def test_flwr_run_simulation_one_round(tiny_model, tmp_path):
 
 
 def test_loopback_deployment_one_round(tiny_model, tmp_path):
-    """Two SuperNodes train (one on the built-in partition, one on its own CSV file); a
-    third with a wrong node-config is excluded at the start with the reason recorded."""
+    """Two SuperNodes train (one on a partition of the server's dataset, one on its own CSV
+    file); a third with a wrong node-config is excluded at the start with the reason
+    recorded. The server's dataset is a relative path in the server's working directory;
+    the node with its own file runs in another, where that path does not exist, and must
+    not be refused for a file it never reads."""
     out = tmp_path / "deploy"
-    table = load_table(RunConfig())
-    own = table.train.iloc[:60].assign(label=lambda f: [table.label_names[i] for i in f["label"]])
-    csv = tmp_path / "site-b.csv"
-    own[["text", "label"]].to_csv(csv, index=False)
-    with local_federation(tmp_path / "flwr") as fed:
+    table = load_table(RunConfig().data)
+    names = table.label_names
+    rows = table.train.groupby("label").head(20)  # every label: the tiny model has 20
+    rows = rows.sample(frac=1.0, random_state=0).assign(
+        label=lambda f: [names[i] for i in f["label"]]
+    )
+    workdir, elsewhere = tmp_path / "flwr", tmp_path / "site-b"
+    workdir.mkdir()
+    elsewhere.mkdir()
+    rows[["text", "label"]].to_csv(workdir / "server-data.csv", index=False)
+    csv = elsewhere / "site-b.csv"
+    rows.iloc[:60][["text", "label"]].to_csv(csv, index=False)
+    with local_federation(workdir) as fed:
         fed.start_superlink(simulation=False)
         fed.start_supernode("site-a", {"partition-id": 0, "num-partitions": 2})
-        fed.start_supernode("site-b", {"data-path": str(csv)})
+        fed.start_supernode("site-b", {"data-path": str(csv)}, cwd=elsewhere)
         fed.start_supernode("misconfigured", {"partition-id": 5, "num-partitions": 2})
-        run = {"num-server-rounds": 1, "num-partitions": 2, "clients-per-round": 3}
+        run = {
+            "num-server-rounds": 1,
+            "num-partitions": 2,
+            "clients-per-round": 3,
+            "dataset": "server-data.csv",  # relative: resolved where the server runs
+        }
         status = fed.run_app(tiny_run(tiny_model, out, **run), timeout=600)
         pids = [p.pid for p in fed.processes]
         assert len(pids) == 4

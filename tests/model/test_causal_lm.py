@@ -126,7 +126,7 @@ def test_exact_match_is_the_greedy_answer(tiny_llama):
 
 def _lm_data(tiny_llama, n=48):
     cfg = RunConfig.from_mapping({"task": "causal-lm", "dataset": "chatterbot"})
-    frame = load_table(cfg).train.head(n)
+    frame = load_table(cfg.data).train.head(n)
     return tokenize(frame, _tokenizer(tiny_llama), 48, "causal-lm")
 
 
@@ -211,7 +211,7 @@ def test_a_labelled_file_becomes_questions_whose_answer_is_the_label(tmp_path):
     cfg = RunConfig.from_mapping(
         {"task": "causal-lm", "dataset": str(path), "text-column": "body", "label-column": "queue"}
     )
-    table = load_table(cfg)
+    table = load_table(cfg.data)
     assert set(table.train[RESPONSE]) == {"a", "b"} and table.label_names == ("a", "b")
     assert "one of: a, b" in table.train[TEXT][0]
     # a node's own file in deployment reads the same way, with the server's label names
