@@ -59,61 +59,52 @@ def read_reply(
 ) -> tuple[NodeOutcome, ClientUpdate | None]:
     """One reply as an update, or the outcome that says why not (never raises)."""
     try:
-        return _read(strategy, links, server_round, node_id, plan, msg, current)
+        if plan is None:
+            return NodeOutcome(node_id, "dropped", "reply from a node that was not sampled"), None
+        content = msg.content
+        record = content.metric_records.get(protocol.METRICS)
+        if record is not None and record.get(protocol.DECLINED):
+            config = content.config_records.get(protocol.CONFIG)
+            reason = str(config.get(protocol.REASON, "declined")) if config else "declined"
+            return NodeOutcome(node_id, "declined", reason), None
+        n = _claimed_examples(content.array_records, record)
+        metrics = {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+        started = time.perf_counter()
+        wire = from_arrayrecord(content.array_records[protocol.ARRAYS])
+        tensors = links.receive(node_id, wire, plan.reply_shapes(current), plan)
+        metrics["decode-seconds"] = time.perf_counter() - started
+        state = strategy.decode_update(server_round, plan, tensors, current)
+        check_against(state, current, plan.rank)
+        state.check_finite()
+        update = ClientUpdate(node_id, n, state, metrics, plan)
+        veto = strategy.accept_update(server_round, update)
+        if veto is not None:
+            raise AdapterError(veto)
     except (AdapterError, CompressionError, ValueError, KeyError, TypeError) as err:
         return NodeOutcome(node_id, "dropped", str(err)), None
     except MemoryError:  # what the reply declares does not fit: it is not aggregated
         return NodeOutcome(node_id, "dropped", "reply does not fit in memory"), None
     except Exception as err:  # nothing one reply holds may end the round
-        return NodeOutcome(
-            node_id, "dropped", f"unreadable reply ({type(err).__name__}: {err})"
-        ), None
+        reason = f"unreadable reply ({type(err).__name__}: {err})"
+        return NodeOutcome(node_id, "dropped", reason), None
+    return NodeOutcome(node_id, "ok", "", n, metrics=metrics), update
 
 
-def _read(
-    strategy: LoraStrategy,
-    links: NodeLinks,
-    server_round: int,
-    node_id: int,
-    plan: ClientPlan | None,
-    msg: Message,
-    current: AdapterState,
-) -> tuple[NodeOutcome, ClientUpdate | None]:
-    if plan is None:
-        return NodeOutcome(node_id, "dropped", "reply from a node that was not sampled"), None
-    content = msg.content
-    metrics_record = content.metric_records.get(protocol.METRICS)
-    if metrics_record is not None and metrics_record.get(protocol.DECLINED):
-        config = content.config_records.get(protocol.CONFIG)
-        reason = str(config.get(protocol.REASON, "declined")) if config else "declined"
-        return NodeOutcome(node_id, "declined", reason), None
-    if protocol.ARRAYS not in content.array_records:
+def _claimed_examples(arrays: Mapping[str, Any], record: Mapping[str, Any] | None) -> int:
+    """The examples a training reply claims: a whole number, at least 1 (or AdapterError)."""
+    if protocol.ARRAYS not in arrays:
         raise AdapterError(f"reply has no '{protocol.ARRAYS}' ArrayRecord")
-    if metrics_record is None:
+    if record is None:
         raise AdapterError(f"reply has no '{protocol.METRICS}' MetricRecord")
-    if protocol.NUM_EXAMPLES not in metrics_record:
+    if protocol.NUM_EXAMPLES not in record:
         raise AdapterError(f"reply metrics lack '{protocol.NUM_EXAMPLES}'")
-    n = whole_number(metrics_record, protocol.NUM_EXAMPLES, 0)
+    n = whole_number(record, protocol.NUM_EXAMPLES, 0)
     if n is None or n < 1:
         raise AdapterError(
-            f"'{protocol.NUM_EXAMPLES}' is {metrics_record[protocol.NUM_EXAMPLES]!r}: a reply "
-            "must claim a whole number of examples, at least 1"
+            f"'{protocol.NUM_EXAMPLES}' is {record[protocol.NUM_EXAMPLES]!r}: a reply must "
+            "claim a whole number of examples, at least 1"
         )
-    metrics = {k: float(v) for k, v in metrics_record.items() if isinstance(v, int | float)}
-    started = time.perf_counter()
-    shapes = plan.reply_shapes(current)
-    tensors = links.receive(
-        node_id, from_arrayrecord(content.array_records[protocol.ARRAYS]), shapes, plan
-    )
-    metrics["decode-seconds"] = time.perf_counter() - started
-    state = strategy.decode_update(server_round, plan, tensors, current)
-    check_against(state, current, plan.rank)
-    state.check_finite()
-    update = ClientUpdate(node_id, n, state, metrics, plan)
-    veto = strategy.accept_update(server_round, update)
-    if veto is not None:
-        raise AdapterError(veto)
-    return NodeOutcome(node_id, "ok", "", n, metrics=metrics), update
+    return n
 
 
 def check_against(state: AdapterState, reference: AdapterState, rank: int | None) -> None:

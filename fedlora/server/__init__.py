@@ -1,12 +1,5 @@
-"""``fedlora.server``: the Flower ServerApp, in the repository's ``server/`` folder.
+"""``fedlora.server``: its code is in the repository's ``server/`` folder (_app_folders)."""
 
-In a source tree this package's modules are found in that folder (its ``__path__``); a
-wheel carries them here instead (scripts/hatch_build.py), and this file is not packaged.
-"""
+from fedlora._app_folders import mount
 
-from pathlib import Path
-
-_FOLDER = Path(__file__).resolve().parents[2] / "server"
-if (_FOLDER / "__init__.py").is_file():
-    __path__ = [str(_FOLDER)]
-    exec(compile((_FOLDER / "__init__.py").read_text(), str(_FOLDER / "__init__.py"), "exec"))
+mount(globals())

@@ -216,7 +216,7 @@ def test_failing_strategy_stops_run_without_corrupting_adapter(tiny_model, tmp_p
     overrides = tiny_run(
         tiny_model,
         out,
-        strategy="tests.test_conformance:ProducesNan",
+        strategy="tests.strategies.test_conformance:ProducesNan",
         **{"num-server-rounds": 4, "max-failed-rounds": 2},
     )
     from fedlora.server.federation import StrategyFailedError
