@@ -31,9 +31,16 @@ from fedlora.lora.base_merge import LAST_MERGED, NodeBase, without_stacks
 from fedlora.lora.plan import ClientPlan
 from fedlora.lora.spec import LoraSpec
 from fedlora.lora.state import state_from_dict
-from fedlora.model.models import apply_base_delta, build_lora_model, lora_spec
+from fedlora.model.device import Placement, on_device, release
+from fedlora.model.models import BaseLoading, apply_base_delta, build_lora_model, lora_spec
 from fedlora.model.peft_state import load_into_peft, state_from_peft
-from fedlora.model.train import evaluate, make_optimizer, sampled_loader, train_steps
+from fedlora.model.train import (
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    sampled_loader,
+    train_steps,
+)
 from fedlora.privacy.dp_sgd import PrivacyBudget, default_delta, make_private, new_budget
 from fedlora.wire import protocol
 from fedlora.wire.records import from_arrayrecord
@@ -95,6 +102,16 @@ class LocalJob:
         )
 
     @property
+    def placement(self) -> Placement:
+        """Where this node trains and in what precision (its node-config device first)."""
+        return Placement.resolve(self.node.device or self.cfg.device, self.cfg.precision)
+
+    @property
+    def loading(self) -> BaseLoading:
+        """How this node holds the frozen base (device, dtype, quantisation)."""
+        return BaseLoading(self.placement, self.cfg.base_quantization)
+
+    @property
     def spec(self) -> LoraSpec:
         """The LoRA layout this node trains this round."""
         return lora_spec(self.cfg).with_rank(self.plan.rank)
@@ -124,6 +141,7 @@ class LocalJob:
                 "(the run's num-partitions, unless the node-config sets its own)"
             )
         rank = self.node.lora_rank or self.cfg.rank_of_partition(pid)
+        _ = self.placement  # a device this node does not have fails here, at the start
         # the server caps this node's later claims at what it declares now
         return {
             protocol.NODE_RANK: rank,
@@ -151,7 +169,13 @@ class LocalJob:
             len(self.label_names) if self.label_names else load_table(self.cfg.data).num_labels
         )
         spec = self.spec
-        model = build_lora_model(self.cfg.model, num_labels, spec, seed=self.plan.init_seed)
+        model = build_lora_model(
+            self.cfg.model, num_labels, spec, seed=self.plan.init_seed, loading=self.loading
+        )
+        if self.cfg.gradient_checkpointing:  # non-reentrant: frozen inputs need no grads
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         if base is not None and base.delta:
             apply_base_delta(model, dict(base.delta))
         fresh = state_from_peft(model, spec.scaling).to_state_dict()
@@ -164,6 +188,13 @@ class LocalJob:
 
     def train(self) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Run the local steps; return the reply's (encoded) tensors and the metrics."""
+        placement = self.placement
+        try:
+            return self._train(placement)
+        finally:  # a long-lived process (a Ray actor) must not grow over rounds
+            release(placement.device)
+
+    def _train(self, placement: Placement) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         _configure_threads()
         cfg = self.cfg
         train_data, _ = self.data()
@@ -173,6 +204,7 @@ class LocalJob:
         model = self.model(base)
         optimizer = make_optimizer(model, cfg.lr)
         seed = cfg.seed * 1_000_003 + self.server_round * 1009 + self.partition_key
+        accumulation = cfg.grad_accumulation
         private = None
         if cfg.dp:
             private = make_private(
@@ -185,13 +217,17 @@ class LocalJob:
                 # None: noise and sampling from the OS entropy pool, which the server cannot
                 # replay; the run's seed only when the user opted out of privacy
                 seed=seed if cfg.dp_reproducible_noise else None,
+                physical_batch_size=cfg.batch_size if accumulation > 1 else None,
+                device=placement.device,
             )  # raises BudgetExhaustedError before any step when the budget is spent
             loop_model, loop_optimizer, loader = private.model, private.optimizer, private.loader
         else:
             loop_model, loop_optimizer = model, optimizer
-            loader = sampled_loader(train_data, cfg.batch_size, cfg.local_steps, seed)
+            micro = cfg.local_steps * accumulation
+            loader = sampled_loader(train_data, cfg.batch_size, micro, seed)
+        scheduler = self.scheduler(loop_optimizer)
         started = time.perf_counter()
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[]), on_device(placement.device):
             torch.manual_seed(seed)
             result = train_steps(
                 loop_model,
@@ -199,6 +235,10 @@ class LocalJob:
                 loader,
                 desc=f"round {self.server_round}",
                 show_progress=_progress_enabled(),
+                accumulation=accumulation,
+                placement=placement,
+                scheduler=scheduler,
+                private=private is not None,
             )
         seconds = time.perf_counter() - started
         tensors = self.plan.reply(state_from_peft(model, self.spec.scaling).to_state_dict())
@@ -215,6 +255,7 @@ class LocalJob:
             protocol.TRAIN_LOSS_FIRST: result.first_loss,
             protocol.TRAIN_SECONDS: seconds,
             "train-steps": result.steps,
+            "lr-last": result.lrs[-1] if result.lrs else cfg.lr,
             "encode-seconds": time.perf_counter() - started,
             **base.report(),
         }
@@ -229,6 +270,22 @@ class LocalJob:
             }
         return tensors, metrics
 
+    def scheduler(
+        self, optimizer: torch.optim.Optimizer
+    ) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """The learning-rate schedule of this round (``lr-schedule``, ``lr-schedule-span``).
+
+        Over the run, step k of round t is step (t - 1) x local-steps + k of
+        num-server-rounds x local-steps; over a round, every round starts again.
+        """
+        c = self.cfg
+        if c.lr_schedule_span == "round":
+            total, start = c.local_steps, 0
+        else:
+            total = c.num_server_rounds * c.local_steps
+            start = max(self.server_round - 1, 0) * c.local_steps
+        return make_scheduler(optimizer, c.lr_schedule, c.warmup_steps, total, start)
+
     def privacy_budget(self, num_examples: int) -> PrivacyBudget:
         """This node's budget: restored from its store, or calibrated once on first use."""
         _, state = self.store.load(PRIVACY_STATE)
@@ -240,7 +297,7 @@ class LocalJob:
             target_epsilon=c.dp_epsilon,
             delta=c.dp_delta or default_delta(num_examples),
             num_examples=num_examples,
-            batch_size=c.batch_size,
+            batch_size=c.batch_size * c.grad_accumulation,  # the logical batch
             steps_per_round=c.local_steps,
             expected_rounds=c.expected_client_rounds,
             noise_multiplier=c.dp_noise or None,
@@ -250,9 +307,17 @@ class LocalJob:
         """Loss and accuracy of the received adapter on this node's held-out data."""
         _configure_threads()
         _, test_data = self.data()
-        result = evaluate(
-            self.model(), test_data, self.cfg.eval_batch_size, show_progress=_progress_enabled()
-        )
+        placement = self.placement
+        try:
+            result = evaluate(
+                self.model(),
+                test_data,
+                self.cfg.eval_batch_size,
+                show_progress=_progress_enabled(),
+                placement=placement,
+            )
+        finally:
+            release(placement.device)
         return {
             protocol.NUM_EXAMPLES: result.num_examples,
             protocol.EVAL_LOSS: result.loss,

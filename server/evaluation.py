@@ -17,8 +17,15 @@ from torch.utils.data import TensorDataset
 from fedlora.config import CAUSAL_LM, RunConfig
 from fedlora.data.instruct import RESPONSE, TEXT, last_user_content
 from fedlora.lora.state import AdapterState
+from fedlora.model.device import Placement
 from fedlora.model.lm import generate_answers
-from fedlora.model.models import apply_base_delta, build_lora_model, load_tokenizer, lora_spec
+from fedlora.model.models import (
+    BaseLoading,
+    apply_base_delta,
+    build_lora_model,
+    load_tokenizer,
+    lora_spec,
+)
 from fedlora.model.peft_state import load_into_peft
 from fedlora.model.train import EvalResult, evaluate
 from fedlora.run import results
@@ -34,6 +41,8 @@ class ServerEvaluator:
 
     def __init__(self, cfg: RunConfig, num_labels: int, data: TensorDataset) -> None:
         self.cfg, self.num_labels, self.data = cfg, num_labels, data
+        self.placement = Placement.resolve(cfg.device, cfg.precision)
+        self.loading = BaseLoading(self.placement, cfg.base_quantization)
         self._models: dict[int, tuple[PeftModel, dict]] = {}
 
     def model_for(self, state: AdapterState, base_delta: Mapping | None = None) -> PeftModel:
@@ -41,7 +50,9 @@ class ServerEvaluator:
         rank = state.rank
         if rank not in self._models:
             spec = lora_spec(self.cfg).with_rank(rank)
-            model = build_lora_model(self.cfg.model, self.num_labels, spec, seed=self.cfg.seed)
+            model = build_lora_model(
+                self.cfg.model, self.num_labels, spec, seed=self.cfg.seed, loading=self.loading
+            )
             self._models[rank] = (model, {})
         model, originals = self._models[rank]
         if base_delta or originals:
@@ -56,7 +67,9 @@ class ServerEvaluator:
     def __call__(self, state: AdapterState, base_delta: Mapping | None = None) -> EvalResult:
         """Loss and accuracy of ``state`` (on ``base_delta``) on the held-out data."""
         model = self.model_for(state, base_delta)
-        return evaluate(model, self.data, self.cfg.eval_batch_size, desc="server eval")
+        return evaluate(
+            model, self.data, self.cfg.eval_batch_size, desc="server eval", placement=self.placement
+        )
 
 
 class SampleWriter:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedlora.config.run_config import DEVICE_PATTERN
 from fedlora.config.values import ConfigError, coerce_value, fail, unknown_key
 
 
@@ -19,12 +20,20 @@ class NodeConfig:
     data_path: str | None = None
     state_dir: str | None = None
     lora_rank: int | None = None
+    device: str | None = None  # this node's own device, over the run's (sites differ)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> NodeConfig:
         """Parse Flower's ``node_config`` (``--node-config`` in deployment)."""
         raw = dict(mapping or {})
-        allowed = {"partition-id", "num-partitions", "data-path", "state-dir", "lora-rank"}
+        allowed = {
+            "partition-id",
+            "num-partitions",
+            "data-path",
+            "state-dir",
+            "lora-rank",
+            "device",
+        }
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise ConfigError(unknown_key("node-config", unknown[0], raw[unknown[0]], allowed))
@@ -49,7 +58,11 @@ class NodeConfig:
         rank = None if rank is None else coerce_value("lora-rank", rank, "int")
         if rank is not None and rank <= 0:
             fail("lora-rank", rank, "must be > 0")
+        device = raw.get("device") or None
+        if device is not None and not DEVICE_PATTERN.fullmatch(str(device)):
+            fail("device", device, "must be auto, cpu, cuda, cuda:N or mps")
         return cls(
+            device=None if device is None else str(device),
             lora_rank=rank,
             partition_id=pid,
             num_partitions=num,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -37,6 +38,10 @@ PARTITIONERS = ("iid", "dirichlet", "natural")
 WEIGHTINGS = ("num-examples", "uniform")
 CENTRAL_DP_MODES = ("off", "client", "server")  # where the update is clipped (Flower's wrappers)
 TRACKERS = ("none", "tensorboard", "mlflow")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 def _help(text: str, default: Any) -> Any:
@@ -137,6 +142,47 @@ class RunConfig:
     batch_size: int = _help("Local training batch size.", 16)
     local_steps: int = _help("Optimizer steps each client takes per round.", 20)
     lr: float = _help("AdamW learning rate for LoRA factors and the head.", 3e-3)
+    lr_schedule: str = _help(
+        "Learning-rate schedule (transformers' scheduler functions): constant, cosine or "
+        "linear, after warmup-steps of linear warm-up.",
+        "constant",
+    )
+    warmup_steps: int = _help("Optimizer steps of linear learning-rate warm-up.", 0)
+    lr_schedule_span: str = _help(
+        "What one schedule spans: 'run' (step (server-round - 1) x local-steps + k of "
+        "num-server-rounds x local-steps, so a client's rate depends on the round it trains "
+        "in) or 'round' (every round starts the schedule again).",
+        "run",
+    )
+    grad_accumulation: int = _help(
+        "Micro-batches of batch-size per optimizer step (local-steps stays in optimizer "
+        "steps; the effective batch is batch-size x grad-accumulation). With dp, the logical "
+        "batch of the DP analysis is the effective one, processed batch-size at a time.",
+        1,
+    )
+    gradient_checkpointing: bool = _help(
+        "Recompute activations in the backward pass instead of keeping them: less device "
+        "memory for more compute. Not with dp (Opacus captures activations in hooks).",
+        False,
+    )
+    device: str = _help(
+        "Where clients train and the server evaluates: auto (CUDA if available, else MPS, "
+        "else CPU), cpu, cuda, cuda:N or mps. A node's own 'device' node-config key takes "
+        "precedence.",
+        "auto",
+    )
+    precision: str = _help(
+        "Compute precision: auto (bf16 on a CUDA device that supports it, else fp32), fp32, "
+        "bf16 or fp16 (autocast; fp16 with a gradient scaler). LoRA factors and the head keep "
+        "float32 master weights; what goes on the wire stays float32.",
+        "auto",
+    )
+    base_quantization: str = _help(
+        "Quantise the frozen base with bitsandbytes: none, 8bit or 4bit (QLoRA: NF4, double "
+        "quantisation, compute dtype from precision). Needs bitsandbytes (pip install "
+        "bitsandbytes). Not with strategies that merge into the base (FLoRA).",
+        "none",
+    )
 
     lora_rank: int = _help("LoRA rank r of every client (unless a strategy says otherwise).", 8)
     lora_alpha: float = _help(
@@ -287,6 +333,7 @@ class RunConfig:
             if not 0.0 < density <= 1.0:
                 fail(f"{direction}-density", density, "must be in (0, 1]")
             one_of(f"{direction}-values", getattr(self, f"{direction}_values"), tuple(VALUE_TYPES))
+        self._check_training()
         if self.partitioner == "natural" and not self.partition_column:
             fail("partition-column", self.partition_column, "is required when partitioner=natural")
         _ = self.strategy_extra
@@ -301,6 +348,33 @@ class RunConfig:
             fail("lora-targets", self.lora_targets, "must name at least one module")
         if self.dataset not in BUILTIN_DATASETS and not _looks_like_hub_or_path(self.dataset):
             fail("dataset", self.dataset, f"is neither one of {BUILTIN_DATASETS} nor a file")
+
+    def _check_training(self) -> None:
+        """The device, precision and schedule settings, and what DP-SGD cannot do."""
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            fail("device", self.device, "must be auto, cpu, cuda, cuda:N or mps")
+        one_of("precision", self.precision, PRECISIONS)
+        one_of("base-quantization", self.base_quantization, QUANTIZATIONS)
+        one_of("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        one_of("lr-schedule-span", self.lr_schedule_span, ("run", "round"))
+        positive(self, "grad_accumulation")
+        non_negative(self, "warmup_steps")
+        if not self.dp:
+            return
+        if self.gradient_checkpointing:
+            fail(
+                "gradient-checkpointing",
+                True,
+                "cannot be combined with dp=true: Opacus computes per-sample gradients from "
+                "the activations its forward hooks capture, which checkpointing recomputes",
+            )
+        if self.precision == "fp16":
+            fail(
+                "precision",
+                "fp16",
+                "cannot be combined with dp=true: DP-SGD would clip gradients multiplied by "
+                "fp16's loss scale; use bf16 (per-sample gradients checked exact) or fp32",
+            )
 
     def _check_central_dp(self) -> None:
         """Refuse settings under which central DP's epsilon would be false.

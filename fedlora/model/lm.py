@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.data.instruct import IGNORE_INDEX, encode_prompt
+from fedlora.model.device import Placement
 
 
 def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,15 +58,18 @@ def evaluate_lm(
     batch_size: int,
     desc: str = "eval",
     show_progress: bool = True,
+    placement: Placement | None = None,
 ) -> tuple[float, float, int]:
     """(token-mean loss, exact match of the greedy answer, examples) over ``data``."""
+    placement = placement or Placement()
     model.eval()
     total, tokens, exact, count = 0.0, 0, 0, 0
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-    for input_ids, attention_mask, labels in tqdm(
-        loader, desc=desc, leave=False, disable=not show_progress, mininterval=2.0
-    ):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not show_progress, mininterval=2.0):
+        input_ids, attention_mask, labels = placement.to(batch)
+        with placement.autocast():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        logits = out.logits
         losses, mask = token_losses(logits, labels)
         total += float((losses * mask).sum())
         tokens += int(mask.sum())
@@ -92,7 +96,8 @@ def generate_answers(
     model.eval()
     answers = []
     for stored in prompts:
-        prompt = torch.tensor([encode_prompt(tokenizer, stored, max_len)[0]])
+        device = next(model.parameters()).device
+        prompt = torch.tensor([encode_prompt(tokenizer, stored, max_len)[0]], device=device)
         out = model.generate(
             input_ids=prompt,
             attention_mask=torch.ones_like(prompt),

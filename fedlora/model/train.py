@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from fedlora.model.device import Placement
 from fedlora.model.lm import evaluate_lm, example_mean_loss
 
 
@@ -21,6 +24,7 @@ class TrainResult:
     mean_loss: float
     first_loss: float
     last_loss: float
+    lrs: tuple[float, ...] = ()  # the learning rate of each optimizer step
 
 
 @dataclass(frozen=True)
@@ -55,30 +59,81 @@ def sampled_loader(data: TensorDataset, batch_size: int, steps: int, seed: int) 
     return DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=False)
 
 
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    warmup_steps: int,
+    total_steps: int,
+    start_step: int = 0,
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Transformers' schedule ``name`` over ``total_steps``, positioned at ``start_step``.
+
+    None for a constant rate without warm-up (the rate is then exactly ``lr``). A client
+    that joins in a later round starts the run's schedule where that round begins.
+    """
+    if name == "constant" and warmup_steps == 0:
+        return None
+    from transformers import get_scheduler
+
+    kind = "constant_with_warmup" if name == "constant" else name
+    scheduler = get_scheduler(
+        kind,
+        optimizer,
+        num_warmup_steps=warmup_steps,
+        num_training_steps=max(total_steps, 1),
+    )
+    with warnings.catch_warnings():  # stepping before any optimizer step is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start_step):
+            scheduler.step()
+    return scheduler
+
+
 def train_steps(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
+    loader: Iterable,
     desc: str = "train",
     show_progress: bool = True,
+    *,
+    accumulation: int = 1,
+    placement: Placement | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    private: bool = False,
 ) -> TrainResult:
-    """One pass over ``loader``: forward, backward, step. Returns the loss trajectory."""
+    """Optimizer steps over ``loader``'s micro-batches; returns the loss trajectory.
+
+    Without DP, every ``accumulation`` micro-batches make one step: each micro-batch's
+    mean loss is weighted by its share of the step's examples, so k micro-batches of b
+    give the update of one batch of k b. With DP (``private``), the loader comes from
+    :func:`fedlora.privacy.dp_sgd.make_private`, split by Opacus into physical batches;
+    its optimizer decides when a logical batch ends (Opacus's own semantics). Forward
+    passes run under ``placement``'s autocast; fp16 uses a gradient scaler.
+    """
+    placement = placement or Placement()
+    scaler = None if private else placement.scaler()
     model.train()
     losses: list[float] = []
+    lrs: list[float] = []
     seen = 0
+    group: list[tuple[torch.Tensor, ...]] = []
     bar = tqdm(loader, desc=desc, leave=False, disable=not show_progress, mininterval=2.0)
     for batch in bar:
         if batch is None:  # an empty Poisson batch (DP-SGD): nothing to learn from
             continue
-        input_ids, attention_mask, labels = batch
-        optimizer.zero_grad(set_to_none=True)
-        loss = batch_loss(model, input_ids, attention_mask, labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"Training loss became {loss.item()} at step {len(losses)}")
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        seen += int(labels.shape[0])
+        group.append(placement.to(batch))
+        seen += int(batch[2].shape[0])
+        if not private and len(group) < accumulation:
+            continue
+        step_lr = float(optimizer.param_groups[0]["lr"])
+        loss = _step(model, optimizer, group, placement, scaler, len(losses))
+        group = []
+        if private and getattr(optimizer, "_is_last_step_skipped", False):
+            continue  # a physical batch inside a logical one: Opacus only accumulated it
+        losses.append(loss)
+        lrs.append(step_lr)
+        if scheduler is not None:
+            scheduler.step()
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     if not losses:
         return TrainResult(0, 0, math.nan, math.nan, math.nan)
@@ -88,7 +143,37 @@ def train_steps(
         mean_loss=sum(losses) / len(losses),
         first_loss=losses[0],
         last_loss=losses[-1],
+        lrs=tuple(lrs),
     )
+
+
+def _step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    group: list[tuple[torch.Tensor, ...]],
+    placement: Placement,
+    scaler: torch.amp.GradScaler | None,
+    index: int,
+) -> float:
+    """Backward over the micro-batches of ``group`` and one optimizer step; the step's loss."""
+    optimizer.zero_grad(set_to_none=True)
+    total = sum(int(b[2].shape[0]) for b in group)
+    step_loss = 0.0
+    for input_ids, attention_mask, labels in group:
+        with placement.autocast():
+            loss = batch_loss(model, input_ids, attention_mask, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"Training loss became {loss.item()} at step {index}")
+        share = int(labels.shape[0]) / total
+        weighted = loss if len(group) == 1 else loss * share
+        (weighted if scaler is None else scaler.scale(weighted)).backward()
+        step_loss += float(loss.detach()) * share
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    return step_loss
 
 
 def batch_loss(
@@ -111,23 +196,25 @@ def evaluate(
     batch_size: int,
     desc: str = "eval",
     show_progress: bool = True,
+    placement: Placement | None = None,
 ) -> EvalResult:
     """Mean cross-entropy and accuracy over ``data``.
 
     With token labels (causal LM): token-mean loss and the greedy answer's exact match.
     """
+    placement = placement or Placement()
     if data.tensors[2].dim() == 2:
-        loss, exact, count = evaluate_lm(model, data, batch_size, desc, show_progress)
+        loss, exact, count = evaluate_lm(model, data, batch_size, desc, show_progress, placement)
         return EvalResult(loss=loss, accuracy=exact, num_examples=count)
     model.eval()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
     total_loss = 0.0
     correct = 0
     count = 0
-    for input_ids, attention_mask, labels in tqdm(
-        loader, desc=desc, leave=False, disable=not show_progress, mininterval=2.0
-    ):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not show_progress, mininterval=2.0):
+        input_ids, attention_mask, labels = placement.to(batch)
+        with placement.autocast():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         total_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=-1) == labels).sum())
         count += int(labels.shape[0])

@@ -36,6 +36,7 @@ from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import wrap_data_loader
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
@@ -161,9 +162,10 @@ class PrivateTraining:
         self.model.remove_hooks()  # the wrapped peft model is clean again
 
 
-def entropy_generator() -> torch.Generator:
+def entropy_generator(device: torch.device | None = None) -> torch.Generator:
     """A torch generator seeded with 64 bits from ``os.urandom``: no one can replay its draws."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    generator = torch.Generator(device=device or torch.device("cpu"))
+    return generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def make_private(
@@ -175,22 +177,28 @@ def make_private(
     clip_norm: float,
     steps: int,
     seed: int | None = None,
+    physical_batch_size: int | None = None,
+    device: torch.device | None = None,
 ) -> PrivateTraining:
     """Wrap ``model``/``optimizer`` for DP-SGD over ``steps`` Poisson batches of ``data``.
 
     ``seed=None`` (the default, and the only private choice) draws the sampling and the
     noise from two generators seeded from the OS entropy pool. An integer ``seed`` makes
     both reproducible, for research: then the run is not private against whoever knows
-    the seed.
+    the seed. ``physical_batch_size``: each logical (Poisson) batch is processed in
+    chunks of at most this many examples, with Opacus's own accumulation
+    (``BatchMemoryManager``'s splitting): the noise and the accountant's steps belong to
+    the logical batch. ``device``: where the noise is drawn (the model's device).
     """
     budget.check_round(steps)
     accountant = create_accountant(budget.accountant)
     accountant.history = [tuple(h) for h in budget.history]
+    where = device or torch.device("cpu")
     if seed is None:
-        sampling, noise = entropy_generator(), entropy_generator()
+        sampling, noise = entropy_generator(), entropy_generator(where)
     else:
         sampling = torch.Generator().manual_seed(seed)
-        noise = torch.Generator().manual_seed(seed + 1)
+        noise = torch.Generator(device=where).manual_seed(seed + 1)
     sampler = UniformWithReplacementSampler(
         num_samples=len(data), sample_rate=budget.sample_rate, generator=sampling, steps=steps
     )
@@ -207,6 +215,10 @@ def make_private(
         secure_mode=seed is None,
     )
     dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=budget.sample_rate))
+    if physical_batch_size is not None and physical_batch_size < expected:
+        loader = wrap_data_loader(
+            data_loader=loader, max_batch_size=physical_batch_size, optimizer=dp_optimizer
+        )
     return PrivateTraining(dp_model, dp_optimizer, loader, budget, accountant)
 
 
