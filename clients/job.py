@@ -15,10 +15,12 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from logging import WARNING
 
 import numpy as np
 import torch
 from flwr.app import Context, Message
+from flwr.supercore import log
 from peft import PeftModel
 from torch.utils.data import TensorDataset
 
@@ -194,6 +196,21 @@ class LocalJob:
         finally:  # a long-lived process (a Ray actor) must not grow over rounds
             release(placement.device)
 
+    def _reproducible_noise_asked(self) -> None:
+        """The server asked for DP noise it can replay: say so, and refuse if the node does."""
+        if self.node.refuse_reproducible_noise:
+            raise ConfigError(
+                "Invalid value for 'dp-reproducible-noise': True is refused by this node "
+                "(node-config refuse-reproducible-noise=true): the server could replay its "
+                "DP noise from the run's seed and subtract it"
+            )
+        log(
+            WARNING,
+            "Node %s: dp-reproducible-noise=true: this node's DP noise follows the run's "
+            "seed, so whoever knows the seed can remove it (NOT PRIVATE)",
+            self.node.partition_id,
+        )
+
     def _train(self, placement: Placement) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         _configure_threads()
         cfg = self.cfg
@@ -207,6 +224,8 @@ class LocalJob:
         accumulation = cfg.grad_accumulation
         private = None
         if cfg.dp:
+            if cfg.dp_reproducible_noise:
+                self._reproducible_noise_asked()
             private = make_private(
                 model,
                 optimizer,

@@ -15,7 +15,7 @@ What this module adds around the wrapper, and why:
 - nodes that declare a rank other than ``lora-rank`` are excluded when they describe
   themselves, instead of being sampled and set aside round after round;
 - an accountant: Flower's own requires its ``FedAvg`` class, so the epsilon of the rounds
-  released so far comes from Opacus (:func:`fedlora.privacy.central_epsilon`). The count
+  released so far comes from Opacus (:func:`fedlora.privacy.accounting.central_epsilon`). The count
   of releases is written to ``central_dp.json`` the moment a round is released, so a
   crash between a release and its checkpoint cannot make a resumed run forget it.
 """

@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from logging import WARNING
 
-import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedlora.lora.plan import ClientPlan
 from fedlora.lora.state import AdapterState
-from fedlora.server.replies import whole_number
+from fedlora.server.peer import error_reason, finite_number, whole_number
+from fedlora.server.weights import Claim, WeightPolicy, client_weights
 from fedlora.strategies.api import logger
 from fedlora.wire import protocol
 from fedlora.wire.records import to_arrayrecord
@@ -34,32 +34,45 @@ def evaluation_messages(
     return [Message(record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
 
 
-def mean_evaluation(replies: Iterable[Message]) -> MetricRecord | None:
-    """Example-weighted mean of the nodes' evaluation loss and accuracy (None: no replies)."""
-    totals: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    count = 0
+def mean_evaluation(
+    replies: Iterable[Message], policy: WeightPolicy | None = None
+) -> MetricRecord | None:
+    """The weighted mean of the nodes' evaluation loss and accuracy (None: no usable reply).
+
+    Each node's weight comes from its claimed example count, bounded as training claims
+    are (``policy``: the ratio and share caps), so one node claiming 2^53 examples cannot
+    set the federated numbers; a loss that is not a finite non-negative number, or an
+    accuracy outside [0, 1], drops that value.
+    """
+    values: list[tuple[int, int, dict[str, float]]] = []  # node, claimed examples, values
     for msg in replies:
+        node = msg.metadata.src_node_id
         m = None if msg.has_error() else msg.content.metric_records.get(protocol.METRICS)
         n = None if m is None else whole_number(m, protocol.NUM_EXAMPLES, 0)
-        if m is None or n is None:
-            reason = msg.error.reason if msg.has_error() else "no metrics, or a bad count"
-            logger.log(
-                WARNING,
-                "Evaluation reply from node %s ignored: %s",
-                msg.metadata.src_node_id,
-                reason,
-            )
+        if m is None or n is None or n <= 0:
+            reason = error_reason(msg) if msg.has_error() else "no metrics, or a bad count"
+            logger.log(WARNING, "Evaluation reply from node %s ignored: %s", node, reason)
             continue
-        if n <= 0:
-            continue
-        count += n
-        for key in (protocol.EVAL_LOSS, protocol.EVAL_ACCURACY):
-            value = m.get(key, float("nan"))
-            if isinstance(value, int | float) and np.isfinite(value):
-                totals[key] = totals.get(key, 0.0) + n * value
-                counts[key] = counts.get(key, 0) + n
-    if count == 0:
+        loss, accuracy = (
+            finite_number(m, protocol.EVAL_LOSS),
+            finite_number(m, protocol.EVAL_ACCURACY),
+        )
+        kept = {}
+        if loss is not None and loss >= 0:
+            kept[protocol.EVAL_LOSS] = loss
+        if accuracy is not None and 0.0 <= accuracy <= 1.0:
+            kept[protocol.EVAL_ACCURACY] = accuracy
+        values.append((node, n, kept))
+    if not values:
         return None
-    means = {k: v / counts[k] for k, v in totals.items()}
-    return MetricRecord(means | {"num-examples": count})
+    claims = [Claim(node, n) for node, n, _ in values]
+    weights, _ = client_weights(claims, policy or WeightPolicy())
+    if weights is None:
+        return None
+    means: dict[str, float] = {}
+    for key in (protocol.EVAL_LOSS, protocol.EVAL_ACCURACY):
+        pairs = [(w, v[key]) for w, (_, _, v) in zip(weights, values, strict=True) if key in v]
+        total = sum(w for w, _ in pairs)
+        if total > 0:
+            means[key] = sum(w * x for w, x in pairs) / total
+    return MetricRecord(means | {"num-examples": sum(n for _, n, _ in values)})

@@ -24,6 +24,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # the simulation's Grid
 
 from fedlora.config import CAUSAL_LM, ConfigError, RunConfig
 from fedlora.config.settings import parse_settings
@@ -194,6 +195,7 @@ class Federation:
 def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     """Run every round of a federated LoRA fine-tuning; return the output folder."""
     started = time.monotonic()
+    check_simulated_federation(grid, cfg)
     out = prepare_output(cfg)
     tracker = make_tracker(cfg.tracking, out, json.loads(cfg.to_json()))
     if cfg.dp and cfg.dp_reproducible_noise:
@@ -214,6 +216,31 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     tracker.close()
     logger.log(INFO, "fedlora: run finished; summary in %s", out / results.SUMMARY_FILE)
     return out
+
+
+def check_simulated_federation(grid: Grid, cfg: RunConfig, settle: float = 30.0) -> None:
+    """A simulation's nodes all register at once: refuse a sample they cannot fill.
+
+    A deployment's nodes connect over time (the round waits for them); a simulation
+    registers its ``num-supernodes`` together, soon after the ServerApp starts, and never
+    adds one, so ``clients-per-round`` above that would wait out ``node-wait-timeout`` and
+    then fail. Wait for the registration (up to ``settle`` s), then say so, naming both.
+    """
+    if not isinstance(grid, InMemoryGrid):
+        return
+    deadline, seen, stable_since = time.monotonic() + settle, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        nodes = len(grid.get_node_ids())
+        if nodes != seen:
+            seen, stable_since = nodes, time.monotonic()
+        elif nodes > 0 and time.monotonic() - stable_since >= 1.0:
+            break
+        time.sleep(0.1)
+    if 0 < seen < cfg.clients_per_round:
+        raise ConfigError(
+            f"Invalid value for 'clients-per-round': {cfg.clients_per_round} exceeds the "
+            f"simulation's {seen} nodes (options.num-supernodes); lower it or add nodes"
+        )
 
 
 def _setup(cfg: RunConfig, out: Path, tracker: Tracker) -> Federation:

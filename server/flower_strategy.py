@@ -29,6 +29,7 @@ from fedlora.server.aggregation import aggregate_round
 from fedlora.server.federated_eval import evaluation_messages, mean_evaluation
 from fedlora.server.link_state import NodeLinks
 from fedlora.server.nodes import NodeRegistry
+from fedlora.server.peer import error_reason
 from fedlora.server.replies import (
     layout,
     read_reply,
@@ -194,6 +195,8 @@ class LoraFlowerStrategy(Strategy):
         report = RoundReport(server_round, sampled=list(sampled))
         report.metrics["discover-seconds"] = discovered - started
         self.reports[server_round] = report
+        for old in [r for r in self.reports if r < server_round - 1]:
+            del self.reports[old]  # read once, by the round that made it; 1000 rounds add up
         self._open = open_round = OpenRound(report, current, arrays, started=started)
         for node_id in sampled:
             message = self._message(open_round, server_round, node_id, config)
@@ -268,7 +271,7 @@ class LoraFlowerStrategy(Strategy):
     ) -> tuple[NodeOutcome, ClientUpdate | None]:
         if msg.has_error():  # the node may not hold the payload: the next one goes dense
             self.links.settle(node_id, replied=False)
-            return NodeOutcome(node_id, "error", msg.error.reason), None
+            return NodeOutcome(node_id, "error", error_reason(msg)), None
         plan = open_round.plans.get(node_id)
         outcome, update = read_reply(
             self.strategy, self.links, server_round, node_id, plan, msg, open_round.current
@@ -353,7 +356,7 @@ class LoraFlowerStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Example-weighted mean of the nodes' evaluation metrics (bad replies ignored)."""
-        return mean_evaluation(replies)
+        return mean_evaluation(replies, self.options.weights)
 
     # -- checkpointing --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

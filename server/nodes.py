@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora.server.replies import whole_number
+from fedlora.server.peer import error_reason, whole_number
 from fedlora.strategies.api import logger
 from fedlora.wire import protocol
 
@@ -39,7 +39,8 @@ class NodeRegistry:
     partitions: dict[int, int] = field(default_factory=dict)
     examples: dict[int, int] = field(default_factory=dict)
     excluded: dict[int, str] = field(default_factory=dict)
-    full_sample_seen: bool = False
+    asked: dict[int, int] = field(default_factory=dict)  # queries sent to a silent node
+    waited: bool = False  # the first wait for a full sample is over
 
     def rank_of(self, node_id: int) -> int:
         """The rank ``node_id`` trains at: its declared rank, else the run's."""
@@ -85,21 +86,18 @@ class NodeRegistry:
         self.excluded = {int(k): str(v) for k, v in state.get("excluded_nodes", {}).items()}
 
 
-def wait_for_nodes(
-    grid: Grid, registry: NodeRegistry, count: int, full: int, timeout: float
-) -> list[int]:
-    """Connected, non-excluded nodes, after waiting up to ``timeout`` s for enough of them.
+QUERY_ATTEMPTS = 3
+"""How many rounds a node that does not answer the query is asked again."""
 
-    Until ``full`` nodes have been connected once, wait for ``count``; after that only for
-    ``min(count, ...)`` as the caller asks: a node that died does not come back, and
-    waiting for it would cost every later round the whole timeout. Excluded nodes count
-    as connected (waiting would not bring them back).
+
+def wait_for_nodes(grid: Grid, registry: NodeRegistry, count: int, timeout: float) -> list[int]:
+    """Connected, non-excluded nodes, after waiting up to ``timeout`` s for ``count`` of them.
+
+    Excluded nodes count as connected (waiting would not bring them back).
     """
     deadline = time.monotonic() + timeout
     while True:
         connected = sorted(grid.get_node_ids())
-        if len(connected) >= full:
-            registry.full_sample_seen = True
         if len(connected) >= count or time.monotonic() >= deadline:
             return [n for n in connected if n not in registry.excluded]
         logger.log(INFO, "Waiting for nodes: %d connected, %d wanted", len(connected), count)
@@ -107,8 +105,13 @@ def wait_for_nodes(
 
 
 def nodes_to_wait_for(registry: NodeRegistry, count: int, min_replies: int) -> int:
-    """``count`` until a full sample has connected once, then only ``min_replies``."""
-    return count if not registry.full_sample_seen else min(count, min_replies)
+    """``count`` the first time, then only ``min_replies``.
+
+    The first round waits (up to the timeout) for a full sample; after that a node that
+    is gone does not come back, and waiting for it would cost every round the whole
+    timeout, so a round goes on as soon as enough nodes are there to aggregate.
+    """
+    return count if not registry.waited else min(count, min_replies)
 
 
 def sample_nodes(
@@ -126,10 +129,9 @@ def sample_nodes(
     same seed sample the same data in every launch of a simulation.
     """
     wanted = nodes_to_wait_for(registry, count, min_replies)
-    nodes = sorted(
-        wait_for_nodes(grid, registry, wanted, count, timeout),
-        key=lambda n: (registry.partitions.get(n, 2**62), n),
-    )
+    connected = wait_for_nodes(grid, registry, wanted, timeout)
+    registry.waited = True
+    nodes = sorted(connected, key=lambda n: (registry.partitions.get(n, 2**62), n))
     if not nodes:
         return []
     chosen = rng.choice(len(nodes), size=min(count, len(nodes)), replace=False)
@@ -147,15 +149,23 @@ def discover_nodes(
 ) -> None:
     """Ask connected nodes not seen before to describe themselves (rank, partition, examples).
 
-    One QUERY message per new node, once per run; a node that does not answer is asked
-    again next round and meanwhile trains at the run's rank. A node whose description is
-    not whole numbers, or whose settings fail its own checks, is excluded with the reason.
+    One QUERY message per new node; a node that does not answer is asked again in later
+    rounds, at most :data:`QUERY_ATTEMPTS` times, and meanwhile trains at the run's rank.
+    A node whose description is not whole numbers, or whose settings fail its own checks,
+    is excluded with the reason.
     """
-    wait_for_nodes(grid, registry, nodes_to_wait_for(registry, count, min_replies), count, timeout)
+    wait_for_nodes(grid, registry, nodes_to_wait_for(registry, count, min_replies), timeout)
+    registry.waited = True
     seen = set(registry.ranks) | set(registry.excluded)
-    new = sorted(n for n in grid.get_node_ids() if n not in seen)
+    new = sorted(
+        n
+        for n in grid.get_node_ids()
+        if n not in seen and registry.asked.get(n, 0) < QUERY_ATTEMPTS
+    )
     if not new:
         return
+    for n in new:
+        registry.asked[n] = registry.asked.get(n, 0) + 1
     messages = [
         Message(
             RecordDict({protocol.CONFIG: ConfigRecord(dict(config))}),
@@ -165,7 +175,12 @@ def discover_nodes(
         for n in new
     ]
     for msg in grid.send_and_receive(messages, timeout=timeout):
-        describe(registry, msg)
+        try:
+            describe(registry, msg)
+        except Exception as err:  # nothing one answer holds may end the round
+            registry.exclude(
+                msg.metadata.src_node_id, f"unreadable description ({type(err).__name__}: {err})"
+            )
     logger.log(INFO, "Node ranks: %s", dict(sorted(registry.ranks.items())))
 
 
@@ -173,7 +188,7 @@ def describe(registry: NodeRegistry, msg: Message) -> None:
     """Take one node's answer to the QUERY into the registry."""
     node_id = msg.metadata.src_node_id
     if msg.has_error() or protocol.METRICS not in msg.content.metric_records:
-        reason = msg.error.reason if msg.has_error() else "no metrics in reply"
+        reason = error_reason(msg) if msg.has_error() else "no metrics in reply"
         if "ConfigError" in reason:  # its settings are wrong: retrying cannot help
             registry.exclude(node_id, f"invalid configuration: {reason}")
         else:

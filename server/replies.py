@@ -10,7 +10,6 @@ central-DP wrappers would otherwise meet unprepared.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,24 +19,12 @@ from flwr.app import ArrayRecord, Message
 
 from fedlora.lora.state import AdapterError, AdapterState
 from fedlora.server.link_state import NodeLinks
+from fedlora.server.peer import error_reason, whole_number
 from fedlora.server.reports import NodeOutcome
 from fedlora.strategies.api import ClientPlan, ClientUpdate, LoraStrategy
 from fedlora.wire import protocol
 from fedlora.wire.codec import CompressionError
 from fedlora.wire.records import NUMPY_STYPE, from_arrayrecord, wire_bytes
-
-
-def whole_number(metrics: Mapping[str, Any], key: str, default: int) -> int | None:
-    """``metrics[key]`` as an int (``default`` when absent); None unless a finite whole number.
-
-    Metrics come from peers: a list, a NaN or 1e300 must not reach ``int()``.
-    """
-    value = metrics.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if not math.isfinite(value) or value != int(value) or abs(value) > 2**53:
-        return None
-    return int(value)
 
 
 def reply_bytes(msg: Message) -> int:
@@ -172,7 +159,7 @@ def screen_for_wrapper(
     must match what the node was sent.
     """
     if msg.has_error():
-        return "error", msg.error.reason
+        return "error", error_reason(msg)
     if plan is not None and plan.rank != rank:
         return "dropped", f"rank {plan.rank}: every node must train at lora-rank={rank}"
     records = msg.content.array_records

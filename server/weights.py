@@ -9,7 +9,9 @@ honest federation's weights as they are and cap a liar's:
 2. **ratio**: a claim above ``max_claim_ratio`` times the median of the round's *other*
    claims is cut to that bound (the median of the others, so the liar cannot move it);
 3. **share**: no node's weight exceeds ``max_share`` (renormalised by water-filling, so
-   the others keep their proportions); with K replies the cap is at least 1/K.
+   the others keep their proportions); with K replies the cap is at least 1/K, so with
+   the default 0.5 two replies weigh 0.5 each whatever they claim (set ``max-weight-share``
+   to 1 for plain example weighting in a two-node federation you trust).
 
 Bounds 1 and 2 are anomalies, logged and recorded with the round; bound 3 is a policy and
 is visible in each node's recorded weight. All pure functions: the math is testable
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-WEIGHTINGS = ("num-examples", "uniform")
+from fedlora.config.values import check_weighting
 
 
 @dataclass(frozen=True)
@@ -47,16 +49,7 @@ class WeightPolicy:
     max_claim_ratio: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"Invalid value for 'weighting': {self.weighting!r}")
-        if not 0.0 < self.max_share <= 1.0:
-            raise ValueError(
-                f"Invalid value for 'max-weight-share': {self.max_share} not in (0, 1]"
-            )
-        if self.max_claim_ratio != 0 and not self.max_claim_ratio >= 1.0:
-            raise ValueError(
-                f"Invalid value for 'max-claim-ratio': {self.max_claim_ratio} (0 or >= 1)"
-            )
+        check_weighting(self.weighting, self.max_share, self.max_claim_ratio)
 
 
 @dataclass(frozen=True)

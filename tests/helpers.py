@@ -191,7 +191,7 @@ def reply(instruction: Message, tensors: dict, num_examples: float, **metrics: f
     return Message(content, reply_to=instruction)
 
 
-def error_reply(instruction: Message, reason: str) -> Message:
+def error_reply(instruction: Message, reason: str | None) -> Message:
     """A failed node's error reply."""
     return Message(Error(code=1, reason=reason), reply_to=instruction)
 

@@ -8,10 +8,9 @@ from fedlora.config.run_config import (
     INSTRUCTION_ONLY_DATASETS,
     PARTITIONERS,
     TRACKERS,
-    WEIGHTINGS,
     RunConfig,
 )
-from fedlora.config.values import ConfigError, coerce_value, unknown_key
+from fedlora.config.values import WEIGHTINGS, ConfigError, coerce_value, unknown_key
 from fedlora.lora.spec import AUTO_TARGETS, CAUSAL_LM, CLASSIFY, TASKS
 
 __all__ = [

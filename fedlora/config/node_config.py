@@ -21,6 +21,8 @@ class NodeConfig:
     state_dir: str | None = None
     lora_rank: int | None = None
     device: str | None = None  # this node's own device, over the run's (sites differ)
+    # the node's owner refuses a run whose DP noise the server could replay
+    refuse_reproducible_noise: bool = False
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> NodeConfig:
@@ -33,6 +35,7 @@ class NodeConfig:
             "state-dir",
             "lora-rank",
             "device",
+            "refuse-reproducible-noise",
         }
         unknown = sorted(set(raw) - allowed)
         if unknown:
@@ -61,7 +64,11 @@ class NodeConfig:
         device = raw.get("device") or None
         if device is not None and not DEVICE_PATTERN.fullmatch(str(device)):
             fail("device", device, "must be auto, cpu, cuda, cuda:N or mps")
+        refuse = coerce_value(
+            "refuse-reproducible-noise", raw.get("refuse-reproducible-noise", False), "bool"
+        )
         return cls(
+            refuse_reproducible_noise=refuse,
             device=None if device is None else str(device),
             lora_rank=rank,
             partition_id=pid,

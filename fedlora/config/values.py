@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import typing
 from collections.abc import Iterable
 from typing import Any
 
@@ -51,12 +52,28 @@ def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
         fail(key, value, f"must be one of {', '.join(allowed)}")
 
 
+def type_name_of(annotation: Any) -> str:
+    """A field annotation as the names :func:`coerce_value` reads (``"int"``, ``"float | None"``).
+
+    Dataclass fields carry a string under ``from __future__ import annotations`` and a type
+    object otherwise (``int``, ``int | None``, ``Optional[int]``); both come out the same.
+    """
+    if isinstance(annotation, str):
+        return annotation
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return f"{type_name_of(rest[0])} | None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def coerce_value(key: str, value: Any, type_name: Any) -> Any:
     """Convert a TOML/CLI value to the field's type, or fail naming the key.
 
-    ``type_name`` is the field's annotation as written (``"int"``, ``"float | None"``...).
+    ``type_name`` is the field's annotation, as a string or a type (see :func:`type_name_of`).
     """
-    type_name = str(type_name)
+    type_name = type_name_of(type_name)
     if type_name.endswith(" | None"):
         if value is None or str(value).strip().lower() in ("", "none"):
             return None
@@ -87,3 +104,15 @@ def coerce_value(key: str, value: Any, type_name: Any) -> Any:
     if not math.isfinite(number):
         raise ConfigError(f"Invalid value for '{key}': {value!r} must be a finite number")
     return number
+
+
+WEIGHTINGS = ("num-examples", "uniform")
+
+
+def check_weighting(weighting: str, max_share: float, max_claim_ratio: float) -> None:
+    """The rules for how claims become weights (the run config and the server's policy)."""
+    one_of("weighting", weighting, WEIGHTINGS)
+    if not 0.0 < max_share <= 1.0:
+        fail("max-weight-share", max_share, "must be in (0, 1]")
+    if max_claim_ratio != 0 and not max_claim_ratio >= 1.0:
+        fail("max-claim-ratio", max_claim_ratio, "must be 0 (off) or >= 1")

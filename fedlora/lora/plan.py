@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -32,7 +31,8 @@ class ClientPlan:
     ``init_seed``, so it need not be sent. ``send_a``: whether the reply carries lora_A.
     ``merge_rounds``: base-merge stacks (payload keys ``merge/<round>/<key>``) the node
     merges into its base weights, in order, before training; ``reset_base``: drop the
-    merged base first. ``config``: further strategy-specific instructions (JSON values).
+    merged base first. Nothing else reaches a node: the client is fedlora's, and a plan
+    field it did not act on would be a silent no-op.
     """
 
     rank: int
@@ -43,7 +43,6 @@ class ClientPlan:
     send_a: bool = True
     merge_rounds: tuple[int, ...] = ()
     reset_base: bool = False
-    config: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -117,7 +116,7 @@ class ClientPlan:
     # -- the wire -------------------------------------------------------------------
     def to_json(self) -> str:
         """The plan as one versioned JSON text (a ConfigRecord value)."""
-        body = asdict(self) | {"merge_rounds": list(self.merge_rounds), "config": dict(self.config)}
+        body = asdict(self) | {"merge_rounds": list(self.merge_rounds)}
         return json.dumps({"version": PLAN_VERSION, **body}, sort_keys=True)
 
     @classmethod

@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import ConfigError, RunConfig
+from fedlora.config import ConfigError, RunConfig, coerce_value
 from fedlora.run import results
 from fedlora.run.tracking import check_available as check_tracker
 
@@ -71,7 +71,7 @@ def fit_to_nodes(overrides: dict[str, Any], nodes: int) -> tuple[dict[str, Any],
         ("min-replies", defaults.min_replies),
     ):
         if key in overrides:
-            if int(overrides[key]) > nodes:
+            if coerce_value(key, overrides[key], "int") > nodes:
                 raise ConfigError(
                     f"Invalid value for '{key}': {overrides[key]} exceeds --supernodes {nodes} "
                     "(the round would wait for nodes that do not exist)"

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from fedlora.config import ConfigError, NodeConfig, RunConfig
+from fedlora.config.settings import parse_settings
 from fedlora.data.tables import load_table, partition
 from fedlora.lora.spec import LoraSpec
 from fedlora.model.models import build_lora_model
-from fedlora.run.cli import load_scenario
+from fedlora.run.cli import fit_to_nodes, load_scenario
 from fedlora.run.cli import main as cli_main
 from fedlora.server.federation import build_strategy, check_partitions
 
@@ -212,8 +214,6 @@ def test_simulate_refuses_more_clients_per_round_than_supernodes(capsys):
 
 
 def test_simulate_clamps_the_defaults_to_a_small_federation():
-    from fedlora.run.cli import fit_to_nodes
-
     overrides, notes = fit_to_nodes({}, 2)
     assert overrides == {"clients-per-round": 2} and "clients-per-round" in notes[0]
     assert fit_to_nodes({}, 1)[0] == {"clients-per-round": 1, "min-replies": 1}
@@ -250,3 +250,41 @@ def test_cli_refuses_a_bad_strategy_option_before_starting_anything(capsys):
         == 2
     )
     assert "did you mean 'fair-method'" in capsys.readouterr().err
+
+
+def test_fit_to_nodes_names_a_count_that_is_not_a_number():
+    with pytest.raises(ConfigError, match="'clients-per-round': 'abc' is not a valid int"):
+        fit_to_nodes({"clients-per-round": "abc"}, 3)
+    with pytest.raises(ConfigError, match="'min-replies': nan"):
+        fit_to_nodes({"min-replies": float("nan")}, 3)
+
+
+def test_settings_declared_without_string_annotations_are_coerced():
+    """A plugin module without ``from __future__ import annotations`` has type objects."""
+    settings = dataclasses.make_dataclass(
+        "Settings",
+        [
+            ("steps", int, dataclasses.field(default=1)),
+            ("scale", float, dataclasses.field(default=0.5)),
+            ("enabled", bool, dataclasses.field(default=False)),
+            ("limit", int | None, dataclasses.field(default=None)),
+            ("name", str, dataclasses.field(default="a")),
+        ],
+    )
+    parsed = parse_settings(
+        settings,
+        {"steps": "3", "scale": "0.25", "enabled": "true", "limit": "none", "name": "b"},
+        "plugin",
+    )
+    assert (parsed.steps, parsed.scale, parsed.enabled, parsed.limit, parsed.name) == (
+        3,
+        0.25,
+        True,
+        None,
+        "b",
+    )
+    assert parse_settings(settings, {"limit": "7"}, "plugin").limit == 7
+    with pytest.raises(ConfigError, match="'steps': 'abc' is not a valid int"):
+        parse_settings(settings, {"steps": "abc"}, "plugin")
+    with pytest.raises(ConfigError, match="'enabled': 'maybe' is not a valid bool"):
+        parse_settings(settings, {"enabled": "maybe"}, "plugin")

@@ -303,3 +303,13 @@ def test_a_run_in_which_no_round_aggregated_fails_and_says_so(tiny_model, tmp_pa
         simulate_in_process(tiny_run(tiny_model, out, **{"num-server-rounds": 1, "lr": 1e30}))
     summary = (out / results.SUMMARY_FILE).read_text()
     assert "FAILED: no round aggregated anything" in summary
+
+
+def test_a_sample_larger_than_the_simulation_is_refused_at_once(tiny_model, tmp_path):
+    """Without the check the round waits out node-wait-timeout for a node that never comes."""
+    from fedlora.config import ConfigError
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="'clients-per-round': 3 exceeds the simulation's 2"):
+        simulate_in_process(tiny_run(tiny_model, out, **{"clients-per-round": 3}), 2)
+    assert not out.exists()  # refused before anything was written

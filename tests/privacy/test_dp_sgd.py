@@ -196,6 +196,17 @@ def test_reproducible_noise_is_an_explicit_opt_in_that_repeats_exactly(tiny_mode
         np.testing.assert_array_equal(first[key], second[key])
 
 
+def test_a_node_can_refuse_reproducible_noise(tiny_model):
+    """A node's owner, not only the server, decides whether its noise may be replayable."""
+    from fedlora.config import ConfigError, RunConfig
+    from tests.helpers import make_job
+
+    cfg = RunConfig(model=str(tiny_model), dp=True, dp_reproducible_noise=True, max_seq_len=16)
+    node = {"partition-id": 0, "num-partitions": 10, "refuse-reproducible-noise": "true"}
+    with pytest.raises(ConfigError, match="'dp-reproducible-noise'.*refused by this node"):
+        make_job(cfg, node).train()
+
+
 def test_summary_marks_reproducible_noise_not_private():
     from fedlora.config import RunConfig
     from fedlora.server.outputs import client_dp_line

@@ -137,6 +137,8 @@ def _corrupt(kind: str, msg: Message, current: dict) -> Message:
     key = next(iter(current))
     if kind == "error":
         return error_reply(msg, "node lost")
+    if kind == "error without reason":  # Flower turns an empty reason into None
+        return error_reply(msg, None)
     if kind == "misshapen":
         return _reply(msg, {k: (v if k != key else v[:, :-1]) for k, v in current.items()})
     if kind == "zero update":  # Flower's clipping would divide by the update's norm
@@ -154,6 +156,7 @@ def _corrupt(kind: str, msg: Message, current: dict) -> Message:
     "kind, status, words",
     [
         ("error", "error", "node lost"),
+        ("error without reason", "error", "without a reason"),
         ("misshapen", "dropped", "expected"),
         ("zero update", "dropped", "exactly zero"),
         ("raw form", "dropped", "numpy form"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flwr.app import Error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -149,6 +150,18 @@ def test_round_survives_loss_of_some_clients():
     for k, v in from_arrayrecord(arrays).items():
         np.testing.assert_allclose(v, good[k], rtol=1e-6)
     assert strategy.reports[1].aggregation_error < 1e-6
+
+
+def test_an_error_reply_without_a_reason_is_recorded_not_fatal():
+    """Flower turns an empty error reason into None; the server must not index into it."""
+    strategy, _, _, messages, rng = _setup(min_replies=1)
+    n1, n2, _ = sorted(messages)
+    arrays, _ = strategy.aggregate_train(
+        1, [reply(messages[n1], _good(rng), 10), error_reply(messages[n2], None)]
+    )
+    assert arrays is not None
+    outcome = {o.node_id: o for o in strategy.reports[1].outcomes}[n2]
+    assert outcome.status == "error" and "without a reason" in outcome.reason
 
 
 def test_reply_from_unsampled_node_is_dropped():
@@ -422,6 +435,51 @@ def test_bad_evaluation_replies_are_ignored():
         ],
     )
     assert out["num-examples"] == 20 and out[protocol.EVAL_ACCURACY] == pytest.approx(0.5)
+
+
+def test_evaluation_claims_and_values_are_bounded():
+    """A node claiming 2^50 evaluation examples with accuracy 1.0 does not set the
+    federated accuracy (its claim is cut to 10x the others' median, its share to 0.5);
+    an accuracy of 7 and a negative loss are not numbers a model can have."""
+    from flwr.app import Message as FlowerMessage
+    from flwr.app import MetricRecord, RecordDict
+
+    from tests.helpers import instruction
+
+    def eval_reply(node, **metrics):
+        return FlowerMessage(
+            RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=instruction(node)
+        )
+
+    n, acc, loss = protocol.NUM_EXAMPLES, protocol.EVAL_ACCURACY, protocol.EVAL_LOSS
+    honest = [eval_reply(i, **{n: 10, acc: 0.5, loss: 1.0}) for i in (1, 2, 3)]
+    liar = eval_reply(4, **{n: 2**50, acc: 1.0, loss: 0.0})
+    out = flower_strategy(lora=SPEC).aggregate_evaluate(1, [*honest, liar])
+    assert out[acc] == pytest.approx(0.5 * 0.5 + 0.5 * 1.0)  # not 1.0 - 3e-14
+    assert out[loss] == pytest.approx(0.5)
+    silly = eval_reply(5, **{n: 10, acc: 7.0, loss: -1.0})
+    out = flower_strategy(lora=SPEC).aggregate_evaluate(1, [*honest, silly])
+    assert out[acc] == pytest.approx(0.5) and out[loss] == pytest.approx(1.0)
+    reasonless = FlowerMessage(Error(code=3, reason=None), reply_to=instruction(6))
+    out = flower_strategy(lora=SPEC).aggregate_evaluate(1, [*honest, reasonless])
+    assert out[acc] == pytest.approx(0.5) and out[n] == 30
+
+
+def test_a_node_that_never_connects_costs_one_wait_not_one_per_round(monkeypatch):
+    """Three nodes asked for, two ever connect: round 1 waits node-wait-timeout once for the
+    third; round 2 goes on with the two at once."""
+    from fedlora.server import nodes
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(nodes.time, "sleep", lambda s: clock.__setitem__("now", clock["now"] + s))
+    monkeypatch.setattr(nodes.time, "monotonic", lambda: clock["now"])
+    registry, rng = nodes.NodeRegistry(4), np.random.default_rng(0)
+    grid = FakeGrid([1, 2])
+    assert nodes.sample_nodes(grid, registry, rng, 3, min_replies=2, timeout=900) == [1, 2]
+    assert 900 <= clock["now"] < 902
+    waited = clock["now"]
+    assert nodes.sample_nodes(grid, registry, rng, 3, min_replies=2, timeout=900) == [1, 2]
+    assert clock["now"] == waited
 
 
 def test_after_a_node_dies_the_next_round_does_not_wait_for_it(monkeypatch):
