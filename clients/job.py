@@ -33,7 +33,13 @@ from fedlora.lora.base_merge import LAST_MERGED, NodeBase, without_stacks
 from fedlora.lora.plan import ClientPlan
 from fedlora.lora.spec import LoraSpec
 from fedlora.lora.state import state_from_dict
-from fedlora.model.device import Placement, on_device, release
+from fedlora.model.device import (
+    Placement,
+    memory_metrics,
+    on_device,
+    release,
+    start_memory_watch,
+)
 from fedlora.model.models import BaseLoading, apply_base_delta, build_lora_model, lora_spec
 from fedlora.model.peft_state import load_into_peft, state_from_peft
 from fedlora.model.train import (
@@ -191,8 +197,10 @@ class LocalJob:
     def train(self) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Run the local steps; return the reply's (encoded) tensors and the metrics."""
         placement = self.placement
+        start = start_memory_watch(placement.device)
         try:
-            return self._train(placement)
+            tensors, metrics = self._train(placement)
+            return tensors, metrics | memory_metrics(placement.device, start)
         finally:  # a long-lived process (a Ray actor) must not grow over rounds
             release(placement.device)
 

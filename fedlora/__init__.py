@@ -12,3 +12,10 @@ So the distribution claims no generic top-level import name such as ``server``.
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# bitsandbytes (imported by peft when installed) warns on AVX512-bf16 CPUs that an
+# optional download-on-demand kernel is missing, then uses its built-in one: noise in
+# every run's log, and nothing a fedlora user can act on.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)

@@ -59,7 +59,7 @@ class RunFailedError(RuntimeError):
 def build_strategy(cfg: RunConfig) -> LoraStrategy:
     """The configured strategy, with its own settings parsed from ``strategy-options``."""
     cls = check_strategy_config(
-        cfg.strategy, cfg.strategy_extra, cfg.client_rank_list, cfg.lora_rank
+        cfg.strategy, cfg.strategy_extra, cfg.client_rank_list, cfg.lora_rank, cfg.base_quantization
     )
     settings = parse_settings(cls.Settings, cfg.strategy_extra, cls.name or cfg.strategy)
     try:

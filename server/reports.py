@@ -117,6 +117,11 @@ def node_record(o: NodeOutcome) -> dict[str, Any]:
         "handler_seconds": o.metrics.get(protocol.HANDLER_SECONDS),
         "epsilon": o.metrics.get(protocol.EPSILON),
         "weight": o.weight,
+        **{  # CUDA nodes only: device memory at the job's start and peak (MiB)
+            k.replace("-", "_"): o.metrics[k]
+            for k in ("device-mib-start", "device-mib-peak")
+            if k in o.metrics
+        },
     }
 
 

@@ -118,7 +118,9 @@ class LoraStrategy(ABC):
     may train at different ranks) and ``central_dp``, the modes of Flower's central-DP
     wrappers it composes with: ``"client"`` holds when :meth:`aggregate` is the plain
     mean of what the nodes sent, ``"server"`` also needs every reply to carry every tensor
-    of the global adapter. ``Settings`` is a frozen dataclass of the strategy's own
+    of the global adapter. ``merges_into_base`` says that plans merge stacks into the
+    nodes' base weights (FLoRA): such a strategy is refused with a quantised base, whose
+    packed weights cannot take W0 + delta. ``Settings`` is a frozen dataclass of the strategy's own
     options: the server fills it from ``strategy-options`` (kebab-case keys; unknown keys
     are refused), and the strategy reads ``self.settings``.
 
@@ -138,6 +140,7 @@ class LoraStrategy(ABC):
     exact: ClassVar[bool] = False
     heterogeneous_ranks: ClassVar[bool] = False
     central_dp: ClassVar[frozenset[str]] = frozenset()
+    merges_into_base: ClassVar[bool] = False
     Settings: ClassVar[type] = NoSettings
 
     def __init__(self, lora: LoraSpec, *, seed: int = 0, settings: Any = None) -> None:

@@ -67,6 +67,7 @@ class Flora(LoraStrategy):
     description = "Stack fresh per-round adapters, clients merge into base (FLoRA); exact"
     exact = True
     heterogeneous_ranks = True
+    merges_into_base = True
 
     @dataclass(frozen=True)
     class Settings:

@@ -63,8 +63,8 @@ def _smollm2_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(package_dir(DECODER_PACKAGE), gguf_file=GGUF_FILE)
 
 
-def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer, hidden-32 Llama with the embedded SmolLM2 tokenizer (chat template)."""
+def make_tiny_llama(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
+    """A 2-layer Llama (hidden 32 unless told) with the embedded SmolLM2 tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,8 +72,8 @@ def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

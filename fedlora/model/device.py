@@ -118,6 +118,26 @@ def release(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
+def start_memory_watch(device: torch.device) -> float | None:
+    """MiB allocated on a CUDA ``device`` now (what earlier rounds left), peak reset."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / 2**20
+
+
+def memory_metrics(device: torch.device, start: float | None) -> dict[str, float]:
+    """A CUDA job's device memory, as reply metrics: at its start and at its peak (MiB).
+
+    The start of round t shows what round t - 1 left behind: flat over rounds means a
+    long-lived client does not grow.
+    """
+    if start is None or device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    return {"device-mib-start": start, "device-mib-peak": peak}
+
+
 @contextlib.contextmanager
 def on_device(device: torch.device) -> Iterator[None]:
     """Run the block with ``device`` current (CUDA's per-thread current device)."""

@@ -177,6 +177,8 @@ def load_base_model(
     path = resolve_model_path(model, task)
     key = (path, num_labels, task, *loading.key)
     if key not in _BASE_CACHE:
+        for other in [k for k in _BASE_CACHE if k[:3] == key[:3]]:
+            del _BASE_CACHE[other]  # one base per model: another dtype or device replaces it
         _BASE_CACHE[key] = _load(model, path, num_labels, task, loading)
     return _copy_module(_BASE_CACHE[key])
 
@@ -262,6 +264,12 @@ def apply_base_delta(
         for module, d in delta.items():
             layer = model.get_submodule(module)
             weight = layer.get_base_layer().weight
+            if not weight.is_floating_point():  # bitsandbytes' packed 4/8-bit weights
+                raise ValueError(
+                    f"Cannot merge a base delta into '{module}': its weight is quantised "
+                    f"({type(weight).__name__}, {weight.dtype}); a merging strategy needs "
+                    "base-quantization=none"
+                )
             if module not in original:
                 original[module] = weight.detach().clone()
             if getattr(layer, "fan_in_fan_out", False):  # GPT-2's Conv1D stores W transposed
@@ -271,8 +279,10 @@ def apply_base_delta(
                     f"Base delta for '{module}' has shape {tuple(d.shape)}, the layer "
                     f"{tuple(weight.shape)}"
                 )
-            weight.copy_(
-                original[module]
-                + torch.from_numpy(np.ascontiguousarray(d)).to(weight.device, weight.dtype)
+            # summed in float32, then rounded once to the base's dtype (bf16 bases too):
+            # the deltas themselves stay float32 in the node's store, so rounds never compound
+            merged = original[module].float() + torch.from_numpy(np.ascontiguousarray(d)).to(
+                weight.device, torch.float32
             )
+            weight.copy_(merged.to(weight.dtype))
     return original

@@ -126,7 +126,7 @@ def train_steps(
         if not private and len(group) < accumulation:
             continue
         step_lr = float(optimizer.param_groups[0]["lr"])
-        loss = _step(model, optimizer, group, placement, scaler, len(losses))
+        loss = _step(model, optimizer, group, placement, scaler, len(losses), private)
         group = []
         if private and getattr(optimizer, "_is_last_step_skipped", False):
             continue  # a physical batch inside a logical one: Opacus only accumulated it
@@ -154,6 +154,7 @@ def _step(
     placement: Placement,
     scaler: torch.amp.GradScaler | None,
     index: int,
+    private: bool = False,
 ) -> float:
     """Backward over the micro-batches of ``group`` and one optimizer step; the step's loss."""
     optimizer.zero_grad(set_to_none=True)
@@ -168,12 +169,30 @@ def _step(
         weighted = loss if len(group) == 1 else loss * share
         (weighted if scaler is None else scaler.scale(weighted)).backward()
         step_loss += float(loss.detach()) * share
+    if private:
+        upcast_grad_samples(optimizer)
     if scaler is None:
         optimizer.step()
     else:
         scaler.step(optimizer)
         scaler.update()
     return step_loss
+
+
+def upcast_grad_samples(optimizer: torch.optim.Optimizer) -> None:
+    """Per-sample gradients in the parameters' float32 before Opacus clips them.
+
+    Under bf16 autocast Opacus computes them in bf16 and takes their norms there; a norm
+    rounded down by bf16's 2^-9 would let a clipped gradient exceed the clip bound that
+    the privacy accounting assumes.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            samples = getattr(p, "grad_sample", None)
+            if isinstance(samples, torch.Tensor) and samples.dtype != p.dtype:
+                p.grad_sample = samples.to(p.dtype)
+            elif isinstance(samples, list):
+                p.grad_sample = [g.to(p.dtype) for g in samples]
 
 
 def batch_loss(

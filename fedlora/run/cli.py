@@ -105,17 +105,24 @@ def _config(args: argparse.Namespace, nodes: int | None = None) -> dict[str, Any
             overrides[key] = str(Path(value).expanduser().resolve())
     cfg = RunConfig.from_mapping(overrides)  # fail here, before any process starts
     check_tracker(cfg.tracking)
-    preflight(cfg)
+    preflight(cfg, local=nodes is not None)
     return overrides
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Everything that can be checked before a process starts: strategy, model, targets."""
-    from fedlora.run.preflight import check_model, check_paths
+def preflight(cfg: RunConfig, local: bool = False) -> None:
+    """Everything that can be checked before a process starts: strategy, model, targets.
+
+    ``local``: the command trains on this machine (simulate, deploy-local), so the
+    device and precision must exist here too.
+    """
+    from fedlora.run.preflight import check_accelerators, check_model, check_paths
     from fedlora.run.registry import check_strategy_config
 
     check_paths(cfg)
-    check_strategy_config(cfg.strategy, cfg.strategy_extra, cfg.client_rank_list, cfg.lora_rank)
+    check_accelerators(cfg, local=local)
+    check_strategy_config(
+        cfg.strategy, cfg.strategy_extra, cfg.client_rank_list, cfg.lora_rank, cfg.base_quantization
+    )
     check_model(cfg)
 
 
@@ -123,6 +130,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """Simulated federation with Flower's simulation runtime (Ray), on this machine."""
     from fedlora.run.launch import local_federation
 
+    check_gpus_per_client(args.gpus_per_client)
     if args.supernodes is None:  # a scenario's own partition count, else 10
         scenario = load_scenario(args.scenario) if args.scenario else {}
         given = scenario | parse_overrides(args.config or [])
@@ -133,19 +141,85 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             f"Invalid value for 'num-partitions': {overrides['num-partitions']} must equal "
             f"--supernodes ({args.supernodes}) in simulation"
         )
+    federation = simulation_federation(args.supernodes, args.cpus, args.gpus_per_client)
+    print(f"fedlora: {estimate_line(RunConfig.from_mapping(overrides))}", file=sys.stderr)
     with local_federation(threads=1) as fed:
         fed.start_superlink(simulation=True)
-        status = fed.run_app(
-            overrides,
-            {
-                "num-supernodes": args.supernodes,
-                "client-resources-num-cpus": 1,
-                "init-args-num-cpus": args.cpus,
-            },
-            stream_to=sys.stdout,
-        )
+        status = fed.run_app(overrides, federation, stream_to=sys.stdout)
     print(f"\nrun {status['run-id']}: {status['status']} in {status['elapsed']:.1f}s")
     return cmd_report(argparse.Namespace(output_dir=overrides["output-dir"]))
+
+
+def check_gpus_per_client(gpus: float) -> None:
+    """``--gpus-per-client``: a share of one GPU (0 to 1) or whole GPUs, and a GPU to share."""
+    import math
+
+    import torch
+
+    if not math.isfinite(gpus) or gpus < 0 or (gpus > 1 and not float(gpus).is_integer()):
+        raise ConfigError(
+            f"Invalid value for '--gpus-per-client': {gpus} must be a fraction of one GPU in "
+            "[0, 1] (0.25: four clients share a GPU) or a whole number of GPUs"
+        )
+    if gpus > 0 and not torch.cuda.is_available():
+        raise ConfigError(
+            f"Invalid value for '--gpus-per-client': {gpus}, but this machine has no CUDA "
+            f"device (torch {torch.__version__}, CUDA {torch.version.cuda or 'not built in'})"
+        )
+
+
+def simulation_federation(supernodes: int, cpus: int, gpus_per_client: float) -> dict[str, Any]:
+    """Flower's simulation options (``--federation-config``) for ``fedlora simulate``.
+
+    With ``gpus_per_client`` > 0 each ClientApp holds that share of a GPU (Ray runs
+    1 / share clients per GPU at once) and Ray may hand out every CUDA device here.
+    """
+    import torch
+
+    federation: dict[str, Any] = {
+        "num-supernodes": supernodes,
+        "client-resources-num-cpus": 1,
+        "init-args-num-cpus": cpus,
+    }
+    if gpus_per_client:
+        federation |= {
+            "client-resources-num-gpus": gpus_per_client,
+            "init-args-num-gpus": torch.cuda.device_count(),
+        }
+    return federation
+
+
+def estimate_line(cfg: RunConfig) -> str:
+    """``simulate``'s pre-flight line: what the run costs per client."""
+    from fedlora.run.estimate import estimate, summary_line
+
+    try:
+        return summary_line(estimate(cfg))
+    except Exception as err:  # an estimate must never stop a run that passed its checks
+        return f"no estimate ({type(err).__name__}: {err})"
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Parameters, adapter bytes on the wire and device memory of a run, before running it."""
+    from fedlora.run.estimate import estimate
+    from fedlora.run.preflight import check_accelerators
+
+    overrides = load_scenario(args.scenario) if args.scenario else {}
+    overrides |= parse_overrides(args.config or [])
+    cfg = RunConfig.from_mapping(overrides)
+    check_accelerators(cfg, local=False)
+    e = estimate(cfg)
+    setting = (
+        f"{cfg.model}, {cfg.task}, rank {cfg.lora_rank}, batch {cfg.batch_size} x "
+        f"{cfg.max_seq_len} tokens, precision {cfg.precision} ({8 * e.compute_bytes}-bit "
+        f"compute), base {cfg.base_quantization}, checkpointing "
+        f"{'on' if cfg.gradient_checkpointing else 'off'}, DP {'on' if cfg.dp else 'off'}"
+    )
+    width = max(len(k) for k, _ in e.rows())
+    print(setting)
+    for key, value in e.rows():
+        print(f"  {key:<{width}}  {value}")
+    return 0
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
@@ -322,7 +396,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulated clients (default: the scenario's num-partitions, else 10)",
     )
     p.add_argument("--cpus", type=int, default=2, help="CPUs Ray may use (default 2)")
+    p.add_argument(
+        "--gpus-per-client",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share of a GPU each simulated client holds (0.25: four share one; default 0: "
+        "clients get no GPU from Ray)",
+    )
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("estimate", help=cmd_estimate.__doc__)
+    p.add_argument("-s", "--scenario", metavar="NAME", help="a scenario, as for simulate")
+    p.add_argument("-c", "--config", action="append", metavar="KEY=VALUE", help="as for simulate")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("deploy-local", help=cmd_deploy_local.__doc__)
     with_config(p)

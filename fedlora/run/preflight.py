@@ -91,3 +91,18 @@ def check_model(cfg: RunConfig) -> list[AdaptedLayer]:
     layers = adapted_layers(skeleton(cfg))
     check_rank_fits(layers, cfg.lora_rank)
     return layers
+
+
+def check_accelerators(cfg: RunConfig, local: bool) -> None:
+    """The quantisation library is installed; with ``local``, the device is here too.
+
+    ``local``: this machine trains (simulate, deploy-local). A remote deployment's nodes
+    resolve ``device`` on their own machines (and may override it in their node-config).
+    """
+    from fedlora.model.device import Placement
+    from fedlora.model.models import quantization_config
+
+    placement = Placement.resolve(cfg.device, cfg.precision) if local else None
+    if cfg.base_quantization != "none":
+        dtype = placement.dtype if placement is not None else torch.bfloat16
+        quantization_config(cfg.base_quantization, dtype, cfg.task)

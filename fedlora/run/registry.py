@@ -84,7 +84,11 @@ def load_strategy_class(name: str) -> type[Any]:
 
 
 def check_strategy_config(
-    name: str, options: Mapping[str, Any], client_ranks: Sequence[int], lora_rank: int
+    name: str,
+    options: Mapping[str, Any],
+    client_ranks: Sequence[int],
+    lora_rank: int,
+    base_quantization: str = "none",
 ) -> type[Any]:
     """Load strategy ``name`` and check its settings and rank support, before any process.
 
@@ -104,6 +108,13 @@ def check_strategy_config(
         raise ConfigError(
             f"Invalid value for 'client-ranks': {','.join(map(str, client_ranks))!r}, but "
             f"strategy {name!r} does not support heterogeneous ranks"
+        )
+    if cls.merges_into_base and base_quantization != "none":
+        raise ConfigError(
+            f"Invalid value for 'base-quantization': {base_quantization!r}, but strategy "
+            f"{name!r} merges every round's stack into the nodes' base weights, and a "
+            "quantised base has no weights that can take W0 + delta; use "
+            "base-quantization=none (bf16 precision is fine: the merged deltas stay float32)"
         )
     parse_settings(cls.Settings, options, cls.name or name)
     return cls
