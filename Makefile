@@ -3,7 +3,6 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
-export HF_HUB_OFFLINE := 1
 
 .PHONY: setup run test test-slow lint format baseline clean docs
 

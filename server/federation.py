@@ -41,6 +41,7 @@ from fedlora.server.central_dp import CentralDP
 from fedlora.server.evaluation import SampleWriter, ServerEvaluator
 from fedlora.server.export import export_adapter
 from fedlora.server.flower_strategy import LoraFlowerStrategy, RoundOptions
+from fedlora.server.model_card import describe_adapter
 from fedlora.server.outputs import NOT_PRIVATE, prepare_output, resume, write_summary
 from fedlora.server.reports import training_record
 from fedlora.server.weights import WeightPolicy
@@ -297,6 +298,8 @@ def _finish(run: Federation, started: float) -> None:
     state = run.flower.global_state(run.arrays)
     run.samples.record("after training", run.evaluator.model_for(state, strategy.base_delta()))
     export = export_adapter(out, cfg, run.evaluator, state, strategy)
+    labels = [str(x) for x in run.base_config.get(protocol.LABEL_NAMES, [])]
+    describe_adapter(out / "adapter", cfg, labels, results.read_records(out))
     extra: dict[str, str] = {"LoRA modules": run.modules, **export}
     if isinstance(run.driver, CentralDP):
         extra["central DP"] = run.driver.describe()

@@ -25,4 +25,37 @@ def markdown_reference() -> str:
         if isinstance(f.default, float | int) and not isinstance(f.default, bool):
             value = repr(f.default)
         lines.append(f"| `{f.name.replace('_', '-')}` | `{value}` | {f.metadata['help']} |")
+    lines += [
+        "",
+        "## Environment variables",
+        "",
+        "| variable | default | meaning |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{name}` | {default} | {meaning} |" for name, default, meaning in ENVIRONMENT]
     return "\n".join(lines) + "\n"
+
+
+ENVIRONMENT = (
+    (
+        "FEDLORA_CLIENT_THREADS",
+        "`OMP_NUM_THREADS`, else 1",
+        "torch threads of each client's training (simulated clients share the machine's cores)",
+    ),
+    (
+        "FEDLORA_SERVER_THREADS",
+        "all cores",
+        "torch threads of the ServerApp (aggregation and the server's evaluation)",
+    ),
+    (
+        "FEDLORA_CLIENT_PROGRESS",
+        "`0`",
+        "`1` shows a progress bar of each client's local steps (off: many clients share a log)",
+    ),
+    (
+        "FEDLORA_CACHE_DIR",
+        "`<state-dir>/data-cache`, else `~/.cache/fedlora`",
+        "where tokenised data and the converted embedded decoder are cached; `off` disables "
+        "the data cache",
+    ),
+)

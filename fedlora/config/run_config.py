@@ -198,7 +198,8 @@ class RunConfig:
     lora_targets: str = _help(
         "Comma-separated module names that receive LoRA (peft target_modules). 'auto': "
         "q_proj,k_proj,v_proj,o_proj for a causal-lm that has them, else peft's default for "
-        "the model type (query,value for BERT).",
+        "the model type (query,value for BERT). 'all-linear': every linear layer but the "
+        "output one (peft's shorthand).",
         AUTO_TARGETS,
     )
     lora_dropout: float = _help("Dropout on the LoRA branch.", 0.0)

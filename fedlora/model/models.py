@@ -70,11 +70,14 @@ def resolve_model_path(model: str, task: str = CLASSIFY) -> str:
 def peft_config(spec: LoraSpec, model: torch.nn.Module | None = None) -> LoraConfig:
     """The peft config of ``spec``; a classifier head stays trainable and is saved with it.
 
-    ``model`` resolves ``auto`` targets (see :func:`auto_targets`).
+    ``model`` resolves ``auto`` targets (see :func:`auto_targets`); ``all-linear`` is
+    peft's own shorthand (every linear layer but the output one) and is passed through.
     """
-    targets: list[str] | None = list(spec.target_modules)
+    targets: list[str] | str | None = list(spec.target_modules)
     if spec.target_modules == (AUTO_TARGETS,):
         targets = auto_targets(model, spec.task) if model is not None else None
+    elif spec.target_modules == (ALL_LINEAR,):
+        targets = ALL_LINEAR
     return LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
@@ -83,6 +86,9 @@ def peft_config(spec: LoraSpec, model: torch.nn.Module | None = None) -> LoraCon
         use_rslora=spec.use_rslora,
         task_type=_PEFT_TASK[spec.task],
     )
+
+
+ALL_LINEAR = "all-linear"  # peft's INCLUDE_LINEAR_LAYERS_SHORTHAND
 
 
 def auto_targets(model: torch.nn.Module, task: str) -> list[str] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,36 @@ def _config(args: argparse.Namespace, nodes: int | None = None) -> dict[str, Any
     cfg = RunConfig.from_mapping(overrides)  # fail here, before any process starts
     check_tracker(cfg.tracking)
     preflight(cfg, local=nodes is not None)
+    if nodes is not None and not cfg.resume:
+        set_aside_previous_run(Path(cfg.output_dir))
     return overrides
+
+
+def set_aside_previous_run(out: Path) -> Path | None:
+    """Move a finished or failed run out of ``out`` so that the same command runs again.
+
+    A second ``make run`` would otherwise stop: the folder already holds a run. Nothing
+    is deleted: the old run moves to ``out`` plus the time it was written, and the note
+    says where (``-c resume=latest`` continues it instead).
+    """
+    from fedlora.run import results
+
+    rounds = out / results.ROUNDS_FILE
+    if not rounds.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(rounds.stat().st_mtime))
+    target = out.with_name(f"{out.name}-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = out.with_name(f"{out.name}-{stamp}-{n}")
+    out.rename(target)
+    print(
+        f"fedlora: {out} held an earlier run; moved it to {target} (use -c resume=latest to "
+        "continue a run instead)",
+        file=sys.stderr,
+    )
+    return target
 
 
 def preflight(cfg: RunConfig, local: bool = False) -> None:
@@ -128,6 +158,12 @@ def preflight(cfg: RunConfig, local: bool = False) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Simulated federation with Flower's simulation runtime (Ray), on this machine."""
+    out = simulate_from_args(args)
+    return cmd_report(argparse.Namespace(output_dir=str(out)))
+
+
+def simulate_from_args(args: argparse.Namespace) -> Path:
+    """``fedlora simulate``'s work without the report; returns the output folder."""
     from fedlora.run.launch import local_federation
 
     check_gpus_per_client(args.gpus_per_client)
@@ -143,11 +179,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         )
     federation = simulation_federation(args.supernodes, args.cpus, args.gpus_per_client)
     print(f"fedlora: {estimate_line(RunConfig.from_mapping(overrides))}", file=sys.stderr)
-    with local_federation(threads=1) as fed:
+    offline = not names_hub_model(overrides)
+    with local_federation(threads=1, offline=offline) as fed:
         fed.start_superlink(simulation=True)
         status = fed.run_app(overrides, federation, stream_to=sys.stdout)
     print(f"\nrun {status['run-id']}: {status['status']} in {status['elapsed']:.1f}s")
-    return cmd_report(argparse.Namespace(output_dir=overrides["output-dir"]))
+    return Path(overrides["output-dir"])
+
+
+def names_hub_model(overrides: dict[str, Any]) -> bool:
+    """Whether the run's model is a hub id (neither the embedded model nor a local folder)."""
+    from fedlora.config import EMBEDDED_MODEL
+
+    model = str(overrides.get("model", EMBEDDED_MODEL))
+    return model != EMBEDDED_MODEL and not Path(model).expanduser().exists()
 
 
 def check_gpus_per_client(gpus: float) -> None:
@@ -222,6 +267,21 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """An exported adapter's predictions for texts (arguments, or one per line of --file)."""
+    from fedlora.run.predict import predict
+
+    texts = list(args.texts)
+    if args.file:
+        texts += [line for line in Path(args.file).read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ConfigError("Nothing to predict: give texts as arguments or --file FILE")
+    for p in predict(Path(args.adapter), texts):
+        score = "" if p.probability is None else f"  ({p.probability:.2f})"
+        print(f"{p.answer}{score}\t{p.text}")
+    return 0
+
+
 def cmd_deploy_local(args: argparse.Namespace) -> int:
     """SuperLink + N SuperNodes over gRPC on loopback (TLS and node auth on), then a run."""
     import tempfile
@@ -230,7 +290,11 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     from fedlora.run.launch import local_federation
 
     overrides = _config(args, nodes=args.supernodes)
-    with tempfile.TemporaryDirectory(prefix="fedlora-certs-") as keys, local_federation() as fed:
+    offline = not names_hub_model(overrides)
+    with (
+        tempfile.TemporaryDirectory(prefix="fedlora-certs-") as keys,
+        local_federation(offline=offline) as fed,
+    ):
         tls: dict[str, str] | None = None
         if args.insecure:
             print(INSECURE_WARNING, file=sys.stderr)
@@ -309,7 +373,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     plot = results.plot_rounds(out, records)
     summary = out / results.SUMMARY_FILE
     text = summary.read_text() if summary.is_file() else results.summary_table(records)
-    Console().print(Markdown(text))
+    console = Console()
+    if console.width >= 120:
+        console.print(Markdown(text))
+    else:  # rich would cut the round table's columns ("accura…"): the Markdown reads as is
+        print(text)
     print(f"\nresults: {out / results.ROUNDS_FILE}\nplot:    {plot}\nsummary: {summary}")
     return 0
 
@@ -366,9 +434,26 @@ def cmd_centralized(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version(package: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
+    from fedlora import __version__
+
     parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"fedlora {__version__} (flwr {_version('flwr')}, peft {_version('peft')}, "
+        f"torch {_version('torch')})",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> None:
@@ -410,6 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--scenario", metavar="NAME", help="a scenario, as for simulate")
     p.add_argument("-c", "--config", action="append", metavar="KEY=VALUE", help="as for simulate")
     p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("predict", help=cmd_predict.__doc__)
+    p.add_argument("adapter", help="an exported adapter folder (e.g. results/default/adapter)")
+    p.add_argument("texts", nargs="*", help="texts to classify or answer")
+    p.add_argument("--file", help="a file with one text per line")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("deploy-local", help=cmd_deploy_local.__doc__)
     with_config(p)

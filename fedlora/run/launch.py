@@ -53,8 +53,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def flower_env(flwr_home: Path, threads: int = 1, extra: Mapping[str, str] | None = None) -> dict:
-    """Environment for Flower processes and the ``flwr`` CLI (with a fresh :data:`MARKER`)."""
+def flower_env(
+    flwr_home: Path,
+    threads: int = 1,
+    extra: Mapping[str, str] | None = None,
+    offline: bool = True,
+) -> dict:
+    """Environment for Flower processes and the ``flwr`` CLI (with a fresh :data:`MARKER`).
+
+    ``offline``: the run names no hub model, so the Hugging Face Hub is switched off
+    (no network calls, no waiting on timeouts); the user's own ``HF_HUB_OFFLINE`` wins.
+    """
     env = dict(os.environ)
     env.update(
         {
@@ -66,7 +75,7 @@ def flower_env(flwr_home: Path, threads: int = 1, extra: Mapping[str, str] | Non
             "OMP_NUM_THREADS": str(threads),
             "MKL_NUM_THREADS": str(threads),
             "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
+            "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1" if offline else "0"),
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
             "PATH": f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}",
         }
@@ -344,7 +353,9 @@ class LocalFederation:
 
 
 @contextmanager
-def local_federation(workdir: Path | None = None, threads: int = 1) -> Iterator[LocalFederation]:
+def local_federation(
+    workdir: Path | None = None, threads: int = 1, offline: bool = True
+) -> Iterator[LocalFederation]:
     """A private FLWR_HOME and working folder; every process is stopped on exit.
 
     Also on SIGTERM and SIGHUP (raised as :class:`Interrupted`) and Ctrl-C: the processes
@@ -353,7 +364,8 @@ def local_federation(workdir: Path | None = None, threads: int = 1) -> Iterator[
     with interrupt_on_signals(), tempfile.TemporaryDirectory(prefix="fedlora-flwr-") as tmp:
         root = Path(workdir) if workdir else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        fed = LocalFederation(workdir=root, env=flower_env(root / "flwr-home", threads))
+        env = flower_env(root / "flwr-home", threads, offline=offline)
+        fed = LocalFederation(workdir=root, env=env)
         try:
             yield fed
         finally:

@@ -8,6 +8,7 @@ started. The model is built on PyTorch's ``meta`` device: its structure, no weig
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +65,15 @@ def skeleton(cfg: RunConfig, num_labels: int = 2) -> PeftModel:
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
+        hint = ""
+        if not Path(cfg.model).expanduser().exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            hint = (
+                "; it is not a local folder and the Hugging Face Hub is offline "
+                "(HF_HUB_OFFLINE=1): download it once with `huggingface-cli download "
+                f"{cfg.model} --local-dir DIR` and pass model=DIR"
+            )
         raise ConfigError(
-            f"Invalid value for 'model': {cfg.model!r} cannot be loaded ({err})"
+            f"Invalid value for 'model': {cfg.model!r} cannot be loaded ({err}){hint}"
         ) from None
     with torch.device("meta"):
         if cfg.task == CAUSAL_LM:
@@ -82,13 +90,38 @@ def check_paths(cfg: RunConfig) -> None:
     Not part of the run configuration's own checks: a node that brings its own data file
     must not be refused because the server's dataset is not on its machine.
     """
-    if cfg.dataset not in BUILTIN_DATASETS and not Path(cfg.dataset).expanduser().is_file():
-        raise ConfigError(f"Invalid value for 'dataset': {cfg.dataset!r} file does not exist")
+    if cfg.dataset not in BUILTIN_DATASETS:
+        if not Path(cfg.dataset).expanduser().is_file():
+            raise ConfigError(f"Invalid value for 'dataset': {cfg.dataset!r} file does not exist")
+        from fedlora.data.tables import load_table
+
+        load_table(cfg.data)  # its columns: a missing one is named now, not in the ServerApp
+    check_output_dir(cfg.output_dir)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """The output folder can be created: no part of its path is a regular file."""
+    path = Path(output_dir).expanduser().resolve()
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"Invalid value for 'output-dir': {output_dir!r} cannot be created: "
+                    f"{str(parent)!r} is a file"
+                )
+            return
 
 
 def check_model(cfg: RunConfig) -> list[AdaptedLayer]:
     """Model, LoRA targets and rank, checked on the skeleton; returns the adapted layers."""
-    layers = adapted_layers(skeleton(cfg))
+    model = skeleton(cfg)
+    positions = getattr(model.get_base_model().config, "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.max_seq_len > positions:
+        raise ConfigError(
+            f"Invalid value for 'max-seq-len': {cfg.max_seq_len} exceeds the model's "
+            f"{positions} positions (max_position_embeddings)"
+        )
+    layers = adapted_layers(model)
     check_rank_fits(layers, cfg.lora_rank)
     return layers
 

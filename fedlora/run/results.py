@@ -152,9 +152,36 @@ def write_summary(
             lines.append(f"| {node} | {eps} | {v['rounds']} | {v.get('declined', '')} |")
         lines.append("")
     lines += [summary_table(records), ""]
+    lines += not_used(trained)
     path = output_dir / SUMMARY_FILE
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def not_used(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The replies a round did not use, and why: one row per round and node.
+
+    ``replies 2/3`` in the table says that one was missing; this says which and why
+    (the reasons are also in rounds.jsonl).
+    """
+    rows = []
+    for r in records:
+        for n in r.get("nodes") or []:
+            if n.get("status") != "ok":
+                reason = str(n.get("reason") or "").replace("|", "/").replace("\n", " ")
+                rows.append(
+                    f"| {r.get('round')} | {n.get('node_id')} | {n.get('status')} | {reason} |"
+                )
+    if not rows:
+        return []
+    return [
+        "## Replies not used",
+        "",
+        "| round | node | status | reason |",
+        "|---:|---:|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _perplexity_line(records: Sequence[Mapping[str, Any]]) -> list[str]:

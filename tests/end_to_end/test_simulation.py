@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from flwr.simulation import run_simulation
 from peft import PeftModel
 
@@ -22,6 +23,12 @@ from fedlora.run import results
 from fedlora.run.launch import local_federation
 from fedlora.server.app import make_server_app
 from tests.helpers import assert_stopped, read_scalars, simulate_in_process, tiny_run
+
+
+def _batch(data):
+    """The first tensors of a tokenised TensorDataset as model inputs."""
+    ids, mask, _ = data.tensors
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _check_results(out, rounds):
@@ -80,6 +87,27 @@ def test_in_process_simulation_learns_and_writes_results(tiny_model, tmp_path):
     ev = evaluate(model, data, 100, show_progress=False)
     assert ev.accuracy == pytest.approx(records[-1]["eval_accuracy"], abs=1e-9)
     assert ev.loss == pytest.approx(records[-1]["eval_loss"], rel=1e-5)
+
+    # The export describes itself: labels, tokenizer, a model card, and loads with Auto*.
+    from peft import AutoPeftModelForSequenceClassification
+
+    from fedlora.run.predict import predict
+
+    adapter = out / "adapter"
+    info = json.loads((adapter / "fedlora.json").read_text())
+    assert info["labels"] == list(table.label_names) and info["task"] == cfg.task
+    assert (adapter / "tokenizer_config.json").is_file()
+    card = (adapter / "README.md").read_text()
+    assert "library_name: peft" in card and "num_labels=20" in card and "| 2 |" in card
+    auto = AutoPeftModelForSequenceClassification.from_pretrained(adapter, num_labels=20)
+    torch.testing.assert_close(
+        auto(**{k: v[:4] for k, v in _batch(data).items()}).logits,
+        model(**{k: v[:4] for k, v in _batch(data).items()}).logits,
+    )
+    texts = ["The shuttle launch was delayed by a day.", "The goalie made forty saves."]
+    predictions = predict(adapter, texts, max_len=cfg.max_seq_len)
+    assert [p.text for p in predictions] == texts
+    assert all(p.answer in table.label_names and 0 < p.probability <= 1 for p in predictions)
 
 
 def test_flwr_run_simulation_one_round(tiny_model, tmp_path):
@@ -313,3 +341,16 @@ def test_a_sample_larger_than_the_simulation_is_refused_at_once(tiny_model, tmp_
     with pytest.raises(ConfigError, match="'clients-per-round': 3 exceeds the simulation's 2"):
         simulate_in_process(tiny_run(tiny_model, out, **{"clients-per-round": 3}), 2)
     assert not out.exists()  # refused before anything was written
+
+
+def test_the_python_api_runs_a_simulation_and_reads_it_back(tiny_model, tmp_path):
+    """What a notebook does: fedlora.run.api.simulate, then load_results."""
+    from fedlora.run.api import load_results, simulate
+
+    out = tmp_path / "api"
+    config = tiny_run(tiny_model, out, **{"num-server-rounds": 1})
+    config.pop("output-dir")
+    folder = simulate(config, supernodes=3, output_dir=out)
+    run = load_results(folder)
+    assert folder == out.resolve() and [r["round"] for r in run.records] == [0, 1]
+    assert run.final_accuracy is not None and "fedlora run summary" in run.summary

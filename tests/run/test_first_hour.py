@@ -1,0 +1,121 @@
+"""What a newcomer meets first: errors before any process, a repeatable run, a readable log."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedlora.config import RunConfig
+from fedlora.run import results
+from fedlora.run.cli import main as cli_main
+from fedlora.run.cli import set_aside_previous_run
+
+
+def _refused(capsys, *args: str) -> str:
+    assert cli_main(["simulate", *args]) == 2
+    return capsys.readouterr().err
+
+
+def test_an_output_dir_under_a_file_is_named_before_anything_starts(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    err = _refused(capsys, "--output-dir", str(blocker / "run"))
+    assert "'output-dir'" in err and "is a file" in err and "Errno" not in err
+
+
+def test_a_sequence_longer_than_the_model_is_named(capsys):
+    err = _refused(capsys, "-c", "max-seq-len=100000")
+    assert "'max-seq-len': 100000 exceeds the model's 512 positions" in err
+
+
+def test_a_missing_column_of_a_data_file_is_named_before_anything_starts(tmp_path, capsys):
+    data = tmp_path / "tickets.csv"
+    data.write_text("body,queue\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(20)))
+    err = _refused(capsys, "-c", f"dataset={data}", "-c", "text-column=text")
+    assert "'text'" in err and "Traceback" not in err
+
+
+def test_a_second_run_into_the_same_folder_sets_the_first_aside(tmp_path):
+    out = tmp_path / "default"
+    out.mkdir()
+    (out / results.ROUNDS_FILE).write_text('{"round": 0}\n')
+    (out / "summary.md").write_text("first run")
+    moved = set_aside_previous_run(out)
+    assert moved is not None and not out.exists()
+    assert (moved / "summary.md").read_text() == "first run"  # nothing lost
+    out.mkdir()
+    (out / results.ROUNDS_FILE).write_text('{"round": 0}\n')
+    again = set_aside_previous_run(out)
+    assert again is not None and again != moved and moved.exists()
+    assert set_aside_previous_run(tmp_path / "empty") is None
+
+
+def test_all_linear_targets_every_linear_layer_but_the_head(tiny_model):
+    from peft.tuners.lora import LoraLayer
+
+    from fedlora.model.models import build_lora_model, lora_spec
+
+    cfg = RunConfig(model=str(tiny_model), lora_targets="all-linear")
+    model = build_lora_model(cfg.model, 20, lora_spec(cfg), seed=0)
+    adapted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert {"query", "key", "value", "dense"} <= adapted
+    assert not any("classifier" in n for n, m in model.named_modules() if isinstance(m, LoraLayer))
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli_main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("fedlora 0.")
+
+
+def test_importing_the_privacy_code_does_not_double_every_log_line():
+    """Opacus calls logging.basicConfig on import: Flower's lines then print twice."""
+    import subprocess
+    import sys
+
+    check = (
+        "import logging, fedlora.privacy.dp_sgd, opacus; "
+        "assert logging.getLogger().handlers == [], logging.getLogger().handlers"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, capture_output=True)
+
+
+def test_the_summary_says_which_replies_were_not_used_and_why(tmp_path):
+    records = [
+        {"round": 0, "eval_accuracy": 0.1},
+        {
+            "round": 1,
+            "num_ok": 1,
+            "num_sampled": 3,
+            "nodes": [
+                {"node_id": 11, "status": "ok", "reason": ""},
+                {"node_id": 22, "status": "dropped", "reason": "tensors contain NaN or Inf"},
+                {"node_id": 33, "status": "missing", "reason": "no reply before round-timeout"},
+            ],
+        },
+    ]
+    text = results.write_summary(tmp_path, records, {}).read_text()
+    assert "## Replies not used" in text
+    assert "| 1 | 22 | dropped | tensors contain NaN or Inf |" in text
+    assert "| 1 | 33 | missing | no reply before round-timeout |" in text
+    assert "| 1 | 11 |" not in text
+
+
+def test_the_hub_is_switched_off_only_for_runs_that_name_no_hub_model(tmp_path, monkeypatch):
+    from fedlora.run.cli import names_hub_model
+    from fedlora.run.launch import flower_env
+
+    assert not names_hub_model({}) and not names_hub_model({"model": "embedded"})
+    assert not names_hub_model({"model": str(tmp_path)})
+    assert names_hub_model({"model": "Qwen/Qwen2.5-0.5B-Instruct"})
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert flower_env(tmp_path)["HF_HUB_OFFLINE"] == "1"
+    assert flower_env(tmp_path, offline=False)["HF_HUB_OFFLINE"] == "0"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the user's own setting wins
+    assert flower_env(tmp_path, offline=False)["HF_HUB_OFFLINE"] == "1"
+
+
+def test_an_unreachable_hub_model_says_what_is_missing(capsys):
+    err = _refused(capsys, "-c", "model=nobody/no-such-model-xyz")
+    assert "'model': 'nobody/no-such-model-xyz' cannot be loaded" in err
+    assert "Hugging Face Hub is offline" in err and "huggingface-cli download" in err
