@@ -14,8 +14,16 @@ So the distribution claims no generic top-level import name such as ``server``.
 __version__ = "0.1.0"
 
 import logging as _logging
+import warnings as _warnings
 
 # bitsandbytes (imported by peft when installed) warns on AVX512-bf16 CPUs that an
 # optional download-on-demand kernel is missing, then uses its built-in one: noise in
 # every run's log, and nothing a fedlora user can act on.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
+
+# Imported libraries still decorate with torch.jit.script_method, deprecated in torch 2.13:
+# a DeprecationWarning in the log of every process, about code fedlora does not run.
+_warnings.filterwarnings(
+    "ignore", message=r"`torch\.jit\.script_method` is deprecated", category=DeprecationWarning
+)

@@ -165,8 +165,8 @@ class Federation:
             cfg.num_server_rounds,
             ev.accuracy,
             ev.loss,
-            record.get("train_loss"),
-            record.get("aggregation_error"),
+            _number(record.get("train_loss"), ".4f"),
+            _number(record.get("aggregation_error"), ".2e"),
             record["seconds"],
         )
 
@@ -307,6 +307,11 @@ def _finish(run: Federation, started: float) -> None:
     if excluded:
         extra["excluded nodes"] = "; ".join(f"{n}: {r}" for n, r in excluded.items())
     write_summary(out, cfg, started, extra)
+
+
+def _number(value: Any, spec: str) -> str:
+    """A metric for a log line: formatted, or '-' when the round has none."""
+    return "-" if not isinstance(value, int | float) else format(value, spec)
 
 
 class _PhaseClock:

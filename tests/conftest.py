@@ -8,14 +8,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
+# before anything imports huggingface_hub, which reads HF_HUB_OFFLINE once, at import
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
 from tests.helpers import make_tiny_bert, make_tiny_llama
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # tests (and the Flower processes they start) cache tokenised data in a folder of their
 # own, never in ~/.cache or a developer's FEDLORA_CACHE_DIR; removed at exit
 _CACHE = tempfile.mkdtemp(prefix="fedlora-test-cache-")

@@ -49,8 +49,8 @@ class NodeConfig:
         if pid is not None and (pid < 0 or (num is not None and pid >= num)):
             fail("partition-id", pid, f"must be in [0, num-partitions={num})")
         data_path = raw.get("data-path") or None
-        if data_path is not None and not Path(str(data_path)).is_file():
-            fail("data-path", data_path, "file does not exist")
+        if data_path is not None and not Path(str(data_path)).exists():
+            fail("data-path", data_path, "file (or dataset folder) does not exist")
         if data_path is None and pid is None:
             raise ConfigError(
                 "node-config needs either 'partition-id' (with 'num-partitions') or "

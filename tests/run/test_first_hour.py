@@ -119,3 +119,43 @@ def test_an_unreachable_hub_model_says_what_is_missing(capsys):
     err = _refused(capsys, "-c", "model=nobody/no-such-model-xyz")
     assert "'model': 'nobody/no-such-model-xyz' cannot be loaded" in err
     assert "Hugging Face Hub is offline" in err and "huggingface-cli download" in err
+
+
+def _hub_layout_folder(root):
+    """A dataset folder as the Hub lays it out: data/{train,test}-*.parquet, ClassLabel."""
+    import datasets
+
+    features = datasets.Features(
+        {"body": datasets.Value("string"), "topic": datasets.ClassLabel(names=["sport", "space"])}
+    )
+    (root / "data").mkdir(parents=True)
+    for split, n in (("train", 30), ("test", 10)):
+        rows = {"body": [f"{split} text {i}" for i in range(n)], "topic": [i % 2 for i in range(n)]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            str(root / "data" / f"{split}-00000-of-00001.parquet")
+        )
+    return root
+
+
+def test_a_dataset_folder_in_the_hub_layout_reads_with_its_label_names(tmp_path):
+    from fedlora.data.tables import load_table
+
+    folder = _hub_layout_folder(tmp_path / "topics")
+    cfg = RunConfig(dataset=str(folder), text_column="body", label_column="topic")
+    table = load_table(cfg.data)
+    assert table.label_names == ("space", "sport")  # names, not 0 / 1
+    assert len(table.train) + len(table.test) == 40  # both splits, pooled
+    # a saved DatasetDict (save_to_disk) reads the same way
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.load_dataset(str(folder)).save_to_disk(str(saved))
+    other = load_table(cfg.replace(dataset=str(saved)).data)
+    assert other.label_names == table.label_names
+
+
+def test_a_hub_dataset_id_offline_says_what_is_missing(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = _refused(capsys, "-c", "dataset=nobody/no-such-dataset-xyz")
+    assert "'dataset': 'nobody/no-such-dataset-xyz' cannot be loaded" in err
+    assert "Hub is offline" in err

@@ -42,8 +42,8 @@ def test_tensorboard_writes_every_round(tmp_path):
 
 
 def test_unknown_tracker_is_rejected_by_name():
-    with pytest.raises(ConfigError, match="'tracking'.*'wandb'"):
-        RunConfig.from_mapping({"tracking": "wandb"})
+    with pytest.raises(ConfigError, match="'tracking'.*'comet'"):
+        RunConfig.from_mapping({"tracking": "comet"})
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None, reason="mlflow installed")
@@ -78,3 +78,10 @@ def test_a_failing_backend_is_dropped_with_a_warning_and_epsilon_never_falls(cap
     assert [step for step, _ in writer.calls] == [3, 4, 5]
     assert "tracking server went away" in caplog.text
     tracker.close(failed=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")
+def test_missing_wandb_fails_before_any_round(tmp_path):
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        make_tracker("wandb", tmp_path, {})
+    assert RunConfig(tracking="wandb").tracking == "wandb"
