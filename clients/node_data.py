@@ -62,6 +62,7 @@ def node_data(cfg: RunConfig, node: NodeConfig, label_names: tuple[str, ...]) ->
         cfg.label_column,
         cfg.partitioner,
         cfg.dirichlet_alpha,
+        cfg.classes_per_partition,
         cfg.partition_column,
         cfg.seed,
         cfg.model,

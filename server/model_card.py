@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import CAUSAL_LM, EMBEDDED_MODEL, RunConfig
-from fedlora.model.models import load_tokenizer
+from fedlora.model.models import load_tokenizer, resolve_model_path
 from fedlora.run import results
 from fedlora.run.predict import INFO_FILE
 
@@ -29,6 +29,8 @@ def portable_base(cfg: RunConfig) -> str:
     """The base model as another machine can name it: a hub id where there is one."""
     if cfg.model == EMBEDDED_MODEL and cfg.task in EMBEDDED_HUB_IDS:
         return EMBEDDED_HUB_IDS[cfg.task]
+    if cfg.model == EMBEDDED_MODEL:  # the converted decoder's folder on this machine
+        return resolve_model_path(cfg.model, cfg.task)
     path = Path(cfg.model).expanduser()
     return str(path.resolve()) if path.exists() else cfg.model
 
@@ -69,16 +71,17 @@ def model_card(
     auto = "AutoPeftModelForSequenceClassification" if classify else "AutoPeftModelForCausalLM"
     id2label = {i: name for i, name in enumerate(labels)}
     extra = f", num_labels={len(labels)}, id2label={id2label!r}" if classify else ""
+    hub_base = not Path(base).is_absolute()  # a local path is no Hub metadata (and private)
     lines = [
         "---",
         "library_name: peft",
-        f"base_model: {base}",
+        *([f"base_model: {base}"] if hub_base else []),
         "tags: [fedlora, flower, federated-learning, lora]",
         "---",
         "",
         f"# LoRA adapter for {base}, trained with federated learning",
         "",
-        f"Trained by [fedlora](https://github.com/) on Flower: {cfg.strategy} over "
+        f"Trained by fedlora on Flower: {cfg.strategy} over "
         f"{cfg.num_server_rounds} rounds, {cfg.clients_per_round} of {cfg.num_partitions} "
         f"clients per round, {cfg.local_steps} local steps of batch {cfg.batch_size}, "
         f"LoRA r={cfg.lora_rank}, alpha={cfg.lora_alpha}, dataset {cfg.dataset} "

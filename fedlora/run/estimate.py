@@ -7,7 +7,8 @@ for an 8B model on a laptop. The memory model, per client, in bytes:
 - **weights**: the frozen base at its precision (fp32 4, bf16/fp16 2), or quantised
   (bitsandbytes NF4 with double quantisation: 4 bits plus 1/64 B of block constants and
   4/(64 x 256) B of their own scales per weight; int8: 1 B) for the linear layers it
-  quantises, the embeddings, norms and head at the compute dtype. **Twice**: a process
+  quantises; the embeddings, norms and head at the compute dtype, or in float32 with a
+  quantised base (peft's ``prepare_model_for_kbit_training`` casts them). **Twice**: a process
   keeps one loaded base and trains on a copy (:func:`fedlora.model.models.load_base_model`).
 - **trainable**: the LoRA factors and the head as float32 master weights, their
   gradients and AdamW's two moments (16 B each).
@@ -128,7 +129,10 @@ def estimate(cfg: RunConfig, num_labels: int = 2) -> Estimate:
     if cfg.base_quantization == "none":
         quantised = 0
     per_quantised = {"none": cb, "8bit": INT8_BYTES, "4bit": NF4_BYTES}[cfg.base_quantization]
-    weights = 2 * (quantised * per_quantised + (base_params - quantised) * cb)
+    # peft's k-bit preparation casts what it does not quantise (embeddings, norms, head)
+    # to float32
+    rest = 4 if cfg.base_quantization != "none" else cb
+    weights = 2 * (quantised * per_quantised + (base_params - quantised) * rest)
     tokens = cfg.batch_size * cfg.max_seq_len
     per_layer = tokens * (10 * hidden + 4 * width) * cb
     if cfg.gradient_checkpointing:

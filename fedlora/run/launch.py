@@ -76,7 +76,9 @@ def flower_env(
             "MKL_NUM_THREADS": str(threads),
             "TOKENIZERS_PARALLELISM": "false",
             "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1" if offline else "0"),
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            # a simulated client given no GPU (--gpus-per-client 0) must not see one: Ray then
+            # blanks CUDA_VISIBLE_DEVICES for it, so device=auto trains on the CPU
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",
             "PATH": f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}",
         }
     )

@@ -234,6 +234,42 @@ def test_dp_with_accumulation_follows_opacus_logical_batches(tiny_llama):
         torch.testing.assert_close(updates[1][name], whole, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("physical", [None, 1])
+def test_an_empty_poisson_batch_is_a_noise_step_and_keeps_the_batch_boundaries(
+    tiny_llama, physical
+):
+    """At q = 0.05 over 40 examples about 1 draw in 8 is empty. Each is a step of noise
+    alone, counted by the accountant, as in Opacus; with chunked logical batches the
+    boundary Opacus queued for it is consumed, so none is left over at the end."""
+    from torch.utils.data import TensorDataset
+
+    from fedlora.privacy.dp_sgd import PrivacyBudget, make_private
+
+    ids, mask, labels = _batch(4, n=40, length=8)
+    model = build_lora_model(str(tiny_llama), 0, SPEC, seed=0)
+    budget = PrivacyBudget("rdp", 1.0, 2 / 40, 1e-5, float("inf"))
+    private = make_private(
+        model,
+        make_optimizer(model, 1e-3),
+        TensorDataset(ids, mask, labels),
+        budget=budget,
+        clip_norm=1.0,
+        steps=30,
+        seed=3,
+        physical_batch_size=physical,
+    )
+    batches = list(private.loader)
+    logical = sum(1 for b in batches if b is None)  # empty draws; the others may be split in chunks
+    assert logical > 0, "the draw has no empty batch: pick another seed"
+    result = train_steps(
+        private.model, private.optimizer, batches, show_progress=False, private=True
+    )
+    private.finish()
+    assert private.budget.steps == 30  # every draw, empty or not
+    assert private.optimizer._step_skip_queue == []  # no boundary left behind
+    assert result.steps == 30 - logical  # the loss is recorded for non-empty steps
+
+
 def test_dp_clips_bf16_per_sample_gradients_in_float32():
     """A norm taken in bf16 can round down by 2^-9: the clip bound would not hold."""
     from fedlora.model.train import upcast_grad_samples
@@ -410,7 +446,56 @@ def test_the_estimate_counts_what_the_model_has(tiny_llama):
     )
     q = estimate(cfg.replace(base_quantization="4bit", precision="bf16"))
     assert q.quantised_parameters == linear
-    assert q.weights == pytest.approx(2 * (linear * NF4_BYTES + (frozen - linear) * 2))
+    assert q.weights == pytest.approx(2 * (linear * NF4_BYTES + (frozen - linear) * 4))
+
+
+def _held_bytes(model) -> int:
+    """What a loaded base holds: its parameters, and bitsandbytes' block constants."""
+    import bitsandbytes as bnb
+
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            held += state.absmax.numel() * state.absmax.element_size()
+            if state.state2 is not None:
+                held += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return held
+
+
+@pytest.mark.parametrize(
+    "precision, quantization", [("fp32", "none"), ("bf16", "none"), ("bf16", "4bit")]
+)
+def test_the_estimated_weights_are_what_a_loaded_base_holds(llama128, precision, quantization):
+    """Against the base as fedlora loads it (peft's k-bit preparation casts the rest to
+    float32): one copy of the estimate's weights, within 0.1%."""
+    pytest.importorskip("bitsandbytes")
+    from fedlora.model.models import load_base_model
+    from fedlora.run.estimate import estimate
+
+    cfg = RunConfig(
+        task="causal-lm",
+        model=str(llama128),
+        lora_targets="q_proj,v_proj",
+        precision=precision,
+        base_quantization=quantization,
+    )
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    loading = BaseLoading(Placement(torch.device("cpu"), dtype), quantization)
+    base = load_base_model(cfg.model, 0, CAUSAL_LM, loading)
+    assert estimate(cfg).weights / 2 == pytest.approx(_held_bytes(base), rel=1e-3)
+
+
+def test_the_estimate_responds_to_checkpointing_dp_and_compression(tiny_llama):
+    from fedlora.model.models import lora_spec
+    from fedlora.run.estimate import estimate
+
+    cfg = RunConfig(
+        task="causal-lm", model=str(tiny_llama), lora_targets="q_proj,v_proj", precision="fp32"
+    )
+    model = build_lora_model(cfg.model, 0, lora_spec(cfg), seed=0)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    e = estimate(cfg)
     assert estimate(cfg.replace(gradient_checkpointing=True)).activations < e.activations
     assert estimate(cfg.replace(dp=True)).dp_per_sample == cfg.batch_size * trainable * 4
     sparse = estimate(cfg.replace(uplink_density=0.1, uplink_values="int8"))

@@ -49,6 +49,27 @@ def test_a_second_run_into_the_same_folder_sets_the_first_aside(tmp_path):
     assert set_aside_previous_run(tmp_path / "empty") is None
 
 
+def test_a_run_folder_holding_the_working_directory_is_never_moved(tmp_path, monkeypatch):
+    from fedlora.config import ConfigError
+
+    (tmp_path / results.ROUNDS_FILE).write_text('{"round": 0}\n')
+    (tmp_path / "my_code.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="contains the working directory"):
+        set_aside_previous_run(tmp_path)
+    assert (tmp_path / "my_code.py").is_file()
+
+
+def test_the_embedded_decoder_is_exported_with_a_base_that_loads(monkeypatch):
+    """Its weights are a GGUF conversion, not the Hub's checkpoint: the card names the
+    converted folder, never the word 'embedded'."""
+    from fedlora.server import model_card
+
+    monkeypatch.setattr(model_card, "resolve_model_path", lambda model, task: "/cache/smollm2")
+    assert model_card.portable_base(RunConfig(task="causal-lm")) == "/cache/smollm2"
+    assert model_card.portable_base(RunConfig()) == "sentence-transformers/all-MiniLM-L6-v2"
+
+
 def test_all_linear_targets_every_linear_layer_but_the_head(tiny_model):
     from peft.tuners.lora import LoraLayer
 
@@ -130,7 +151,9 @@ def _hub_layout_folder(root):
     )
     (root / "data").mkdir(parents=True)
     for split, n in (("train", 30), ("test", 10)):
-        rows = {"body": [f"{split} text {i}" for i in range(n)], "topic": [i % 2 for i in range(n)]}
+        labels = [i % 2 for i in range(n)]
+        labels[0] = -1  # unlabelled, as in test splits on the Hub
+        rows = {"body": [f"{split} text {i}" for i in range(n)], "topic": labels}
         datasets.Dataset.from_dict(rows, features=features).to_parquet(
             str(root / "data" / f"{split}-00000-of-00001.parquet")
         )
@@ -144,7 +167,7 @@ def test_a_dataset_folder_in_the_hub_layout_reads_with_its_label_names(tmp_path)
     cfg = RunConfig(dataset=str(folder), text_column="body", label_column="topic")
     table = load_table(cfg.data)
     assert table.label_names == ("space", "sport")  # names, not 0 / 1
-    assert len(table.train) + len(table.test) == 40  # both splits, pooled
+    assert len(table.train) + len(table.test) == 38  # both splits, pooled, unlabelled out
     # a saved DatasetDict (save_to_disk) reads the same way
     import datasets
 
@@ -159,3 +182,20 @@ def test_a_hub_dataset_id_offline_says_what_is_missing(capsys, monkeypatch):
     err = _refused(capsys, "-c", "dataset=nobody/no-such-dataset-xyz")
     assert "'dataset': 'nobody/no-such-dataset-xyz' cannot be loaded" in err
     assert "Hub is offline" in err
+
+
+@pytest.mark.parametrize("partitioner", ["pathological", "linear", "square", "exponential"])
+def test_flwr_datasets_partitioners_split_the_data(partitioner):
+    import numpy as np
+
+    from fedlora.data.tables import load_table, partition
+
+    cfg = RunConfig(partitioner=partitioner, classes_per_partition=2)
+    table = load_table(cfg.data)
+    parts = [partition(table.train, cfg.data, i, 5) for i in range(5)]
+    assert sum(len(p) for p in parts) <= len(table.train) and all(len(p) > 0 for p in parts)
+    if partitioner == "pathological":
+        assert all(p["label"].nunique() <= 2 for p in parts)
+    else:
+        sizes = np.array([len(p) for p in parts])
+        assert sizes[-1] > sizes[0]  # growing sizes, as the partitioner's name says
