@@ -13,8 +13,9 @@ from fedlora.config.settings import parse_settings
 from fedlora.data.tables import load_table, partition
 from fedlora.lora.spec import LoraSpec
 from fedlora.model.models import build_lora_model
-from fedlora.run.cli import fit_to_nodes, load_scenario
+from fedlora.run.cli import load_scenario
 from fedlora.run.cli import main as cli_main
+from fedlora.run.local_run import fit_to_nodes
 from fedlora.server.federation import build_strategy, check_partitions
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -89,7 +89,7 @@ def test_gpus_per_client_needs_a_gpu(capsys):
 
 
 def test_gpus_per_client_becomes_flowers_client_resources(monkeypatch):
-    from fedlora.run.cli import simulation_federation
+    from fedlora.run.local_run import simulation_federation
 
     assert "client-resources-num-gpus" not in simulation_federation(4, 2, 0.0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -7,7 +7,7 @@ import pytest
 from fedlora.config import RunConfig
 from fedlora.run import results
 from fedlora.run.cli import main as cli_main
-from fedlora.run.cli import set_aside_previous_run
+from fedlora.run.local_run import set_aside_previous_run
 
 
 def _refused(capsys, *args: str) -> str:
@@ -123,8 +123,8 @@ def test_the_summary_says_which_replies_were_not_used_and_why(tmp_path):
 
 
 def test_the_hub_is_switched_off_only_for_runs_that_name_no_hub_model(tmp_path, monkeypatch):
-    from fedlora.run.cli import names_hub_model
     from fedlora.run.launch import flower_env
+    from fedlora.run.local_run import names_hub_model
 
     assert not names_hub_model({}) and not names_hub_model({"model": "embedded"})
     assert not names_hub_model({"model": str(tmp_path)})
