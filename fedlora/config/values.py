@@ -25,6 +25,19 @@ def unknown_key(kind: str, key: str, value: Any, known: Iterable[str]) -> str:
     return f"Unknown {kind} key '{key}' (value {value!r}); {hint}"
 
 
+def offline_hint(value: str, remedy: str) -> str:
+    """Why a hub id ``value`` could not load, when the Hub is switched off ('' otherwise)."""
+    import os
+    from pathlib import Path
+
+    if Path(value).expanduser().exists() or os.environ.get("HF_HUB_OFFLINE") != "1":
+        return ""
+    return (
+        f"; it is not a local folder and the Hugging Face Hub is offline (HF_HUB_OFFLINE=1): "
+        f"{remedy}"
+    )
+
+
 def fail(key: str, value: Any, why: str) -> None:
     """Raise :class:`ConfigError` naming ``key`` and ``value``."""
     raise ConfigError(f"Invalid value for '{key}': {value!r} {why}")

@@ -9,13 +9,13 @@ unlabelled, are left out). Errors name the dataset.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pandas as pd
 
 from fedlora.config import ConfigError
+from fedlora.config.values import offline_hint
 
 FILE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -45,13 +45,9 @@ def read_hub_dataset(value: str) -> pd.DataFrame:
         else:
             loaded = datasets.load_dataset(str(path) if path.is_dir() else value)
     except Exception as err:  # datasets raises many types; all mean "cannot be read"
-        hint = ""
-        if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            hint = (
-                "; it is not a local folder and the Hugging Face Hub is offline "
-                "(HF_HUB_OFFLINE=1): save it once with datasets' save_to_disk, or download "
-                "it, and pass the folder"
-            )
+        hint = offline_hint(
+            value, "save it once with datasets' save_to_disk, or download it, and pass the folder"
+        )
         raise ConfigError(
             f"Invalid value for 'dataset': {value!r} cannot be loaded ({err}){hint}"
         ) from None

@@ -15,7 +15,7 @@ from fedlora.run.local_run import (
     check_gpus_per_client,
     fit_to_nodes,
     make_room,
-    names_hub_model,
+    names_hub,
     simulation_federation,
 )
 from fedlora.run.tracking import check_available as check_tracker
@@ -132,7 +132,7 @@ def simulate_from_args(args: argparse.Namespace) -> Path:
     federation = simulation_federation(args.supernodes, args.cpus, args.gpus_per_client)
     make_room(overrides)
     print(f"fedlora: {estimate_line(RunConfig.from_mapping(overrides))}", file=sys.stderr)
-    offline = not names_hub_model(overrides)
+    offline = not names_hub(overrides)
     with local_federation(threads=1, offline=offline) as fed:
         fed.start_superlink(simulation=True)
         status = fed.run_app(overrides, federation, stream_to=sys.stdout)
@@ -197,7 +197,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
     overrides = _config(args, nodes=args.supernodes)
     make_room(overrides)
-    offline = not names_hub_model(overrides)
+    offline = not names_hub(overrides)
     with (
         tempfile.TemporaryDirectory(prefix="fedlora-certs-") as keys,
         local_federation(offline=offline) as fed,

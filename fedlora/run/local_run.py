@@ -86,7 +86,7 @@ def set_aside_previous_run(out: Path) -> Path | None:
     return target
 
 
-def names_hub_model(overrides: dict[str, Any]) -> bool:
+def names_hub(overrides: dict[str, Any]) -> bool:
     """Whether the run names a hub model or dataset (neither embedded/built-in nor local)."""
     from fedlora.config import BUILTIN_DATASETS, EMBEDDED_MODEL
     from fedlora.data.files import is_hub_dataset

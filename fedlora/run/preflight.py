@@ -8,7 +8,6 @@ started. The model is built on PyTorch's ``meta`` device: its structure, no weig
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from fedlora.config import BUILTIN_DATASETS, CAUSAL_LM, ConfigError, RunConfig
+from fedlora.config.values import offline_hint
 
 
 @dataclass(frozen=True)
@@ -65,13 +65,11 @@ def skeleton(cfg: RunConfig, num_labels: int = 2) -> PeftModel:
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
-        hint = ""
-        if not Path(cfg.model).expanduser().exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            hint = (
-                "; it is not a local folder and the Hugging Face Hub is offline "
-                "(HF_HUB_OFFLINE=1): download it once with `huggingface-cli download "
-                f"{cfg.model} --local-dir DIR` and pass model=DIR"
-            )
+        hint = offline_hint(
+            cfg.model,
+            f"download it once with `huggingface-cli download {cfg.model} --local-dir DIR` "
+            "and pass model=DIR",
+        )
         raise ConfigError(
             f"Invalid value for 'model': {cfg.model!r} cannot be loaded ({err}){hint}"
         ) from None

@@ -124,11 +124,11 @@ def test_the_summary_says_which_replies_were_not_used_and_why(tmp_path):
 
 def test_the_hub_is_switched_off_only_for_runs_that_name_no_hub_model(tmp_path, monkeypatch):
     from fedlora.run.launch import flower_env
-    from fedlora.run.local_run import names_hub_model
+    from fedlora.run.local_run import names_hub
 
-    assert not names_hub_model({}) and not names_hub_model({"model": "embedded"})
-    assert not names_hub_model({"model": str(tmp_path)})
-    assert names_hub_model({"model": "Qwen/Qwen2.5-0.5B-Instruct"})
+    assert not names_hub({}) and not names_hub({"model": "embedded"})
+    assert not names_hub({"model": str(tmp_path)})
+    assert names_hub({"model": "Qwen/Qwen2.5-0.5B-Instruct"})
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert flower_env(tmp_path)["HF_HUB_OFFLINE"] == "1"
     assert flower_env(tmp_path, offline=False)["HF_HUB_OFFLINE"] == "0"
