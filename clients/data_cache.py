@@ -25,6 +25,7 @@ from flwr.supercore import log
 from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
+from fedlora.data.files import file_stamp as file_stamp  # re-exported: the cache's keys
 from fedlora.model.embedded_decoder import CACHE_ENV
 
 _FIELDS = ("input_ids", "attention_mask", "labels")
@@ -46,27 +47,6 @@ def cache_key(parts: Sequence[object]) -> str:
     """A file name for ``parts`` (everything that shapes the tokenised data)."""
     text = json.dumps([str(p) for p in parts])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
-
-
-def file_stamp(path: str | None) -> str:
-    """Absolute path, size and newest modification time of a local file or folder.
-
-    An edited data file or a changed local tokenizer makes a new key. A name that is not
-    on disk (a built-in dataset, a hub id) is returned as it is.
-    """
-    if not path:
-        return ""
-    target = Path(path).expanduser()
-    if not target.exists():
-        return str(path)
-    try:
-        files = [target] if target.is_file() else [p for p in target.rglob("*") if p.is_file()]
-        stats = [f.stat() for f in files]
-    except OSError:
-        return f"{target.resolve()}:unreadable"
-    size = sum(st.st_size for st in stats)
-    newest = max((st.st_mtime_ns for st in stats), default=0)
-    return f"{target.resolve()}:{size}:{newest}"
 
 
 def load_or_build(folder: Path | None, key: str, build: Callable[[], Splits]) -> Splits:

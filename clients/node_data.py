@@ -35,6 +35,8 @@ DATA_FORMAT = 1
 """Bump when tokenisation changes, so cached data from older code is not reused."""
 
 Splits = tuple[TensorDataset, TensorDataset]
+MAX_CACHED_SPLITS = 64
+"""Partitions a process keeps tokenised (a simulated client serves several; oldest goes)."""
 _DATA_CACHE: dict[tuple[Any, ...], Splits] = {}
 
 
@@ -72,6 +74,10 @@ def node_data(cfg: RunConfig, node: NodeConfig, label_names: tuple[str, ...]) ->
         node.data_path,
         label_names,
     )
+    dataset = None if node.data_path is not None else cfg.dataset  # what it reads
+    # an edited file makes a new key, in memory (a warm worker) as on disk
+    stamps = (file_stamp(node.data_path), file_stamp(dataset), file_stamp(cfg.model))
+    key = (*key, *stamps)
     if key not in _DATA_CACHE:
 
         def build() -> Splits:
@@ -84,9 +90,9 @@ def node_data(cfg: RunConfig, node: NodeConfig, label_names: tuple[str, ...]) ->
 
         # a fresh process (deployment) finds the tokenised data on disk
         folder = cache_dir(node_state_dir(cfg, node))
-        dataset = None if node.data_path is not None else cfg.dataset  # what it reads
-        stamps = (file_stamp(node.data_path), file_stamp(dataset), file_stamp(cfg.model))
-        stamped = (*key, *stamps, transformers.__version__, DATA_FORMAT)
+        stamped = (*key, transformers.__version__, DATA_FORMAT)
+        if len(_DATA_CACHE) >= MAX_CACHED_SPLITS:  # a warm worker serving many runs
+            del _DATA_CACHE[next(iter(_DATA_CACHE))]
         _DATA_CACHE[key] = load_or_build(folder, cache_key(stamped), build)
     return _DATA_CACHE[key]
 

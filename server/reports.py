@@ -115,6 +115,8 @@ def node_record(o: NodeOutcome) -> dict[str, Any]:
         "train_seconds": o.metrics.get(protocol.TRAIN_SECONDS),
         "process_seconds": o.metrics.get(protocol.PROCESS_SECONDS),
         "handler_seconds": o.metrics.get(protocol.HANDLER_SECONDS),
+        "process_id": o.metrics.get(protocol.PROCESS_ID),
+        "process_peak_mib": o.metrics.get(protocol.PROCESS_PEAK_MIB),
         "epsilon": o.metrics.get(protocol.EPSILON),
         "weight": o.weight,
         **{  # CUDA nodes only: device memory at the job's start and peak (MiB)

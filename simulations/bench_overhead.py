@@ -2,16 +2,19 @@
 
     .venv/bin/python simulations/bench_overhead.py [--supernodes 4] [--rounds 4] [-c key=value ...]
 
-Runs ``fedlora deploy-local`` (a real SuperLink and SuperNodes over gRPC on loopback,
-TLS and node authentication on) on the default scenario with every node sampled every
-round, then reads the per-round records. Overhead is the training phase's wall time
+Runs ``fedlora deploy-local`` twice, side by side: with the warm worker (one long-lived
+process per SuperNode, the default) and with ``--per-message`` (Flower's fresh ClientApp
+process for every message). Each run is a real SuperLink and SuperNodes over gRPC on
+loopback (TLS and node authentication on), the default scenario, every node sampled
+every round; the benchmark reads the per-round records. Overhead is the training phase's wall time
 (configure to the last reply) minus the slowest client's training steps, as a fraction
 of that wall time. Every round after the first (which also discovers the nodes and
 fills their data caches) is one repetition; min and median are over those rounds.
 
 Where it goes, as fractions of the same wall time, on the node that took longest:
-process start (the age of the per-message ClientApp process when the message
-arrived: interpreter, imports), setup (data, model load, merging the received adapter),
+process start (the age of the ClientApp process when its first message's imports
+were done: interpreter, Flower, torch, transformers, peft; 0 for a warm worker's later
+messages), setup (data, model load, merging the received adapter),
 encoding the reply, and the rest (serialisation, gRPC transport, SuperLink queueing,
 server configure).
 """
@@ -53,20 +56,11 @@ def round_breakdown(record: dict) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--supernodes", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=4, help="rounds 2.. are the repetitions")
-    parser.add_argument("--insecure", action="store_true", help="no TLS / node auth")
-    parser.add_argument(
-        "-c", "--config", action="extend", nargs="+", default=[], help="run-config overrides"
+def run_mode(args: argparse.Namespace, mode: str) -> tuple[list[dict], list[dict], Path]:
+    """One ``deploy-local`` run in ``mode``: all records, the training rounds, its log."""
+    out = (
+        Path(args.keep) / mode if args.keep else Path(tempfile.mkdtemp(prefix="fedlora-overhead-"))
     )
-    parser.add_argument("--keep", help="keep the run's output folder here")
-    args = parser.parse_args(argv)
-    if args.rounds < 2:
-        parser.error("--rounds must be at least 2 (round 1 is warm-up)")
-
-    out = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fedlora-overhead-"))
     fedlora = Path(sys.executable).with_name("fedlora")
     overrides = [
         f"num-server-rounds={args.rounds}",
@@ -79,14 +73,60 @@ def main(argv: list[str] | None = None) -> int:
     cmd += [arg for pair in overrides for arg in ("-c", pair)]
     if args.insecure:
         cmd.append("--insecure")
+    if mode == "per-message":
+        cmd.append("--per-message")
     log = out.parent / f"{out.name}.log"
     # a data cache of its own: cold in round 1, as a new deployment's would be
     env = dict(os.environ, FEDLORA_CACHE_DIR=tempfile.mkdtemp(prefix="fedlora-cache-"))
     with log.open("w") as fh:
         subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=True, env=env)
     records = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    # round 1 also discovers the nodes and fills their data caches: steady state from 2
-    rows = [round_breakdown(r) for r in records if r["round"] > 1]
+    return records, [r for r in records if r["round"] >= 1], log
+
+
+def peak_rss(trained: list[dict]) -> dict[str, float]:
+    """Peak resident memory of a node's ClientApp process (MiB): the largest node, in round
+    2 and in the last round (a warm worker that leaked would grow between them)."""
+
+    def largest(record: dict) -> float:
+        return max(float(n.get("process_peak_mib") or 0.0) for n in record["nodes"])
+
+    return {"round 2": largest(trained[1]), "last round": largest(trained[-1])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--supernodes", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=4, help="rounds 2.. are the repetitions")
+    parser.add_argument("--insecure", action="store_true", help="no TLS / node auth")
+    parser.add_argument(
+        "--modes",
+        default="warm,per-message",
+        help="comma-separated: warm (fedlora-worker), per-message (Flower's default)",
+    )
+    parser.add_argument(
+        "-c", "--config", action="extend", nargs="+", default=[], help="run-config overrides"
+    )
+    parser.add_argument("--keep", help="keep the runs' output folders under this folder")
+    args = parser.parse_args(argv)
+    if args.rounds < 3:
+        parser.error("--rounds must be at least 3 (round 1 is warm-up; memory compares 2 and last)")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - {"warm", "per-message"})
+    if unknown:
+        parser.error(f"unknown --modes {unknown}: choose from warm, per-message")
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+
+    rows: dict[str, list[dict[str, float]]] = {}
+    memory: dict[str, dict[str, float]] = {}
+    logs = []
+    for mode in modes:
+        _records, trained, log = run_mode(args, mode)
+        # round 1 also discovers the nodes and fills their data caches: steady state from 2
+        rows[mode] = [round_breakdown(r) for r in trained[1:]]
+        memory[mode] = peak_rss(trained)
+        logs.append(str(log))
 
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -95,19 +135,30 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"fedlora deploy-local, {args.supernodes} SuperNodes on loopback "
         f"({'insecure' if args.insecure else 'TLS + node authentication'}), default scenario "
-        f"{' '.join(args.config)}; {len(rows)} rounds, each a repetition\n"
+        f"{' '.join(args.config)}; {args.rounds - 1} rounds per mode, each a repetition\n"
     )
-    print("| share of the training phase (configure to last reply) | min | median | goal |")
-    print("|---|---:|---:|---:|")
-    for key in rows[0]:
+    header = " | ".join(f"{m} min | {m} median" for m in modes)
+    print(f"| share of the training phase (configure to last reply) | {header} | goal |")
+    print("|---|" + "---:|" * (2 * len(modes)) + "---:|")
+    for key in rows[modes[0]]:
         if key == "wall":
             continue
-        values = [r[key] for r in rows]
+        cells = []
+        for mode in modes:
+            values = [r[key] for r in rows[mode]]
+            cells += [f"{min(values):.3f}", f"{statistics.median(values):.3f}"]
         goal = "< 0.10" if key == "overhead" else "-"
-        print(f"| {key} | {min(values):.3f} | {statistics.median(values):.3f} | {goal} |")
-    print(
-        f"\n(training phase median {statistics.median(r['wall'] for r in rows):.1f} s; log {log})"
-    )
+        print(f"| {key} | {' | '.join(cells)} | {goal} |")
+    walls = ", ".join(f"{m} {statistics.median(r['wall'] for r in rows[m]):.1f} s" for m in modes)
+    print(f"\ntraining phase, median: {walls}")
+    if len(modes) == 2:
+        a, b = (statistics.median(r["wall"] for r in rows[m]) for m in modes)
+        print(f"ratio {modes[0]} / {modes[1]} training phase: {a / b:.2f}")
+    print("\n| peak RSS of a node's ClientApp process (MiB, largest node) | round 2 | last round |")
+    print("|---|---:|---:|")
+    for mode in modes:
+        print(f"| {mode} | {memory[mode]['round 2']:.0f} | {memory[mode]['last round']:.0f} |")
+    print(f"\nlogs: {', '.join(logs)}")
     return 0
 
 

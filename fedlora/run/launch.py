@@ -124,6 +124,8 @@ class LocalFederation:
     workdir: Path
     env: dict[str, str]
     processes: list[Process] = field(default_factory=list)
+    workers: dict[str, Process] = field(default_factory=dict)
+    """The warm executor of each SuperNode started with ``warm=True``, by node name."""
     control_address: str = ""
     fleet_address: str = ""
     connection: str = "fedlora-local"
@@ -193,14 +195,19 @@ class LocalFederation:
         extra_args: Sequence[str] = (),
         auth_key: str | Path | None = None,
         cwd: Path | None = None,
+        warm: bool = True,
     ) -> Process:
         """Start a SuperNode that connects to this SuperLink's Fleet API over gRPC-rere.
 
         ``auth_key``: the node's private key (OpenSSH format), for a SuperLink with node
         authentication. ``cwd``: the node's working directory (another machine's, say).
+        ``warm``: run its ClientApp in one long-lived worker (``fedlora-worker``, started
+        beside it as ``<name>-worker``: :attr:`workers`) rather than a fresh process per
+        message.
         """
         if not self.fleet_address:
             raise LaunchError("start_superlink(simulation=False) must come first")
+        runtime_address = f"127.0.0.1:{free_port()}"
         argv = [
             str(BIN_DIR / "flower-supernode"),
             "--grpc-rere",
@@ -209,17 +216,35 @@ class LocalFederation:
             "--host",
             "127.0.0.1",
             "--port",
-            str(free_port()),
+            runtime_address.rsplit(":", 1)[1],
             "--node-config",
             format_node_config(node_config),
         ]
+        if warm:
+            argv += ["--isolation", "process"]
         if tls and tls.get("ca"):
             argv += ["--root-certificates", tls["ca"]]
         elif tls is None:
             argv.append("--insecure")
         if auth_key is not None:
             argv += ["--auth-supernode-private-key", str(auth_key)]
-        return self.start(name, [*argv, *extra_args], cwd=cwd)
+        node = self.start(name, [*argv, *extra_args], cwd=cwd)
+        if warm:
+            self.workers[name] = self.start(
+                f"{name}-worker",
+                [
+                    sys.executable,
+                    "-m",
+                    "fedlora.clients.warm_exec",
+                    "--runtime-api-address",
+                    runtime_address,
+                    "--insecure",  # loopback, as Flower's own executor reaches it
+                    "--parent-pid",
+                    str(node.pid),
+                ],
+                cwd=cwd,
+            )
+        return node
 
     def register_node(self, public_key: str | Path) -> None:
         """Admit the SuperNode holding the private half of ``public_key`` (OpenSSH format)."""

@@ -22,7 +22,11 @@ TRAIN_LOSS = "train-loss"
 TRAIN_LOSS_FIRST = "train-loss-first"
 TRAIN_SECONDS = "train-seconds"
 # where a node's time goes besides training (the deployment overhead benchmark reads these)
-PROCESS_SECONDS = "process-seconds"  # age of the ClientApp process when the message arrived
+# age of the ClientApp process when the message arrived, for its first message only (a
+# warm worker pays the start once; later messages report 0)
+PROCESS_SECONDS = "process-seconds"
+PROCESS_ID = "process-id"  # PID of the process that ran the message (same across a warm run)
+PROCESS_PEAK_MIB = "process-peak-mib"  # peak resident memory of that process so far (MiB)
 HANDLER_SECONDS = "handler-seconds"  # the whole train handler: setup, training, encoding
 EPSILON = "epsilon"  # DP epsilon spent so far by the node (cumulative over rounds)
 DELTA = "delta"

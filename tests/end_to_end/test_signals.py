@@ -119,6 +119,7 @@ def test_other_signals_to_simulate_stop_it_too(tiny_model, tmp_path, sig):
     _signal_and_check(proc, sig)
 
 
+@pytest.mark.slow  # the default suite signals a simulate run
 def test_sigterm_to_deploy_local_removes_its_throwaway_certificates(tiny_model, tmp_path):
     out = tmp_path / "deploy"
     proc = _start("deploy-local", tiny_model, out)
