@@ -28,13 +28,20 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # the simulation's G
 
 from fedlora.config import CAUSAL_LM, ConfigError, RunConfig
 from fedlora.config.settings import parse_settings
-from fedlora.data.tables import TextTable, eval_subset, load_table, partition, tokenize
+from fedlora.data.tables import (
+    TextTable,
+    eval_subset,
+    load_table,
+    most_common_share,
+    partition,
+    tokenize,
+)
 from fedlora.model.models import build_lora_model, load_tokenizer, lora_spec
 from fedlora.model.peft_state import state_from_peft
 from fedlora.model.train import EvalResult
 from fedlora.run import results
 from fedlora.run.preflight import adapted_layers, check_rank_fits
-from fedlora.run.registry import check_strategy_config
+from fedlora.run.registry import check_run_strategy
 from fedlora.run.tracking import Tracker, make_tracker
 from fedlora.server.callbacks import Checkpointer, RecordWriter, RoundCallback
 from fedlora.server.central_dp import CentralDP
@@ -59,9 +66,7 @@ class RunFailedError(RuntimeError):
 
 def build_strategy(cfg: RunConfig) -> LoraStrategy:
     """The configured strategy, with its own settings parsed from ``strategy-options``."""
-    cls = check_strategy_config(
-        cfg.strategy, cfg.strategy_extra, cfg.client_rank_list, cfg.lora_rank, cfg.base_quantization
-    )
+    cls = check_run_strategy(cfg)
     settings = parse_settings(cls.Settings, cfg.strategy_extra, cls.name or cfg.strategy)
     try:
         return cls(lora_spec(cfg), seed=cfg.seed, settings=settings)
@@ -82,6 +87,7 @@ def round_options(cfg: RunConfig) -> RoundOptions:
         downlink=cfg.downlink,
         max_message_bytes=cfg.max_message_bytes,
         flower_numpy=cfg.central_dp != "off",
+        server_optimizer=cfg.server_optimizer_spec,
     )
 
 
@@ -276,7 +282,11 @@ def _setup(cfg: RunConfig, out: Path, tracker: Tracker) -> Federation:
         samples.record("before training", evaluator.model_for(state))
         t0 = time.monotonic()
         ev = evaluator(state)
-        record = evaluation_record(0, ev, cfg.task) | {"seconds": time.monotonic() - t0}
+        record = evaluation_record(0, ev, cfg.task) | {
+            "seconds": time.monotonic() - t0,
+            # what always giving the most common answer would score on the same examples
+            "most_common_answer": most_common_share(eval_frame, cfg.task),
+        }
         callbacks[0](0, record, state)  # round 0 is recorded, not checkpointed
         logger.log(INFO, "Round 0: accuracy %.4f, loss %.4f", ev.accuracy, ev.loss)
     modules = ",".join(sorted(fresh.peft_config["default"].target_modules))

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.config import BUILTIN_DATASETS, CAUSAL_LM, CLASSIFY, ConfigError
 from fedlora.data import instruct
-from fedlora.data.files import read_frame
+from fedlora.data.files import file_stamp, read_frame
 from fedlora.data.spec import DataSpec
 from fedlora.model.models import package_dir
 
@@ -73,8 +73,11 @@ def load_table(spec: DataSpec) -> TextTable:
         spec.seed,
         spec.prompt_column,
         spec.response_column,
+        file_stamp(spec.dataset),  # an edited data file reloads, in a long-lived process too
     )
     if key not in _TABLE_CACHE:
+        if len(_TABLE_CACHE) >= 4:  # a warm worker serving many runs keeps the latest few
+            del _TABLE_CACHE[next(iter(_TABLE_CACHE))]
         _TABLE_CACHE[key] = _load_table(spec)
     return _TABLE_CACHE[key]
 
@@ -307,6 +310,19 @@ def eval_subset(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
         return frame
     rows = np.random.default_rng(seed).choice(len(frame), size=n, replace=False)
     return frame.iloc[np.sort(rows)].reset_index(drop=True)
+
+
+def most_common_share(frame: pd.DataFrame, task: str = CLASSIFY) -> float | None:
+    """Share of ``frame``'s examples whose answer is the most common one.
+
+    The accuracy (or exact match) of always giving that answer: the number a trained
+    model has to beat before it shows more than the label mix. For open-ended answers
+    it is near 0 and says little.
+    """
+    column = instruct.RESPONSE if task == CAUSAL_LM else LABEL
+    if len(frame) == 0 or column not in frame:
+        return None
+    return float(frame[column].value_counts(normalize=True).max())
 
 
 def tokenize(

@@ -119,6 +119,17 @@ def privacy_ledger(records: Sequence[Mapping[str, Any]]) -> dict[int, dict[str, 
     return {k: v for k, v in ledger.items() if v["epsilon"] is not None or "declined" in v}
 
 
+def _baseline_line(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The score of always giving the most common answer (recorded with round 0)."""
+    share = records[0].get("most_common_answer") if records else None
+    if share is None:
+        return []
+    return [
+        f"- **always the most common answer** would score: {share:.4f} "
+        "(on the same evaluation examples)"
+    ]
+
+
 def write_summary(
     output_dir: Path, records: Sequence[Mapping[str, Any]], header: Mapping[str, Any]
 ) -> Path:
@@ -131,6 +142,7 @@ def write_summary(
     lines += [
         f"- **final accuracy**: {_fmt(final.get('eval_accuracy'), '.4f')} "
         f"(round {final.get('round', '-')})",
+        *_baseline_line(records),
         *_perplexity_line(records),
         f"- **rounds skipped**: {sum(bool(r.get('skipped')) for r in trained)}",
         f"- **bytes up / down**: {traffic(trained)}",

@@ -122,6 +122,20 @@ def test_the_summary_says_which_replies_were_not_used_and_why(tmp_path):
     assert "| 1 | 11 |" not in text
 
 
+def test_the_summary_gives_the_score_of_always_answering_the_most_common_answer(tmp_path):
+    import pandas as pd
+
+    from fedlora.data.tables import most_common_share
+
+    answers = pd.DataFrame({"response": ["earn"] * 5 + ["acq"] * 3 + ["ship"] * 2})
+    assert most_common_share(answers, "causal-lm") == 0.5
+    labels = pd.DataFrame({"label": [0, 1, 1, 2]})
+    assert most_common_share(labels) == 0.5 and most_common_share(labels.iloc[:0]) is None
+    records = [{"round": 0, "eval_accuracy": 0.0, "most_common_answer": 0.5}]
+    text = results.write_summary(tmp_path, records, {}).read_text()
+    assert "- **always the most common answer** would score: 0.5000" in text
+
+
 def test_the_hub_is_switched_off_only_for_runs_that_name_no_hub_model(tmp_path, monkeypatch):
     from fedlora.run.launch import flower_env
     from fedlora.run.local_run import names_hub
