@@ -266,9 +266,11 @@ class LocalJob:
                 placement=placement,
                 scheduler=scheduler,
                 private=private is not None,
+                prox_mu=cfg.fedprox_mu,
             )
         seconds = time.perf_counter() - started
-        tensors = self.plan.reply(state_from_peft(model, self.spec.scaling).to_state_dict())
+        trained = state_from_peft(model, self.spec.scaling).to_state_dict()
+        tensors = self.plan.reply(trained, without_stacks(self.tensors))
         # in the order received: Flower's clipping pairs a reply with its payload by position
         order = [k for k in self.tensors if k in tensors]
         tensors = {k: tensors[k] for k in order + [k for k in tensors if k not in order]}

@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedlora.lora.server_optimizer import ServerOptimizer, ServerOptimizerSpec, step_norm
 from fedlora.lora.state import AdapterState, state_from_dict
 from fedlora.server import nodes as node_ops
 from fedlora.server.aggregation import aggregate_round
@@ -70,6 +71,9 @@ class RoundOptions:
         A payload above it is not sent: its node is left out of the round, with the reason.
     flower_numpy : bool (default: False)
         Records in Flower's own numpy form, which its DP wrappers and mods can read.
+    server_optimizer : ServerOptimizerSpec (default: none)
+        FedAvgM, FedAdam or FedYogi stepping the global adapter along the strategy's
+        aggregate minus the adapter the round started from.
 
     """
 
@@ -83,6 +87,7 @@ class RoundOptions:
     downlink: Codec = field(default_factory=Codec)
     max_message_bytes: int = LIMIT_BYTES
     flower_numpy: bool = False
+    server_optimizer: ServerOptimizerSpec = field(default_factory=ServerOptimizerSpec)
 
 
 @dataclass
@@ -136,6 +141,8 @@ class LoraFlowerStrategy(Strategy):
         self.rng = np.random.default_rng(options.seed)
         self.reports: dict[int, RoundReport] = {}
         self._open: OpenRound | None = None
+        spec = options.server_optimizer
+        self.optimizer = ServerOptimizer(spec) if spec.kind != "none" else None
 
     # -- the global adapter ----------------------------------------------------------
     def global_state(self, arrays: ArrayRecord) -> AdapterState:
@@ -262,6 +269,12 @@ class LoraFlowerStrategy(Strategy):
         result = aggregate_round(
             self.strategy, server_round, updates, current, report, self.options, declared
         )
+        if result is not None and self.optimizer is not None:
+            stepped = self.optimizer.step(current, result)
+            stepped.check_finite()
+            report.metrics["aggregate-step-norm"] = step_norm(current, result)
+            report.metrics["server-step-norm"] = step_norm(current, stepped)
+            result = stepped
         report.seconds = time.monotonic() - open_round.started
         metrics = MetricRecord(round_metrics(report))
         return (None if result is None else self.to_record(result)), metrics
@@ -366,6 +379,7 @@ class LoraFlowerStrategy(Strategy):
             "nodes": self.nodes.state_dict(),
             "links": self.links.state_dict(),
             "strategy": self.strategy.state_dict(),
+            "server_optimizer": self.optimizer.state_dict() if self.optimizer else {},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -375,6 +389,8 @@ class LoraFlowerStrategy(Strategy):
         self.nodes.load_state_dict(state.get("nodes", {}))
         self.links.load_state_dict(state.get("links", {}))
         self.strategy.load_state_dict(state.get("strategy", {}))
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state.get("server_optimizer", {}))
 
     def _require_open(self, server_round: int) -> OpenRound:
         if self._open is None or self._open.report.server_round != server_round:

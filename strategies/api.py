@@ -26,6 +26,7 @@ import numpy as np
 
 from fedlora.lora.base_merge import (
     LAST_MERGED,
+    MergeLedger,
     base_disagreement,
     fingerprint_distance,
     merge_into_base,
@@ -35,6 +36,8 @@ from fedlora.lora.lowrank import (
     LowRankTerm,
     ProductSum,
     fingerprint,
+    lowrank_svd,
+    procrustes_rotation,
     relative_error,
     sum_sq_norm,
     truncated_svd,
@@ -64,16 +67,20 @@ __all__ = [
     "LoraSpec",
     "LoraStrategy",
     "LowRankTerm",
+    "MergeLedger",
     "NoSettings",
     "ProductSum",
     "aggregation_error",
     "average_dense",
     "base_disagreement",
+    "complete_reply",
     "fingerprint",
     "fingerprint_distance",
     "logger",
+    "lowrank_svd",
     "merge_into_base",
     "node_view",
+    "procrustes_rotation",
     "relative_error",
     "resize_rank",
     "seeded_a",
@@ -120,9 +127,13 @@ class LoraStrategy(ABC):
     mean of what the nodes sent, ``"server"`` also needs every reply to carry every tensor
     of the global adapter. ``merges_into_base`` says that plans merge stacks into the
     nodes' base weights (FLoRA): such a strategy is refused with a quantised base, whose
-    packed weights cannot take W0 + delta. ``Settings`` is a frozen dataclass of the strategy's own
-    options: the server fills it from ``strategy-options`` (kebab-case keys; unknown keys
-    are refused), and the strategy reads ``self.settings``.
+    packed weights cannot take W0 + delta. ``server_optimizer`` says that the aggregate is a
+    point in the global adapter's own coordinates, so that ``server-optimizer`` (FedAvgM,
+    FedAdam, FedYogi) may step along aggregate - current; the kit checks that nodes which
+    send the global adapter back unchanged get it back. ``Settings`` is a frozen
+    dataclass of the strategy's own options: the server fills it from
+    ``strategy-options`` (kebab-case keys; unknown keys are refused), and the strategy
+    reads ``self.settings``.
 
     Parameters
     ----------
@@ -141,6 +152,7 @@ class LoraStrategy(ABC):
     heterogeneous_ranks: ClassVar[bool] = False
     central_dp: ClassVar[frozenset[str]] = frozenset()
     merges_into_base: ClassVar[bool] = False
+    server_optimizer: ClassVar[bool] = False
     Settings: ClassVar[type] = NoSettings
 
     def __init__(self, lora: LoraSpec, *, seed: int = 0, settings: Any = None) -> None:
@@ -258,6 +270,21 @@ def average_dense(
     """Weighted FedAvg of the dense trainable tensors (the head), as every strategy does."""
     keys = sorted(updates[0].state.dense) if updates else []
     return {k: weighted_average([u.state.dense[k] for u in updates], weights) for k in keys}
+
+
+def complete_reply(
+    tensors: Mapping[str, np.ndarray], current: AdapterState
+) -> dict[str, np.ndarray]:
+    """A reply's tensors plus the factors its plan kept frozen and did not send.
+
+    A node that trained B only (or A only) at the global rank started that factor from
+    the global adapter and left it there, so the server takes it from ``current``.
+    """
+    full = dict(tensors)
+    for key, value in current.to_state_dict().items():
+        if key.endswith((A_SUFFIX, B_SUFFIX)):
+            full.setdefault(key, value)
+    return full
 
 
 def node_view(state: AdapterState, rank: int, scaling: float) -> AdapterState:

@@ -72,7 +72,7 @@ class SimulatedClient:
         for key, value in start.items():
             noise = self.step * rng.standard_normal(value.shape) if plan.trains(key) else 0.0
             trained[key] = (value + noise).astype(np.float32)
-        return plan.reply(trained), self.base.report()
+        return plan.reply(trained, without_stacks(payload)), self.base.report()
 
 
 def simulate_round(
@@ -185,6 +185,7 @@ def check_strategy(cls: type[LoraStrategy], seed: int = 0) -> list[CheckResult]:
         ("inputs not mutated", _check_no_mutation),
         ("settings", _check_settings),
         ("central DP claim", _check_central_dp),
+        ("server optimiser claim", _check_server_optimizer),
     ]
     out = []
     for name, fn in checks:
@@ -207,6 +208,41 @@ def assert_conforms(cls: type[LoraStrategy], seed: int = 0) -> None:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise AssertionError(message)
+
+
+def _check_server_optimizer(cls: type[LoraStrategy], seed: int) -> str:
+    """A strategy that allows a server optimiser keeps the global adapter as a fixed point.
+
+    Nodes that send it back unchanged must get it back, so that aggregate - current is 0.
+    """
+    if not cls.server_optimizer:
+        return "not claimed: server-optimizer is refused for this strategy"
+    # with mixed ranks only an exact strategy keeps it (the server refuses the others):
+    # a node of lower rank receives a truncated adapter
+    mixed = cls.heterogeneous_ranks and cls.exact
+    for ranks in ([4, 4, 4], [2, 4, 8]) if mixed else ([4, 4, 4],):
+        strategy = _fresh(cls, max(ranks), seed)
+        current = _initial(strategy, max(ranks), seed)
+        idle = [
+            SimulatedClient(i, n, r, step=0.0)
+            for i, (r, n) in enumerate(zip(ranks, [10, 20, 30], strict=True))
+        ]
+        rng = np.random.default_rng(seed)
+        for server_round in (1, 2):
+            updates, _ = simulate_round(strategy, server_round, current, idle, rng)
+            n = np.array([u.num_examples for u in updates], float)
+            out = strategy.aggregate(server_round, updates, n / n.sum(), current)
+            worst = max(
+                float(np.max(np.abs(v - current.to_state_dict()[k]), initial=0.0))
+                for k, v in out.to_state_dict().items()
+            )
+            _require(
+                worst < 1e-5,
+                f"claims server_optimizer, but nodes that sent the global adapter back "
+                f"unchanged (ranks {ranks}) moved it by up to {worst:.2e} in round {server_round}",
+            )
+            current = out
+    return "the global adapter is a fixed point" + (" (ranks 4/4/4 and 2/4/8)" if mixed else "")
 
 
 def _check_shapes(cls: type[LoraStrategy], seed: int) -> str:

@@ -30,19 +30,15 @@ from typing import Any
 import numpy as np
 
 from fedlora.strategies.api import (
-    LAST_MERGED,
     AdapterState,
     ClientPlan,
     ClientUpdate,
     LoraFactors,
     LoraStrategy,
+    MergeLedger,
     average_dense,
-    base_disagreement,
-    fingerprint_distance,
     logger,
-    merge_into_base,
     stack_payload,
-    state_from_dict,
 )
 
 
@@ -82,46 +78,29 @@ class Flora(LoraStrategy):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.catch_up = self.settings.flora_catch_up
-        self.stacks: dict[int, AdapterState] = {}  # round -> stack of that round
-        self.merged: dict[str, np.ndarray] = {}  # sum of stacks through merged_round
-        self.merged_round = 0
-        self.node_last_merged: dict[int, int] = {}
-        self.node_reset: set[int] = set()
-
-    # -- the base every node must hold at the start of a round ---------------
-    def _sync(self, server_round: int) -> None:
-        """Fold every stored stack before ``server_round`` into the server's merged base."""
-        for r in sorted(self.stacks):
-            if self.merged_round < r < server_round:
-                self.merged = merge_into_base(self.merged, self.stacks[r])
-                self.merged_round = r
+        self.ledger = MergeLedger(catch_up=self.settings.flora_catch_up)
 
     def base_delta(self) -> Mapping[str, np.ndarray]:
         """The merged base (sum of stacks before the current global adapter)."""
-        return self.merged
+        return self.ledger.merged
 
     def client_plan(self, server_round: int, node_id: int, rank: int) -> ClientPlan:
         """Fresh adapter at r_k (A from a per-round seed) after merging missed stacks."""
-        self._sync(server_round)
-        last = 0 if node_id in self.node_reset else self.node_last_merged.get(node_id, 0)
-        rounds = sorted(r for r in self.stacks if last < r < server_round)
-        if not self.catch_up:
-            rounds = rounds[-1:]
+        rounds, reset = self.ledger.to_merge(server_round, node_id)
         return ClientPlan(
             rank=rank,
             reinit=True,
             init_seed=round_seed(self.seed, server_round, node_id),
             a_from_seed=True,
-            merge_rounds=tuple(rounds),
-            reset_base=node_id in self.node_reset,
+            merge_rounds=rounds,
+            reset_base=reset,
         )
 
     def payload(
         self, server_round: int, node_id: int, plan: ClientPlan, current: AdapterState
     ) -> dict[str, np.ndarray]:
         """The stacks the node must merge, and the averaged dense tensors."""
-        return stack_payload(self.stacks, plan.merge_rounds) | dict(current.dense)
+        return stack_payload(self.ledger.stacks, plan.merge_rounds) | dict(current.dense)
 
     def aggregate(
         self,
@@ -142,21 +121,13 @@ class Flora(LoraStrategy):
         }
         dense = average_dense(updates, weights)
         stack = AdapterState(factors, dense, scaling)
-        self.stacks[server_round] = stack
+        self.ledger.record(server_round, stack)
         return stack
 
     # -- base agreement ------------------------------------------------------
     def accept_update(self, server_round: int, update: ClientUpdate) -> str | None:
         """Drop a node whose merged base disagrees with the server's (and reset it)."""
-        node = update.node_id
-        self.node_last_merged[node] = max(int(update.metrics.get(LAST_MERGED, -1)), 0)
-        expected_round = max((r for r in self.stacks if r < server_round), default=0)
-        why = base_disagreement(update.metrics, expected_round, self.merged)
-        if why is not None:
-            self.node_reset.add(node)
-            return why
-        self.node_reset.discard(node)
-        return None
+        return self.ledger.accept(server_round, update.node_id, update.metrics)
 
     def extra_round_metrics(
         self,
@@ -166,41 +137,18 @@ class Flora(LoraStrategy):
         result: AdapterState,
     ) -> dict[str, float]:
         """Stacked rank and the worst fingerprint distance among the aggregated nodes."""
-        worst = max((fingerprint_distance(u.metrics, self.merged) for u in updates), default=0.0)
+        worst = self.ledger.worst_distance(u.metrics for u in updates)
         return {"stack-rank": float(result.rank), "base-fingerprint-max-diff": worst}
 
     # -- checkpointing -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Stacks, merged base and each node's last merged round."""
-        return {
-            "flora": {
-                "merged_round": self.merged_round,
-                "node_last_merged": {str(k): v for k, v in self.node_last_merged.items()},
-                "node_reset": sorted(self.node_reset),
-                "stacks": {
-                    str(r): {"scaling": s.scaling, "tensors": s.to_state_dict()}
-                    for r, s in self.stacks.items()
-                },
-            }
-        }
+        return {"flora": self.ledger.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore stacks and rebuild the merged base from them."""
         flora = state.get("flora", {})
-        self.stacks = {
-            int(r): state_from_dict(
-                {k: np.asarray(v, np.float32) for k, v in s["tensors"].items()}, float(s["scaling"])
-            )
-            for r, s in flora.get("stacks", {}).items()
-        }
-        self.node_last_merged = {
-            int(k): int(v) for k, v in flora.get("node_last_merged", {}).items()
-        }
-        self.node_reset = {int(n) for n in flora.get("node_reset", [])}
-        self.merged, self.merged_round = {}, 0
         target = int(flora.get("merged_round", 0))
-        self._sync(target + 1)
-        if self.merged_round != target:
-            logger.log(
-                WARNING, "FLoRA state: merged round %d rebuilt as %d", target, self.merged_round
-            )
+        reached = self.ledger.load_state_dict(flora)
+        if reached != target:
+            logger.log(WARNING, "FLoRA state: merged round %d rebuilt as %d", target, reached)

@@ -102,6 +102,7 @@ class LoraFair(LoraStrategy):
     description = "FedAvg + server-side residual correction of B (LoRA-FAIR); e <= e(FedAvg)"
     exact = False
     heterogeneous_ranks = False
+    server_optimizer = True  # its aggregate is a point in the global adapter's coordinates
 
     @dataclass(frozen=True)
     class Settings:

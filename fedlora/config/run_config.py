@@ -28,6 +28,7 @@ from fedlora.config.values import (
     unknown_key,
 )
 from fedlora.data.spec import DataSpec
+from fedlora.lora.server_optimizer import SERVER_OPTIMIZERS, ServerOptimizerSpec
 from fedlora.lora.spec import AUTO_TARGETS, CAUSAL_LM, CLASSIFY, TASKS
 from fedlora.wire.codec import VALUE_TYPES, Codec
 from fedlora.wire.message_size import LIMIT_BYTES, MIB
@@ -77,6 +78,26 @@ class RunConfig:
         3,
     )
     round_timeout: float = _help("Seconds to wait for the replies of one round.", 900.0)
+    server_optimizer: str = _help(
+        "Server-side optimiser on the strategy's aggregate (Reddi et al. 2021): none, "
+        "fedavgm, fedadam or fedyogi; only for strategies whose aggregate is a point in the "
+        "global adapter's coordinates (fedavg, ffa_lora, lora_fair).",
+        "none",
+    )
+    server_lr: float = _help(
+        "Server learning rate eta; 0 takes the optimiser's default (fedavgm 1.0, "
+        "fedadam and fedyogi 0.01).",
+        0.0,
+    )
+    server_momentum: float = _help("FedAvgM's momentum beta, in [0, 1).", 0.9)
+    server_beta1: float = _help("FedAdam / FedYogi first-moment decay beta1, in [0, 1).", 0.9)
+    server_beta2: float = _help("FedAdam / FedYogi second-moment decay beta2, in [0, 1).", 0.99)
+    server_tau: float = _help("FedAdam / FedYogi adaptivity tau (> 0).", 1e-3)
+    fedprox_mu: float = _help(
+        "FedProx (Li et al. 2020): each client adds (mu / 2) ||w - w_global||^2 over its "
+        "trainable parameters to its local loss; 0 turns it off. Not with dp = true.",
+        0.0,
+    )
     max_message_mib: float = _help(
         "Largest message (MiB) the server or a client sends; a bigger one is refused before "
         "sending, with its tensor sizes. Flower's transport limit is 2048.",
@@ -334,6 +355,12 @@ class RunConfig:
         if self.dp_delta >= 1:
             fail("dp-delta", self.dp_delta, "must be < 1")
         self._check_central_dp()
+        one_of("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        non_negative(self, "server_lr", "fedprox_mu")
+        positive(self, "server_tau")
+        for key in ("server_momentum", "server_beta1", "server_beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                fail(key.replace("_", "-"), getattr(self, key), "must be in [0, 1)")
         for direction in ("uplink", "downlink"):
             density = getattr(self, f"{direction}_density")
             if not 0.0 < density <= 1.0:
@@ -367,6 +394,14 @@ class RunConfig:
         non_negative(self, "warmup_steps")
         if not self.dp:
             return
+        if self.fedprox_mu > 0:
+            fail(
+                "fedprox-mu",
+                self.fedprox_mu,
+                "cannot be combined with dp=true: Opacus computes each step's gradient from "
+                "the per-sample gradients it clips and noises, so a proximal term's gradient "
+                "would have to be added after the noise, which fedlora does not do",
+            )
         if self.gradient_checkpointing:
             fail(
                 "gradient-checkpointing",
@@ -394,6 +429,14 @@ class RunConfig:
             fail("central-dp-delta", self.central_dp_delta, "must be in (0, 1)")
         if self.central_dp == "off":
             return
+        if self.server_optimizer != "none":
+            fail(
+                "server-optimizer",
+                self.server_optimizer,
+                f"cannot be combined with central-dp={self.central_dp!r}: the optimiser's moments "
+                "would be computed from the aggregate before Flower's wrapper adds the noise, so "
+                "later rounds would release un-noised information; use client DP (dp=true)",
+            )
         why = f"with central-dp={self.central_dp!r}"
         check_central_dp_round(
             self.central_dp, self.weighting, self.min_replies, self.clients_per_round
@@ -437,6 +480,18 @@ class RunConfig:
             classes_per_partition=self.classes_per_partition,
             partition_column=self.partition_column,
             seed=self.seed,
+        )
+
+    @property
+    def server_optimizer_spec(self) -> ServerOptimizerSpec:
+        """The server optimiser and its hyper-parameters (kind ``none``: no optimiser)."""
+        return ServerOptimizerSpec(
+            kind=self.server_optimizer,
+            lr=self.server_lr,
+            momentum=self.server_momentum,
+            beta1=self.server_beta1,
+            beta2=self.server_beta2,
+            tau=self.server_tau,
         )
 
     @property

@@ -119,3 +119,91 @@ def fingerprint_distance(metrics: Mapping[str, float], expected: Mapping[str, np
     want = fingerprint(expected, FINGERPRINT_PROBES)
     reported = [metrics.get(f"{BASE_FINGERPRINT}-{i}", np.nan) for i in range(FINGERPRINT_PROBES)]
     return max(abs(a - b) for a, b in zip(reported, want, strict=True))
+
+
+class MergeLedger:
+    """The server's record of the stacks every node merges into its base weights.
+
+    A strategy that moves part of each round's update into the nodes' base weights
+    (FLoRA's stacks, FedEx-LoRA's residuals) keeps one. A node that missed rounds is sent
+    every stack after the last one it reports merged ("catch-up"); a node whose merged
+    base disagrees with the server's (its reply's fingerprint) is dropped for the round
+    and reset (sent every stack again) in the next. ``merged`` is the sum of the stacks
+    before the round under way: the base delta evaluation and export apply.
+    """
+
+    def __init__(self, catch_up: bool = True) -> None:
+        self.catch_up = catch_up
+        self.stacks: dict[int, AdapterState] = {}  # round -> stack of that round
+        self.merged: dict[str, np.ndarray] = {}  # sum of stacks through merged_round
+        self.merged_round = 0
+        self.node_last_merged: dict[int, int] = {}
+        self.node_reset: set[int] = set()
+
+    def sync(self, server_round: int) -> None:
+        """Fold every stored stack before ``server_round`` into the merged base."""
+        for r in sorted(self.stacks):
+            if self.merged_round < r < server_round:
+                self.merged = merge_into_base(self.merged, self.stacks[r])
+                self.merged_round = r
+
+    def to_merge(self, server_round: int, node_id: int) -> tuple[tuple[int, ...], bool]:
+        """The rounds whose stacks ``node_id`` merges before ``server_round``, and a reset.
+
+        A reset: the node drops its merged base first.
+        """
+        self.sync(server_round)
+        reset = node_id in self.node_reset
+        last = 0 if reset else self.node_last_merged.get(node_id, 0)
+        rounds = sorted(r for r in self.stacks if last < r < server_round)
+        if not self.catch_up:
+            rounds = rounds[-1:]
+        return tuple(rounds), reset
+
+    def record(self, server_round: int, stack: AdapterState) -> None:
+        """The stack of ``server_round`` (merged by every node from the next round on)."""
+        self.stacks[server_round] = stack
+
+    def accept(self, server_round: int, node_id: int, metrics: Mapping[str, float]) -> str | None:
+        """Drop (and reset) a node whose merged base disagrees with the server's."""
+        self.node_last_merged[node_id] = max(int(metrics.get(LAST_MERGED, -1)), 0)
+        expected_round = max((r for r in self.stacks if r < server_round), default=0)
+        why = base_disagreement(metrics, expected_round, self.merged)
+        if why is not None:
+            self.node_reset.add(node_id)
+            return why
+        self.node_reset.discard(node_id)
+        return None
+
+    def worst_distance(self, metrics: Iterable[Mapping[str, float]]) -> float:
+        """The largest fingerprint distance between a node's base and the server's."""
+        return max((fingerprint_distance(m, self.merged) for m in metrics), default=0.0)
+
+    def state_dict(self) -> dict:
+        """Stacks and each node's last merged round (JSON values and numpy arrays)."""
+        return {
+            "merged_round": self.merged_round,
+            "node_last_merged": {str(k): v for k, v in self.node_last_merged.items()},
+            "node_reset": sorted(self.node_reset),
+            "stacks": {
+                str(r): {"scaling": s.scaling, "tensors": s.to_state_dict()}
+                for r, s in self.stacks.items()
+            },
+        }
+
+    def load_state_dict(self, state: Mapping) -> int:
+        """Restore :meth:`state_dict` and rebuild the merged base; the round it reached."""
+        self.stacks = {
+            int(r): state_from_dict(
+                {k: np.asarray(v, np.float32) for k, v in s["tensors"].items()}, float(s["scaling"])
+            )
+            for r, s in state.get("stacks", {}).items()
+        }
+        self.node_last_merged = {
+            int(k): int(v) for k, v in state.get("node_last_merged", {}).items()
+        }
+        self.node_reset = {int(n) for n in state.get("node_reset", [])}
+        self.merged, self.merged_round = {}, 0
+        target = int(state.get("merged_round", 0))
+        self.sync(target + 1)
+        return self.merged_round

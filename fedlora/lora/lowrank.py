@@ -141,3 +141,43 @@ def truncated_svd(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray,
         b = np.pad(b, ((0, 0), (0, rank - k)))
         a = np.pad(a, ((0, rank - k), (0, 0)))
     return b, a, error
+
+
+def lowrank_svd(terms: Sequence[LowRankTerm], rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`truncated_svd` of sum_i c_i B_i A_i, without forming the d_out x d_in matrix.
+
+    With the stacks B (d_out x R) and A (R x d_in), B = Q_b R_b and A^T = Q_a R_a (thin QR),
+    so sum = Q_b (R_b R_a^T) Q_a^T and the SVD of the R x R core gives the factors:
+    O((d_out + d_in) R^2) instead of O(d_out d_in min(d_out, d_in)).
+    """
+    terms = [t for t in terms if t[0] != 0.0 and t[1].shape[1] > 0]
+    d_out = terms[0][1].shape[0] if terms else 0
+    d_in = terms[0][2].shape[1] if terms else 0
+    if not terms:
+        raise ValueError("lowrank_svd needs at least one non-zero term")
+    b, a = _stack(terms)
+    q_b, r_b = np.linalg.qr(b)
+    q_a, r_a = np.linalg.qr(a.T)
+    u, s, vt = np.linalg.svd(r_b @ r_a.T)
+    k = min(rank, len(s))
+    root = np.sqrt(s[:k])
+    b_out = ((q_b @ u[:, :k]) * root).astype(np.float32)
+    a_out = (root[:, None] * (vt[:k] @ q_a.T)).astype(np.float32)
+    total = float(np.sum(s**2))
+    error = float(np.sqrt(np.sum(s[k:] ** 2) / total)) if total > 0 else 0.0
+    if k < rank:
+        b_out = np.pad(b_out, ((0, 0), (0, rank - k)))
+        a_out = np.pad(a_out, ((0, rank - k), (0, 0)))
+    assert b_out.shape == (d_out, rank) and a_out.shape == (rank, d_in)
+    return b_out, a_out, error
+
+
+def procrustes_rotation(a: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The orthogonal r x r matrix R that minimises ||R a - reference||_F.
+
+    Orthogonal Procrustes (Schönemann 1966): with U S V^T = svd(reference a^T), R = U V^T.
+    Rotating a node's factors by it (A <- R A, B <- B R^T) leaves B A unchanged and brings
+    its A as close as a rotation can to the reference (FedRot-LoRA's alignment).
+    """
+    u, _, vt = np.linalg.svd(np.asarray(reference, np.float64) @ np.asarray(a, np.float64).T)
+    return u @ vt

@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from fedlora.lora.lowrank import procrustes_rotation
 from fedlora.lora.seeded import seeded_a
 from fedlora.lora.state import A_SUFFIX, B_SUFFIX, AdapterError, AdapterState
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 """Bump when a field changes meaning; a node refuses a plan of another version."""
 
 
@@ -25,7 +26,11 @@ PLAN_VERSION = 1
 class ClientPlan:
     """One node's instructions for one round.
 
-    ``rank``: the LoRA rank it trains. ``freeze_a``: keep lora_A fixed. ``reinit``: start
+    ``rank``: the LoRA rank it trains. ``freeze_a`` / ``freeze_b``: keep lora_A / lora_B
+    fixed. ``send_b``: whether the reply carries lora_B. ``align_rotation``: before
+    replying, rotate the trained factors (A_k <- R A_k, B_k <- B_k R^T, so B_k A_k is
+    unchanged) with the orthogonal R that best maps A_k onto the received lora_A
+    (:func:`fedlora.lora.lowrank.procrustes_rotation`). ``reinit``: start
     a fresh adapter (A drawn from ``init_seed``, B = 0) instead of the received factors
     (received dense tensors still load). ``a_from_seed``: lora_A is :func:`seeded_a` of
     ``init_seed``, so it need not be sent. ``send_a``: whether the reply carries lora_A.
@@ -43,10 +48,15 @@ class ClientPlan:
     send_a: bool = True
     merge_rounds: tuple[int, ...] = ()
     reset_base: bool = False
+    freeze_b: bool = False
+    send_b: bool = True
+    align_rotation: bool = False
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
             raise AdapterError(f"plan rank {self.rank} must be > 0")
+        if self.freeze_a and self.freeze_b:
+            raise AdapterError("a plan that freezes both lora_A and lora_B trains no factor")
 
     # -- the start of training --------------------------------------------------
     def start(
@@ -74,13 +84,26 @@ class ClientPlan:
         return seeded_a(key[: -len(A_SUFFIX)], self.rank, d_in, self.init_seed)
 
     def trains(self, key: str) -> bool:
-        """Whether the tensor under ``key`` is trained (frozen: lora_A with ``freeze_a``)."""
-        return not (self.freeze_a and "lora_A" in key)
+        """Whether the tensor under ``key`` is trained (``freeze_a`` / ``freeze_b`` fix one)."""
+        return not (self.freeze_a and "lora_A" in key) and not (self.freeze_b and "lora_B" in key)
 
     # -- the reply ----------------------------------------------------------------
-    def reply(self, trained: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """What of the trained tensors the reply carries."""
-        return {k: v for k, v in trained.items() if self.send_a or not k.endswith(A_SUFFIX)}
+    def reply(
+        self, trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """What of the trained tensors the reply carries (rotated first if ``align_rotation``).
+
+        ``received``: the payload the node started from (its lora_A are the reference of
+        the alignment).
+        """
+        if self.align_rotation:
+            trained = align_to(trained, received or {})
+        return {
+            k: v
+            for k, v in trained.items()
+            if (self.send_a or not k.endswith(A_SUFFIX))
+            and (self.send_b or not k.endswith(B_SUFFIX))
+        }
 
     def reply_shapes(self, current: AdapterState) -> dict[str, tuple[int, ...]]:
         """The tensors a reply carries, at this plan's rank (what the server expects)."""
@@ -88,7 +111,8 @@ class ClientPlan:
         for module, f in current.factors.items():
             if self.send_a:
                 shapes[module + A_SUFFIX] = (self.rank, f.a.shape[1])
-            shapes[module + B_SUFFIX] = (f.b.shape[0], self.rank)
+            if self.send_b:
+                shapes[module + B_SUFFIX] = (f.b.shape[0], self.rank)
         shapes.update({k: tuple(v.shape) for k, v in current.dense.items()})
         return shapes
 
@@ -138,6 +162,29 @@ class ClientPlan:
             raise AdapterError(f"plan has unknown fields {unknown}")
         data["merge_rounds"] = tuple(int(r) for r in data.get("merge_rounds", ()))
         return cls(**data)
+
+
+def align_to(
+    trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Each module's (A, B) rotated by the orthogonal R that best maps A onto the received A.
+
+    A <- R A, B <- B R^T: the product B A, and so the node's update, is unchanged.
+
+    A module whose received A is missing or of another shape is left as it is.
+    """
+    out = dict(trained)
+    for key, a in trained.items():
+        if not key.endswith(A_SUFFIX):
+            continue
+        b_key = key[: -len(A_SUFFIX)] + B_SUFFIX
+        reference = received.get(key)
+        if b_key not in trained or reference is None or np.shape(reference) != np.shape(a):
+            continue
+        rotation = procrustes_rotation(a, reference)
+        out[key] = (rotation @ np.asarray(a, np.float64)).astype(np.float32)
+        out[b_key] = (np.asarray(trained[b_key], np.float64) @ rotation.T).astype(np.float32)
+    return out
 
 
 def is_factor(key: str) -> bool:

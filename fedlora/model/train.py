@@ -100,6 +100,7 @@ def train_steps(
     placement: Placement | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     private: bool = False,
+    prox_mu: float = 0.0,
 ) -> TrainResult:
     """Optimizer steps over ``loader``'s micro-batches; returns the loss trajectory.
 
@@ -109,8 +110,13 @@ def train_steps(
     :func:`fedlora.privacy.dp_sgd.make_private`, split by Opacus into physical batches;
     its optimizer decides when a logical batch ends (Opacus's own semantics). Forward
     passes run under ``placement``'s autocast; fp16 uses a gradient scaler.
+
+    ``prox_mu`` > 0 adds FedProx's proximal term (mu / 2) ||w - w_0||^2 over the trainable
+    parameters, w_0 being where they start (the received global adapter), once per step;
+    the recorded loss is the data loss alone. Not with DP (the run config refuses it).
     """
     placement = placement or Placement()
+    anchor = proximal_anchor(model) if prox_mu > 0 else None
     scaler = None if private else placement.scaler()
     model.train()
     losses: list[float] = []
@@ -128,7 +134,9 @@ def train_steps(
         if not private and len(group) < accumulation:
             continue
         step_lr = float(optimizer.param_groups[0]["lr"])
-        loss = _step(model, optimizer, group, placement, scaler, len(losses), private)
+        loss = _step(
+            model, optimizer, group, placement, scaler, len(losses), private, prox_mu, anchor
+        )
         group = []
         if private and getattr(optimizer, "_is_last_step_skipped", False):
             continue  # a physical batch inside a logical one: Opacus only accumulated it
@@ -157,18 +165,22 @@ def _step(
     scaler: torch.amp.GradScaler | None,
     index: int,
     private: bool = False,
+    prox_mu: float = 0.0,
+    anchor: dict[str, torch.Tensor] | None = None,
 ) -> float:
     """Backward over the micro-batches of ``group`` and one optimizer step; the step's loss."""
     optimizer.zero_grad(set_to_none=True)
     total = sum(int(b[2].shape[0]) for b in group)
     step_loss = 0.0
-    for input_ids, attention_mask, labels in group:
+    for i, (input_ids, attention_mask, labels) in enumerate(group):
         with placement.autocast():
             loss = batch_loss(model, input_ids, attention_mask, labels)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Training loss became {loss.item()} at step {index}")
         share = int(labels.shape[0]) / total
         weighted = loss if len(group) == 1 else loss * share
+        if anchor is not None and i == 0:  # once per step, whatever the micro-batches
+            weighted = weighted + proximal_term(model, anchor, prox_mu)
         (weighted if scaler is None else scaler.scale(weighted)).backward()
         step_loss += float(loss.detach()) * share
     if private:
@@ -179,6 +191,23 @@ def _step(
         scaler.step(optimizer)
         scaler.update()
     return step_loss
+
+
+def proximal_anchor(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters as they start (FedProx's w_0), detached copies."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def proximal_term(
+    model: torch.nn.Module, anchor: dict[str, torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx's (mu / 2) sum ||w - w_0||^2 over the anchored parameters (Li et al., 2020)."""
+    terms = [
+        torch.sum((p.float() - anchor[n].float()) ** 2)
+        for n, p in model.named_parameters()
+        if n in anchor
+    ]
+    return 0.5 * mu * torch.stack(terms).sum()
 
 
 def noise_only_step(optimizer: torch.optim.Optimizer) -> None:

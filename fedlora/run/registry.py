@@ -21,6 +21,11 @@ BUILTINS: dict[str, str] = {
     "ffa_lora": "fedlora.strategies.ffa_lora:FfaLora",
     "flora": "fedlora.strategies.flora:Flora",
     "lora_fair": "fedlora.strategies.lora_fair:LoraFair",
+    "flexlora": "fedlora.strategies.flexlora:FlexLora",
+    "fedsvd": "fedlora.strategies.fedsvd:FedSvd",
+    "rolora": "fedlora.strategies.rolora:RoLora",
+    "fedrot_lora": "fedlora.strategies.fedrot_lora:FedRotLora",
+    "fedex_lora": "fedlora.strategies.fedex_lora:FedExLora",
 }
 
 
@@ -83,12 +88,25 @@ def load_strategy_class(name: str) -> type[Any]:
     return cls
 
 
+def check_run_strategy(cfg: Any) -> type[Any]:
+    """:func:`check_strategy_config` for a run configuration (its strategy's class)."""
+    return check_strategy_config(
+        cfg.strategy,
+        cfg.strategy_extra,
+        cfg.client_rank_list,
+        cfg.lora_rank,
+        cfg.base_quantization,
+        cfg.server_optimizer,
+    )
+
+
 def check_strategy_config(
     name: str,
     options: Mapping[str, Any],
     client_ranks: Sequence[int],
     lora_rank: int,
     base_quantization: str = "none",
+    server_optimizer: str = "none",
 ) -> type[Any]:
     """Load strategy ``name`` and check its settings and rank support, before any process.
 
@@ -115,6 +133,21 @@ def check_strategy_config(
             f"{name!r} merges every round's stack into the nodes' base weights, and a "
             "quantised base has no weights that can take W0 + delta; use "
             "base-quantization=none (bf16 precision is fine: the merged deltas stay float32)"
+        )
+    if server_optimizer != "none" and not cls.server_optimizer:
+        raise ConfigError(
+            f"Invalid value for 'server-optimizer': {server_optimizer!r}, but strategy {name!r} "
+            "does not declare server_optimizer: its aggregate is not a point in the global "
+            "adapter's coordinates (it re-initialises or re-factorises the adapter), so "
+            "aggregate - current is no pseudo-gradient; use server-optimizer=none"
+        )
+    mixed = any(r != lora_rank for r in client_ranks)
+    if server_optimizer != "none" and mixed and not cls.exact:
+        raise ConfigError(
+            f"Invalid value for 'server-optimizer': {server_optimizer!r} with mixed "
+            f"client-ranks, but strategy {name!r} is not exact: nodes of lower rank receive a "
+            "truncated adapter, so the aggregate moves even when no node trains and "
+            "aggregate - current is no pseudo-gradient; use one rank or an exact strategy"
         )
     parse_settings(cls.Settings, options, cls.name or name)
     return cls

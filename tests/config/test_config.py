@@ -234,7 +234,7 @@ def test_unknown_strategy_options_are_refused_with_a_suggestion():
     assert (
         build_strategy(
             RunConfig(strategy="flora", strategy_options="flora-catch-up=false")
-        ).catch_up
+        ).ledger.catch_up
         is False
     )
 

@@ -56,9 +56,9 @@ def _run(tiny_llama, out, **extra):
     "strategy, extra",
     [
         ("fedavg", {}),
-        ("ffa_lora", {"lora-alpha": 32.0}),
+        pytest.param("ffa_lora", {"lora-alpha": 32.0}, marks=pytest.mark.slow),
         ("flora", {"client-ranks": "2,4,8", "lora-rank": 8}),
-        ("lora_fair", {}),
+        pytest.param("lora_fair", {}, marks=pytest.mark.slow),
         (
             "fedavg",
             {

@@ -50,6 +50,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model, tmp_path):
     assert [r["bytes_up"] for r in ra[1:]] == [r["bytes_up"] for r in rb[1:]]
 
 
+@pytest.mark.slow  # the resumed-run equality test stays in the default suite
 def test_resume_refuses_another_configuration_and_a_finished_run(tiny_model, tmp_path):
     out = tmp_path / "run"
     _simulate(tiny_run(tiny_model, out, **{"num-server-rounds": 1}))

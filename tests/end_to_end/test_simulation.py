@@ -51,7 +51,9 @@ def _check_results(out, rounds):
         assert sum(r["phase_seconds"].values()) <= r["seconds"]
         for n in r["nodes"]:
             assert n["handler_seconds"] >= n["train_seconds"] > 0
-            assert n["process_seconds"] > 0
+            # a long-lived process (Ray worker, warm worker) reports its start cost with
+            # its first message only: usually a query, so often 0 here
+            assert n["process_seconds"] >= 0 and n["process_id"] > 0 and n["process_peak_mib"] > 0
     assert (out / results.SUMMARY_FILE).is_file() and (out / results.PLOT_FILE).is_file()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     return records
@@ -157,7 +159,7 @@ def test_loopback_deployment_one_round(tiny_model, tmp_path):
         }
         status = fed.run_app(tiny_run(tiny_model, out, **run), timeout=600)
         pids = [p.pid for p in fed.processes]
-        assert len(pids) == 4
+        assert len(pids) == 7  # the SuperLink, 3 SuperNodes and their warm workers
     assert status["status"] == "finished:completed"
     records = _check_results(out, rounds=1)
     assert json.loads((out / "run_config.json").read_text())["num-partitions"] == 2
@@ -197,10 +199,17 @@ SIGNS = COMPRESSED | {"uplink-density": 1.0, "uplink-values": "sign"}  # 1 bit p
     [
         ("ffa_lora", {"client-ranks": "2,4,8", "lora-rank": 8, "lora-alpha": 64.0}),
         ("flora", {"client-ranks": "2,4,8", "lora-rank": 8}),
-        ("lora_fair", {}),
+        ("lora_fair", {"server-optimizer": "fedadam"}),  # the server optimiser on top
         ("fedavg", {"dp": True, "dp-noise": 0.8, **COMPRESSED}),  # DP, then compression
-        ("flora", {"client-ranks": "2,4,8", "lora-rank": 8, **COMPRESSED}),
+        pytest.param(  # compression is covered by fedavg's DP run above
+            "flora", {"client-ranks": "2,4,8", "lora-rank": 8, **COMPRESSED}, marks=pytest.mark.slow
+        ),
         ("fedavg", SIGNS),  # the scaled-sign uplink of docs/compression.md
+        ("rolora", {}),
+        ("fedsvd", {}),
+        ("flexlora", {"client-ranks": "2,4,8", "lora-rank": 8}),
+        ("fedrot_lora", {"server-optimizer": "fedavgm"}),
+        ("fedex_lora", {}),
     ],
 )
 def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
@@ -213,14 +222,23 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
     simulate_in_process(overrides)
     records = _check_results(out, rounds=3)
     errors = [r["aggregation_error"] for r in records[1:]]
-    if strategy in ("ffa_lora", "flora"):
+    if strategy in ("ffa_lora", "flora", "rolora", "fedsvd"):
         assert max(errors) < 1e-5, errors  # exact strategies, also with mixed ranks
+    if strategy in ("rolora", "fedsvd"):  # one factor travels up, both come down
+        assert records[1]["bytes_up"] < records[1]["bytes_down"], records[1]
     if strategy == "lora_fair":
         for r in records[1:]:
             assert r["aggregation_error"] <= r["metrics"]["fedavg-error"] + 1e-9
             assert r["metrics"]["fair-floor"] <= r["aggregation_error"] + 1e-6
+            # FedAdam moved the adapter, by other than the aggregate's own step
+            server, own = r["metrics"]["server-step-norm"], r["metrics"]["aggregate-step-norm"]
+            assert server > 0 and own > 0 and abs(server - own) > 1e-3 * own, (server, own)
     if strategy == "ffa_lora":  # only B travels up: a rank-r_k B per module plus the head
         assert records[1]["bytes_up"] < records[1]["bytes_down"] * 2
+    if strategy == "fedex_lora":  # the residual in the base makes the update exact
+        for r in records[1:]:
+            assert r["metrics"]["exact-error"] < 1e-5 and r["aggregation_error"] > 1e-4
+            assert r["metrics"]["base-fingerprint-max-diff"] == 0.0
     if strategy == "flora":
         for r in records[2:]:
             assert r["metrics"]["base-fingerprint-max-diff"] == 0.0
@@ -298,6 +316,7 @@ def test_dp_simulation_true_epsilon_and_budget_declines(tiny_model, tmp_path):
     assert "worst-case client epsilon" in (out / results.SUMMARY_FILE).read_text()
 
 
+@pytest.mark.slow  # the warm-worker test compares two seeded runs bit for bit
 def test_same_seed_same_run(tiny_model, tmp_path):
     """Two launches with one seed sample the same partitions and give the same numbers,
     although Flower draws different node ids each time."""

@@ -329,6 +329,7 @@ def test_each_round_moves_the_global_by_at_most_the_clip(tiny_model, tmp_path, m
     assert "epsilon inf" in (out / results.SUMMARY_FILE).read_text()
 
 
+@pytest.mark.slow  # central DP with fedavg stays in the default suite
 def test_ffa_lora_with_client_clipping_keeps_the_seeded_a(tiny_model, tmp_path):
     """Flower noises every tensor it gets back, A included: FFA-LoRA's global keeps the
     seeded A its nodes use. The ledger reports the epsilon of the rounds released, and a

@@ -66,7 +66,7 @@ def test_a_merged_base_is_exported_as_an_svd_adapter_with_its_error(tiny_model, 
     state = _trained_state(cfg)
     strategy = Flora(lora_spec(cfg))
     rng = np.random.default_rng(5)
-    strategy.merged = {  # what two rounds of stacks would have merged
+    strategy.ledger.merged = {  # what two rounds of stacks would have merged
         m: (0.01 * rng.standard_normal((f.b.shape[0], f.a.shape[1]))).astype(np.float32)
         for m, f in state.factors.items()
     }
@@ -75,7 +75,7 @@ def test_a_merged_base_is_exported_as_an_svd_adapter_with_its_error(tiny_model, 
     # the reported error is the relative Frobenius norm of the dropped singular values
     num = den = 0.0
     for m, f in state.factors.items():
-        total = strategy.merged[m] + state.scaling * f.b.astype(np.float64) @ f.a
+        total = strategy.ledger.merged[m] + state.scaling * f.b.astype(np.float64) @ f.a
         s = np.linalg.svd(total, compute_uv=False)
         num, den = num + np.sum(s[4:] ** 2), den + np.sum(s**2)
     assert meta["svd_truncation_error"] == pytest.approx(np.sqrt(num / den), rel=1e-4)

@@ -231,7 +231,7 @@ def test_flora_catch_up_keeps_every_node_base_equal_to_server():
     diffs, rejected, strategy = _flora_run(catch_up=True)
     assert max(diffs) == 0.0  # the same merge function in the same order: bit-identical
     assert not rejected
-    assert strategy.merged_round == 4
+    assert strategy.ledger.merged_round == 4
 
 
 def test_flora_without_catch_up_nodes_drift_and_are_rejected():
@@ -244,10 +244,10 @@ def test_flora_state_round_trip_restores_merged_base():
     _, _, strategy = _flora_run(catch_up=True)
     clone = Flora(strategy.lora, seed=strategy.seed, settings=strategy.settings)
     clone.load_state_dict(strategy.state_dict())
-    assert clone.merged_round == strategy.merged_round
+    assert clone.ledger.merged_round == strategy.ledger.merged_round
     for m, d in strategy.base_delta().items():
         np.testing.assert_array_equal(clone.base_delta()[m], d)
-    assert clone.node_last_merged == strategy.node_last_merged
+    assert clone.ledger.node_last_merged == strategy.ledger.node_last_merged
 
 
 def test_truncated_svd_error_matches_discarded_singular_values():
