@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     header = " | ".join(f"{m} min | {m} median" for m in modes)
     print(f"| share of the training phase (configure to last reply) | {header} | goal |")
     print("|---|" + "---:|" * (2 * len(modes)) + "---:|")
-    for key in rows[modes[0]]:
+    for key in rows[modes[0]][0]:
         if key == "wall":
             continue
         cells = []
