@@ -21,6 +21,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedlora.clients import secure_node
 from fedlora.wire import protocol
 
 _MESSAGES = 0
@@ -95,6 +96,9 @@ def train(msg: Message, context: Context) -> Message:
             }
         )
         return Message(declined, reply_to=msg)
+    if secure_node.asked_to_mask(msg):  # SecAgg+: the server sees only a masked vector
+        masked, metrics[protocol.SECAGG_CLIPPED] = secure_node.mask_reply(msg, context, tensors)
+        tensors = {protocol.SECAGG_MASKED: masked}
     record = to_arrayrecord(tensors, flower_numpy=job.cfg.central_dp != "off")
     metrics.update(_process_metrics(start_cost))
     metrics[protocol.HANDLER_SECONDS] = time.perf_counter() - started
@@ -117,6 +121,13 @@ def query(msg: Message, context: Context) -> Message:
     _arrived()
     job = LocalJob.from_message(msg, context)
     return Message(RecordDict({protocol.METRICS: MetricRecord(job.node_info())}), reply_to=msg)
+
+
+@app.query(protocol.SECAGG_ACTION)
+def secure_aggregation_stage(msg: Message, context: Context) -> Message:
+    """A SecAgg+ stage around training: key setup, key sharing or unmasking."""
+    _arrived()
+    return secure_node.handle_stage(msg, context)
 
 
 @app.evaluate()

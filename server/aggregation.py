@@ -13,6 +13,9 @@ from dataclasses import replace
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from fedlora.lora.plan import ClientPlan
 from fedlora.lora.state import AdapterState
 from fedlora.server.replies import check_against
 from fedlora.server.reports import RoundReport, client_metrics
@@ -54,6 +57,30 @@ def aggregate_round(
         logger.log(WARNING, "Round %d skipped: %s; global adapter unchanged", server_round,
                    report.skip_reason)  # fmt: skip
         return None
+    result = _run_strategy(strategy, server_round, updates, weights, current, report)
+    if result is None:
+        return None
+    by_node = {u.node_id: float(w) for u, w in zip(updates, weights, strict=True)}
+    report.outcomes = [
+        replace(o, weight=by_node[o.node_id]) if o.status == "ok" else o for o in report.outcomes
+    ]
+    report.aggregation_error = aggregation_error(updates, weights, result)
+    report.metrics.update(client_metrics(updates, weights))
+    report.metrics.update(strategy.extra_round_metrics(updates, weights, current, result))
+    logger.log(INFO, "Round %d aggregated %d replies, aggregation error %.3e", server_round,
+               len(updates), report.aggregation_error)  # fmt: skip
+    return result
+
+
+def _run_strategy(
+    strategy: LoraStrategy,
+    server_round: int,
+    updates: Sequence[ClientUpdate],
+    weights: np.ndarray,
+    current: AdapterState,
+    report: RoundReport,
+) -> AdapterState | None:
+    """``strategy.aggregate``, checked; None (the round skipped, with the reason) if it fails."""
     try:
         result = strategy.aggregate(server_round, updates, weights, current)
         check_against(result, current, None)
@@ -66,13 +93,31 @@ def aggregate_round(
         logger.log(WARNING, "Round %d: %s; global adapter unchanged", server_round,
                    report.skip_reason)  # fmt: skip
         return None
-    by_node = {u.node_id: float(w) for u, w in zip(updates, weights, strict=True)}
-    report.outcomes = [
-        replace(o, weight=by_node[o.node_id]) if o.status == "ok" else o for o in report.outcomes
-    ]
-    report.aggregation_error = aggregation_error(updates, weights, result)
-    report.metrics.update(client_metrics(updates, weights))
-    report.metrics.update(strategy.extra_round_metrics(updates, weights, current, result))
-    logger.log(INFO, "Round %d aggregated %d replies, aggregation error %.3e", server_round,
-               len(updates), report.aggregation_error)  # fmt: skip
     return result
+
+
+def aggregate_secure_sum(
+    strategy: LoraStrategy,
+    server_round: int,
+    mean: Mapping[str, np.ndarray],
+    plan: ClientPlan,
+    num_examples: int,
+    current: AdapterState,
+    report: RoundReport,
+) -> AdapterState | None:
+    """The next global adapter from SecAgg+'s weighted mean of the replies (one update).
+
+    Sound for strategies that declare ``secure_sum`` (the kit checks it): their aggregate
+    of the replies equals their aggregate of this one update with weight 1. The
+    aggregation error needs each node's product, which the server never sees: not measured.
+    """
+    try:
+        state = strategy.decode_update(server_round, plan, mean, current)
+        check_against(state, current, plan.rank)
+        state.check_finite()
+    except Exception as err:
+        report.skip(f"the secure sum does not decode: {type(err).__name__}: {err}")
+        logger.log(WARNING, "Round %d skipped: %s", server_round, report.skip_reason)
+        return None
+    update = ClientUpdate(-1, num_examples, state, {}, plan)
+    return _run_strategy(strategy, server_round, [update], np.ones(1), current, report)

@@ -141,9 +141,16 @@ class Federation:
         cfg, started, clock = self.cfg, time.monotonic(), _PhaseClock()
         messages = self.driver.configure_train(server_round, self.arrays, self._config(), grid)
         clock.lap("configure")
-        replies = grid.send_and_receive(list(messages), timeout=cfg.round_timeout)
-        clock.lap("train")
-        arrays, metrics = self.driver.aggregate_train(server_round, replies)
+        if cfg.secure_aggregation != "off":  # stages around training; the sum aggregated
+            params = cfg.secagg_params(len(list(messages)))
+            arrays, metrics = self.flower.train_secure(
+                grid, server_round, params, cfg.round_timeout
+            )
+            clock.lap("train")
+        else:
+            replies = grid.send_and_receive(list(messages), timeout=cfg.round_timeout)
+            clock.lap("train")
+            arrays, metrics = self.driver.aggregate_train(server_round, replies)
         self.arrays = self.arrays if arrays is None else arrays
         state = self.flower.global_state(self.arrays)
         clock.lap("aggregate")

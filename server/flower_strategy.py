@@ -25,8 +25,9 @@ from flwr.serverapp.strategy import Strategy
 
 from fedlora.lora.server_optimizer import ServerOptimizer, ServerOptimizerSpec, step_norm
 from fedlora.lora.state import AdapterState, state_from_dict
+from fedlora.secagg.protocol import SecAggParams
 from fedlora.server import nodes as node_ops
-from fedlora.server.aggregation import aggregate_round
+from fedlora.server.aggregation import aggregate_round, aggregate_secure_sum
 from fedlora.server.federated_eval import evaluation_messages, mean_evaluation
 from fedlora.server.link_state import NodeLinks
 from fedlora.server.nodes import NodeRegistry
@@ -38,7 +39,8 @@ from fedlora.server.replies import (
     screen_for_wrapper,
 )
 from fedlora.server.reports import NodeOutcome, RoundReport, round_metrics
-from fedlora.server.weights import WeightPolicy
+from fedlora.server.secure_aggregation import secure_round
+from fedlora.server.weights import Claim, WeightPolicy, client_weights
 from fedlora.strategies.api import ClientPlan, ClientUpdate, LoraStrategy, logger
 from fedlora.wire import protocol
 from fedlora.wire.codec import Codec, dense_bytes
@@ -269,6 +271,97 @@ class LoraFlowerStrategy(Strategy):
         result = aggregate_round(
             self.strategy, server_round, updates, current, report, self.options, declared
         )
+        return self._close(open_round, result)
+
+    def train_secure(
+        self, grid: Grid, server_round: int, params: SecAggParams, timeout: float
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Train the round under SecAgg+ and aggregate the secure weighted mean.
+
+        The weights p_k come from the nodes' declared example counts, bounded as any claim
+        (share cap, ratio to the median): a node cannot claim more inside the mask than
+        the server told it. Per-node outcomes keep the plaintext metrics (train loss,
+        seconds); the update itself is only ever seen summed.
+        """
+        open_round = self._require_open(server_round)
+        report, current = open_round.report, open_round.current
+        nodes = sorted(open_round.plans)
+        plans = {open_round.plans[n] for n in nodes}
+        declared = self.nodes.examples
+        claims = [Claim(n, declared.get(n, 0), declared.get(n)) for n in nodes]
+        weights, anomalies = client_weights(claims, self.options.weights)
+        report.anomalies.extend(anomalies)
+        if len(plans) != 1 or weights is None:
+            report.skip(
+                "secure aggregation needs one plan for every node"
+                if len(plans) > 1
+                else "no node of the round declared training examples"
+            )
+            return self._close(open_round, None)
+        (plan,) = plans
+        secure = secure_round(
+            grid,
+            server_round,
+            open_round.messages,
+            params,
+            dict(zip(nodes, (float(w) for w in weights), strict=True)),
+            plan.reply_shapes(current),
+            timeout=timeout,
+            seed=self.options.seed,
+        )
+        report.metrics.update(secure.metrics)
+        survivors = set(secure.survivors)
+        p = dict(zip(nodes, (float(w) for w in weights), strict=True))
+        total = sum(p[n] for n in survivors) or 1.0
+        losses = []
+        for node in nodes:
+            self.links.settle(node, replied=node in survivors)
+            if node not in survivors:
+                reason = secure.failed.get(node, "not in the secure sum")
+                if "declined:" in reason:
+                    self.nodes.exclude(node, reason)
+                report.outcomes.append(open_round.with_bytes(NodeOutcome(node, "dropped", reason)))
+                continue
+            msg = secure.replies[node]
+            record = msg.content.metric_records.get(protocol.METRICS)
+            metrics = {k: float(v) for k, v in (record or {}).items() if isinstance(v, int | float)}
+            n = int(metrics.get(protocol.NUM_EXAMPLES, 0))
+            outcome = NodeOutcome(
+                node,
+                "ok",
+                "",
+                n,
+                metrics=metrics,
+                bytes_up=reply_bytes(msg),
+                dense_up=dense_bytes(plan.reply_shapes(current).values()),
+                weight=p[node] / total,
+            )
+            report.outcomes.append(open_round.with_bytes(outcome))
+            if protocol.TRAIN_LOSS in metrics:
+                losses.append((p[node] / total, metrics[protocol.TRAIN_LOSS]))
+        if secure.mean is None:
+            report.skip(secure.skip_reason)
+            logger.log(WARNING, "Round %d skipped: %s", server_round, report.skip_reason)
+            return self._close(open_round, None)
+        if len(survivors) < self.options.min_replies:
+            report.skip(
+                f"{len(survivors)} masked updates, fewer than "
+                f"min-replies={self.options.min_replies}"
+            )
+            return self._close(open_round, None)
+        if losses and len(losses) == len(survivors):
+            report.metrics[protocol.TRAIN_LOSS] = sum(w * v for w, v in losses)
+        examples = sum(o.num_examples for o in report.outcomes if o.status == "ok")
+        result = aggregate_secure_sum(
+            self.strategy, server_round, secure.mean, plan, examples, current, report
+        )
+        return self._close(open_round, result)
+
+    def _close(
+        self, open_round: OpenRound, result: AdapterState | None
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The server optimiser's step on ``result``, the round's time, its metrics."""
+        report, current = open_round.report, open_round.current
         if result is not None and self.optimizer is not None:
             stepped = self.optimizer.step(current, result)
             stepped.check_finite()

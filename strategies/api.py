@@ -130,7 +130,8 @@ class LoraStrategy(ABC):
     packed weights cannot take W0 + delta. ``server_optimizer`` says that the aggregate is a
     point in the global adapter's own coordinates, so that ``server-optimizer`` (FedAvgM,
     FedAdam, FedYogi) may step along aggregate - current; the kit checks that nodes which
-    send the global adapter back unchanged get it back. ``Settings`` is a frozen
+    send the global adapter back unchanged get it back. ``secure_sum``: aggregate reads the
+    replies only via their weighted mean (SecAgg+ passes just that). ``Settings`` is a frozen
     dataclass of the strategy's own options: the server fills it from
     ``strategy-options`` (kebab-case keys; unknown keys are refused), and the strategy
     reads ``self.settings``.
@@ -153,6 +154,7 @@ class LoraStrategy(ABC):
     central_dp: ClassVar[frozenset[str]] = frozenset()
     merges_into_base: ClassVar[bool] = False
     server_optimizer: ClassVar[bool] = False
+    secure_sum: ClassVar[bool] = False
     Settings: ClassVar[type] = NoSettings
 
     def __init__(self, lora: LoraSpec, *, seed: int = 0, settings: Any = None) -> None:

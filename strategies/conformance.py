@@ -186,6 +186,7 @@ def check_strategy(cls: type[LoraStrategy], seed: int = 0) -> list[CheckResult]:
         ("settings", _check_settings),
         ("central DP claim", _check_central_dp),
         ("server optimiser claim", _check_server_optimizer),
+        ("secure sum claim", _check_secure_sum),
     ]
     out = []
     for name, fn in checks:
@@ -243,6 +244,52 @@ def _check_server_optimizer(cls: type[LoraStrategy], seed: int) -> str:
             )
             current = out
     return "the global adapter is a fixed point" + (" (ranks 4/4/4 and 2/4/8)" if mixed else "")
+
+
+def _check_secure_sum(cls: type[LoraStrategy], seed: int) -> str:
+    """A strategy that allows SecAgg+ aggregates the weighted mean of the replies as well.
+
+    Over two rounds, ``aggregate`` of the decoded replies must equal ``aggregate`` of one
+    update decoded from sum_k p_k reply_k, with weight 1: all SecAgg+ gives the server.
+    """
+    if not cls.secure_sum:
+        return "not claimed: secure-aggregation is refused for this strategy"
+    strategy = _fresh(cls, 4, seed)
+    current = _initial(strategy, 4, seed)
+    clients = _clients([4, 4, 4], [10, 20, 30])
+    rng = np.random.default_rng(seed)
+    weights = np.array([10, 20, 30], float) / 60
+    for server_round in (1, 2):
+        plans = [strategy.client_plan(server_round, c.node_id, c.rank) for c in clients]
+        _require(len(set(plans)) == 1, f"round {server_round}: the nodes' plans differ")
+        replies, updates = [], []
+        for client, plan in zip(clients, plans, strict=True):
+            payload = strategy.payload(server_round, client.node_id, plan, current)
+            reply, metrics = client.train(strategy, plan, payload, current, rng)
+            replies.append(reply)
+            state = strategy.decode_update(server_round, plan, reply, current)
+            updates.append(ClientUpdate(client.node_id, client.num_examples, state, metrics, plan))
+        _require(
+            all(r.keys() == replies[0].keys() for r in replies), "replies differ in their tensors"
+        )
+        mean = {
+            k: np.sum(
+                [w * r[k].astype(np.float64) for w, r in zip(weights, replies, strict=True)], 0
+            ).astype(np.float32)
+            for k in replies[0]
+        }
+        one = ClientUpdate(
+            -1, 60, strategy.decode_update(server_round, plans[0], mean, current), {}, plans[0]
+        )
+        expected = strategy.aggregate(server_round, updates, weights, current)
+        got = strategy.aggregate(server_round, [one], np.ones(1), current)
+        _require(
+            _same(expected, got, atol=1e-5),
+            f"claims secure_sum, but aggregating the weighted mean of the replies differs from "
+            f"aggregating the replies in round {server_round}",
+        )
+        current = expected
+    return "aggregate(replies) = aggregate(their weighted mean), 2 rounds"
 
 
 def _check_shapes(cls: type[LoraStrategy], seed: int) -> str:

@@ -70,6 +70,7 @@ class FedAvg(LoraStrategy):
     exact = False
     heterogeneous_ranks = True
     central_dp = frozenset({"client", "server"})  # a plain mean of everything the nodes send
+    secure_sum = True  # aggregate reads the replies only through their weighted mean
     server_optimizer = True  # its aggregate is a point in the global adapter's coordinates
 
     def aggregate(

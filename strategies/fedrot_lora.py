@@ -31,6 +31,7 @@ class FedRotLora(LoraStrategy):
     exact = False
     heterogeneous_ranks = True  # rotations are r_k x r_k; aggregation as FedAvg (padded)
     central_dp = frozenset({"client", "server"})  # a plain mean of everything the nodes send
+    secure_sum = True  # aggregate reads the replies only through their weighted mean
     server_optimizer = True  # an unchanged adapter aligns to itself (R = I) and averages back
 
     def client_plan(self, server_round: int, node_id: int, rank: int) -> ClientPlan:

@@ -59,6 +59,7 @@ class FedSvd(LoraStrategy):
     exact = True
     heterogeneous_ranks = False
     central_dp = frozenset()  # the SVD is not a plain mean of what the nodes sent
+    secure_sum = True  # aggregate reads the replies only through their weighted mean
 
     def initial_state(self, state: AdapterState) -> AdapterState:
         """The initial A with orthonormal rows (the product is kept)."""

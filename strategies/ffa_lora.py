@@ -62,6 +62,7 @@ class FfaLora(LoraStrategy):
     exact = True
     heterogeneous_ranks = True
     central_dp = frozenset({"client"})  # B is a plain mean; replies lack A, so not "server"
+    secure_sum = True  # aggregate reads the replies only through their weighted mean
     server_optimizer = True  # its aggregate is a point in the global adapter's coordinates
 
     def initial_state(self, state: AdapterState) -> AdapterState:

@@ -61,6 +61,7 @@ class RoLora(LoraStrategy):
     exact = True
     heterogeneous_ranks = False
     central_dp = frozenset({"client"})  # a plain mean of what was sent; replies lack a factor
+    secure_sum = True  # aggregate reads the replies only through their weighted mean
     server_optimizer = True  # the aggregate is a point in the adapter's own coordinates
 
     def client_plan(self, server_round: int, node_id: int, rank: int) -> ClientPlan:

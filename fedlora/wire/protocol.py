@@ -48,3 +48,18 @@ DOWNLINK_BASE = "downlink-base-round"  # the round of the payload the delta is t
 # -1: nothing held, every tensor dense. Absent when the downlink is not compressed.
 UPLINK_RESIDUAL = "uplink-residual"  # node store name of the error-feedback residual
 DOWNLINK_HELD = "downlink-held"  # node store name of the last reconstructed payload
+
+# Secure aggregation (fedlora.secagg; clients/secure_node.py, server/secure_aggregation.py)
+SECAGG_ACTION = "secagg"  # messages of type "query.secagg" carry the stages around training
+SECAGG_STAGE = "secagg-stage"
+SECAGG_PARAMS = "secagg-params"  # SecAggParams as JSON
+SECAGG_NODES = "secagg-nodes"  # node ids of the lists that follow (keys, ciphertexts, shares)
+SECAGG_PK1 = "secagg-pk1"
+SECAGG_PK2 = "secagg-pk2"
+SECAGG_CIPHERTEXTS = "secagg-ciphertexts"
+SECAGG_WEIGHT = "secagg-weight"  # the node's p_k, set by the server from its declared count
+SECAGG_SURVIVORS = "secagg-survivors"
+SECAGG_DROPPED = "secagg-dropped"
+SECAGG_SHARES = "secagg-shares"
+SECAGG_MASKED = "secagg-masked"  # ArrayRecord key of the masked vector (uint32)
+SECAGG_CLIPPED = "secagg-clipped"  # metric: entries of the node's input clipped to [-c, c]

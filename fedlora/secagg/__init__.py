@@ -1,0 +1,1 @@
+"""Secure aggregation (SecAgg+): the protocol as pure functions and one node's state."""
