@@ -52,3 +52,41 @@ def test_secure_round_equals_the_plain_round(tiny_model, tmp_path, strategy, ext
         assert m[f"secagg-bytes-up-{stage}"] > 0 and m[f"secagg-seconds-{stage}"] > 0
     assert all(n["status"] == "ok" and n["weight"] > 0 for n in record["nodes"])
     assert record["aggregation_error"] is None  # needs each node's product: never seen
+
+
+def test_secure_round_on_loopback_over_tls(tiny_model, tmp_path):
+    """One SecAgg+ round with real SuperLink and SuperNodes (warm workers), TLS and node
+    authentication on: every stage crosses the real transport and the round aggregates."""
+    from fedlora.run.certs import make_node_key, make_server_files
+    from fedlora.run.launch import local_federation
+    from tests.helpers import assert_stopped
+
+    files = make_server_files(tmp_path / "certs", ["127.0.0.1", "localhost"])
+    tls = files.as_tls()
+    out = tmp_path / "secure"
+    overrides = tiny_run(
+        tiny_model,
+        out,
+        **{
+            "num-server-rounds": 1,
+            "num-partitions": 3,
+            "clients-per-round": 3,
+            "secure-aggregation": "secagg+",
+        },
+    )
+    with local_federation(tmp_path / "flwr") as fed:
+        fed.start_superlink(simulation=False, tls=tls, node_auth=True)
+        for i in range(3):
+            key = make_node_key(tmp_path / "certs", f"site-{i}")
+            fed.register_node(key.public)
+            node_config = {"partition-id": i, "num-partitions": 3}
+            fed.start_supernode(f"site-{i}", node_config, tls=tls, auth_key=key.private)
+        status = fed.run_app(overrides, timeout=600)
+        pids = [p.pid for proc in fed.processes for p in proc.tree()]
+    assert status["status"] == "finished:completed", status
+    record = results.read_records(out)[1]
+    assert not record["skipped"], record["skip_reason"]
+    assert record["metrics"]["secagg-survivors"] == 3
+    assert {n["status"] for n in record["nodes"]} == {"ok"}
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert_stopped(pids)

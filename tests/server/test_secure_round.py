@@ -1,0 +1,143 @@
+"""The server's SecAgg+ driver over a Grid whose nodes run the real node-side handlers.
+
+Nodes answer with :mod:`fedlora.clients.secure_node` (the ClientApp's own code) and fixed
+"trained" tensors; the grid loses the replies a test asks it to, so dropouts happen at
+a chosen stage.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from fedlora.clients import secure_node
+from fedlora.secagg.protocol import SecAggParams
+from fedlora.server.secure_aggregation import STAGE_TYPE, secure_round
+from fedlora.wire import protocol
+from fedlora.wire.records import to_arrayrecord
+
+SHAPES = {"m.lora_B.weight": (6, 2), "head.weight": (2, 6)}
+
+
+class DroppingGrid:
+    """Routes each message to its node's handler; ``lose`` maps a stage to nodes that vanish."""
+
+    def __init__(self, tensors: dict[int, dict[str, np.ndarray]], lose: dict[str, set[int]]):
+        self.tensors, self.lose = tensors, lose
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+            for n in tensors
+        }
+        self.seen: dict[int, list[Message]] = {n: [] for n in tensors}
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            config = msg.content.config_records[protocol.CONFIG]
+            stage = str(config.get(protocol.SECAGG_STAGE, "collect-masked"))
+            if node in self.lose.get(stage, set()):
+                continue
+            context = self.contexts[node]
+            if msg.metadata.message_type == STAGE_TYPE:
+                replies.append(secure_node.handle_stage(msg, context))
+                continue
+            masked, _ = secure_node.mask_reply(msg, context, self.tensors[node])
+            content = RecordDict(
+                {
+                    protocol.ARRAYS: to_arrayrecord({protocol.SECAGG_MASKED: masked}),
+                    protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 10}),
+                }
+            )
+            reply = Message(content, reply_to=msg)
+            self.seen[node].append(reply)
+            replies.append(reply)
+        return replies
+
+
+def _train(node: int) -> Message:
+    config = ConfigRecord({protocol.SERVER_ROUND: 4})
+    return Message(
+        RecordDict({protocol.CONFIG: config}), dst_node_id=node, message_type=MessageType.TRAIN
+    )
+
+
+@pytest.mark.parametrize(
+    "lose, took_part",
+    [
+        ({}, [1, 2, 3, 4, 5]),
+        ({"unmask": {2}}, [1, 2, 3, 4, 5]),  # dropped after masking: still in the sum
+        ({"collect-masked": {5}}, [1, 2, 3, 4]),  # shared keys, never masked
+        ({"setup": {1}, "unmask": {4}}, [2, 3, 4, 5]),
+    ],
+)
+def test_secure_round_sums_what_the_survivors_sent(lose, took_part):
+    rng = np.random.default_rng(0)
+    tensors = {
+        n: {k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in SHAPES.items()}
+        for n in range(1, 6)
+    }
+    weights = {n: w for n, w in zip(range(1, 6), rng.dirichlet(np.ones(5)), strict=True)}
+    grid = DroppingGrid(tensors, lose)
+    params = SecAggParams(num_shares=5, threshold=3)
+    result = secure_round(
+        grid, 4, [_train(n) for n in range(1, 6)], params, weights, SHAPES, timeout=1, seed=0
+    )
+    assert result.mean is not None, result.skip_reason
+    assert sorted(result.survivors) == took_part
+    w = np.array([weights[n] for n in took_part])
+    for key in SHAPES:
+        reference = sum(weights[n] * tensors[n][key].astype(np.float64) for n in took_part)
+        np.testing.assert_allclose(
+            result.mean[key], reference / w.sum(), atol=2 * len(took_part) * params.step, rtol=0
+        )
+    lost = set().union(*lose.values()) if lose else set()
+    assert set(result.failed) == lost
+    assert result.metrics["secagg-bytes-up-collect-masked"] == 4 * 25 * len(took_part)
+
+
+def test_too_many_dropouts_skip_the_round_with_the_reason():
+    tensors = {n: {k: np.ones(s, np.float32) for k, s in SHAPES.items()} for n in range(1, 5)}
+    grid = DroppingGrid(tensors, {"collect-masked": {1, 2}})
+    result = secure_round(
+        grid,
+        4,
+        [_train(n) for n in range(1, 5)],
+        SecAggParams(num_shares=4, threshold=3),
+        {n: 0.25 for n in range(1, 5)},
+        SHAPES,
+        timeout=1,
+        seed=0,
+    )
+    assert result.mean is None
+    assert "2 nodes left after the collect-masked stage" in result.skip_reason
+    assert "secagg-threshold=3" in result.skip_reason
+
+
+def test_what_the_server_receives_from_one_node_is_at_chance():
+    """The masked vector one node sent, against its true (weighted, quantised) update."""
+    rng = np.random.default_rng(1)
+    big = {"m.lora_B.weight": (64, 8), "head.weight": (4, 64)}
+    tensors = {
+        n: {k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in big.items()}
+        for n in range(1, 5)
+    }
+    grid = DroppingGrid(tensors, {})
+    secure_round(
+        grid,
+        4,
+        [_train(n) for n in range(1, 5)],
+        SecAggParams(num_shares=4, threshold=3),
+        {n: 0.25 for n in range(1, 5)},
+        big,
+        timeout=1,
+        seed=0,
+    )
+    from fedlora.wire.records import from_arrayrecord
+
+    (reply,) = grid.seen[1]
+    received = from_arrayrecord(reply.content.array_records[protocol.ARRAYS])
+    seen = received[protocol.SECAGG_MASKED].astype(np.float64)[:-1]
+    truth = np.concatenate([np.ravel(tensors[1][k]) for k in sorted(big)])
+    assert abs(np.corrcoef(seen, truth)[0, 1]) < 4 / np.sqrt(truth.size)
