@@ -40,6 +40,7 @@ from fedlora.model.device import (
     release,
     start_memory_watch,
 )
+from fedlora.model.lora_core import attach_core
 from fedlora.model.models import BaseLoading, apply_base_delta, build_lora_model, lora_spec
 from fedlora.model.peft_state import load_into_peft, state_from_peft
 from fedlora.model.train import (
@@ -186,6 +187,8 @@ class LocalJob:
             )
         if base is not None and base.delta:
             apply_base_delta(model, dict(base.delta))
+        if self.plan.train_core:  # Fed-SB: an r x r core R between the seeded A and B
+            attach_core(model)
         fresh = state_from_peft(model, spec.scaling).to_state_dict()
         start = self.plan.start(fresh, without_stacks(self.tensors))
         load_into_peft(model, state_from_dict(start, spec.scaling))

@@ -42,12 +42,13 @@ from fedlora.lora.lowrank import (
     sum_sq_norm,
     truncated_svd,
 )
-from fedlora.lora.plan import ClientPlan
+from fedlora.lora.plan import ClientPlan, core_basis
 from fedlora.lora.seeded import seeded_a
 from fedlora.lora.spec import LoraSpec
 from fedlora.lora.state import (
     A_SUFFIX,
     B_SUFFIX,
+    CORE_SUFFIX,
     AdapterError,
     AdapterState,
     LoraFactors,
@@ -58,6 +59,7 @@ from fedlora.lora.state import (
 __all__ = [
     "A_SUFFIX",
     "B_SUFFIX",
+    "CORE_SUFFIX",
     "LAST_MERGED",
     "AdapterError",
     "AdapterState",
@@ -74,6 +76,7 @@ __all__ = [
     "average_dense",
     "base_disagreement",
     "complete_reply",
+    "core_basis",
     "fingerprint",
     "fingerprint_distance",
     "logger",

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from fedlora.lora.lowrank import procrustes_rotation
-from fedlora.lora.seeded import seeded_a
-from fedlora.lora.state import A_SUFFIX, B_SUFFIX, AdapterError, AdapterState
+from fedlora.lora.seeded import seeded_a, seeded_orthonormal
+from fedlora.lora.state import A_SUFFIX, B_SUFFIX, CORE_SUFFIX, AdapterError, AdapterState
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 """Bump when a field changes meaning; a node refuses a plan of another version."""
 
 
@@ -36,8 +36,9 @@ class ClientPlan:
     ``init_seed``, so it need not be sent. ``send_a``: whether the reply carries lora_A.
     ``merge_rounds``: base-merge stacks (payload keys ``merge/<round>/<key>``) the node
     merges into its base weights, in order, before training; ``reset_base``: drop the
-    merged base first. Nothing else reaches a node: the client is fedlora's, and a plan
-    field it did not act on would be a silent no-op.
+    merged base first. ``train_core``: train only an r x r core R between seeded, frozen
+    A and B (Fed-SB; see the field). Nothing else reaches a node: the client is
+    fedlora's, and a plan field it did not act on would be a silent no-op.
     """
 
     rank: int
@@ -51,12 +52,25 @@ class ClientPlan:
     freeze_b: bool = False
     send_b: bool = True
     align_rotation: bool = False
+    train_core: bool = False
+    """Fed-SB (LoRA-SB): the model has an r x r core R per module, dW = s B R A
+    (:mod:`fedlora.model.lora_core`). lora_A and lora_B are :func:`core_basis` of
+    ``init_seed`` (orthonormal rows of A, orthonormal columns of B), rebuilt by each end and
+    frozen; R (key ``<module>.lora_R.weight``) starts from the payload and is trained with
+    the dense tensors; the reply carries R and the dense tensors, never A or B."""
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
             raise AdapterError(f"plan rank {self.rank} must be > 0")
         if self.freeze_a and self.freeze_b:
             raise AdapterError("a plan that freezes both lora_A and lora_B trains no factor")
+        if self.train_core and (self.send_a or self.send_b):
+            raise AdapterError("a train_core plan rebuilds lora_A and lora_B: it sends neither")
+        if self.train_core and (self.reinit or self.a_from_seed or self.align_rotation):
+            raise AdapterError(
+                "train_core fixes lora_A and lora_B at the seeded bases: it cannot be combined "
+                "with reinit, a_from_seed or align_rotation"
+            )
 
     # -- the start of training --------------------------------------------------
     def start(
@@ -77,6 +91,18 @@ class ClientPlan:
                 start[key] = np.zeros_like(value)
             if self.a_from_seed and key.endswith(A_SUFFIX):
                 start[key] = self.seeded(key, value.shape[1])
+        if self.train_core:
+            start = self._core_start(start)
+        return start
+
+    def _core_start(self, start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``train_core``: the seeded bases as lora_A / lora_B, R as received (or zero)."""
+        for key in [k for k in start if k.endswith(A_SUFFIX)]:
+            module = key[: -len(A_SUFFIX)]
+            d_in, d_out = start[key].shape[1], start[module + B_SUFFIX].shape[0]
+            a, b = core_basis(module, self.rank, d_in, d_out, self.init_seed)
+            start[key], start[module + B_SUFFIX] = a, b
+            start.setdefault(module + CORE_SUFFIX, np.zeros((self.rank, self.rank), np.float32))
         return start
 
     def seeded(self, key: str, d_in: int) -> np.ndarray:
@@ -85,6 +111,8 @@ class ClientPlan:
 
     def trains(self, key: str) -> bool:
         """Whether the tensor under ``key`` is trained (``freeze_a`` / ``freeze_b`` fix one)."""
+        if self.train_core and ("lora_A" in key or "lora_B" in key):
+            return False  # the seeded bases; R and the dense tensors train
         return not (self.freeze_a and "lora_A" in key) and not (self.freeze_b and "lora_B" in key)
 
     # -- the reply ----------------------------------------------------------------
@@ -113,6 +141,8 @@ class ClientPlan:
                 shapes[module + A_SUFFIX] = (self.rank, f.a.shape[1])
             if self.send_b:
                 shapes[module + B_SUFFIX] = (f.b.shape[0], self.rank)
+            if self.train_core:
+                shapes[module + CORE_SUFFIX] = (self.rank, self.rank)
         shapes.update({k: tuple(v.shape) for k, v in current.dense.items()})
         return shapes
 
@@ -190,3 +220,17 @@ def align_to(
 def is_factor(key: str) -> bool:
     """Whether ``key`` names a LoRA factor (lora_A or lora_B), not a dense tensor."""
     return key.endswith((A_SUFFIX, B_SUFFIX))
+
+
+def core_basis(
+    module: str, rank: int, d_in: int, d_out: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fed-SB's fixed (A, B) of ``module``, both drawn from ``seed``.
+
+    A (rank x d_in) has orthonormal rows, B (d_out x rank) orthonormal columns
+    (:func:`fedlora.lora.seeded.seeded_orthonormal`). Server and nodes rebuild them, so
+    they never travel; B^T B = I makes R = B^T (B R).
+    """
+    a = seeded_orthonormal(module + ".lora_A", rank, d_in, seed)
+    b = seeded_orthonormal(module + ".lora_B", rank, d_out, seed).T
+    return a, np.ascontiguousarray(b)

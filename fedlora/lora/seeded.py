@@ -26,3 +26,20 @@ def seeded_a(module: str, rank: int, d_in: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, key])
     bound = 1.0 / np.sqrt(d_in)
     return rng.uniform(-bound, bound, size=(rank, d_in)).astype(np.float32)
+
+
+def seeded_orthonormal(name: str, rank: int, dim: int, seed: int) -> np.ndarray:
+    """A seeded ``rank x dim`` matrix with orthonormal rows (Fed-SB's fixed A, and B^T).
+
+    The thin QR of a Gaussian ``dim x rank`` draw keyed by (seed, ``name``), computed in
+    float64 with the signs fixed (diag(R) > 0, which makes the factor unique), then
+    rounded once to float32: two machines whose LAPACK round differently in float64 still
+    agree in float32 (up to a rare tie). Needs ``rank <= dim``.
+    """
+    if not 0 < rank <= dim:
+        raise ValueError(f"'{name}': an orthonormal basis of rank {rank} needs 0 < rank <= {dim}")
+    key = zlib.crc32(name.encode("utf-8"))
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, key, 0x5B])  # not seeded_a's stream
+    q, r = np.linalg.qr(rng.standard_normal((dim, rank)))
+    q = q * np.where(np.diag(r) < 0, -1.0, 1.0)
+    return np.ascontiguousarray(q.T).astype(np.float32)

@@ -15,6 +15,11 @@ import numpy as np
 
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
+CORE_SUFFIX = ".lora_R.weight"
+"""The r x r core R of dW = s B R A (LoRA-SB / Fed-SB, :mod:`fedlora.model.lora_core`).
+
+Not a factor here: a flat state keeps it with the dense tensors; only a plan with
+``train_core`` (:class:`fedlora.lora.plan.ClientPlan`) gives it its meaning."""
 
 
 class AdapterError(ValueError):

@@ -26,6 +26,7 @@ BUILTINS: dict[str, str] = {
     "rolora": "fedlora.strategies.rolora:RoLora",
     "fedrot_lora": "fedlora.strategies.fedrot_lora:FedRotLora",
     "fedex_lora": "fedlora.strategies.fedex_lora:FedExLora",
+    "fed_sb": "fedlora.strategies.fed_sb:FedSb",
 }
 
 
@@ -109,7 +110,8 @@ def check_secure_aggregation(mode: str, cls: type[Any], name: str) -> None:
             f"Invalid value for 'secure-aggregation': {mode!r}, but strategy {name!r} does not "
             "declare secure_sum: its aggregate needs each node's update (a product, a stack "
             "or an SVD of the products), and SecAgg+ gives the server only their weighted "
-            "sum; use fedavg, ffa_lora, rolora, fedsvd or fedrot_lora, or secure-aggregation=off"
+            "sum; use fedavg, ffa_lora, rolora, fedsvd, fedrot_lora or fed_sb, or "
+            "secure-aggregation=off"
         )
 
 

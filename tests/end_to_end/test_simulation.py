@@ -210,6 +210,7 @@ SIGNS = COMPRESSED | {"uplink-density": 1.0, "uplink-values": "sign"}  # 1 bit p
         ("flexlora", {"client-ranks": "2,4,8", "lora-rank": 8}),
         ("fedrot_lora", {"server-optimizer": "fedavgm"}),
         ("fedex_lora", {}),
+        ("fed_sb", {"dp": True, "dp-noise": 0.8, "lora-alpha": 64.0}),  # R only, under DP-SGD
     ],
 )
 def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
@@ -235,6 +236,8 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
             assert server > 0 and own > 0 and abs(server - own) > 1e-3 * own, (server, own)
     if strategy == "ffa_lora":  # only B travels up: a rank-r_k B per module plus the head
         assert records[1]["bytes_up"] < records[1]["bytes_down"] * 2
+    if strategy == "fed_sb":
+        _check_fed_sb(out, records, overrides)
     if strategy == "fedex_lora":  # the residual in the base makes the update exact
         for r in records[1:]:
             assert r["metrics"]["exact-error"] < 1e-5 and r["aggregation_error"] > 1e-4
@@ -254,6 +257,33 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
             assert r["bytes_down"] < r["dense_down"] * 1.2, (r["bytes_down"], r["dense_down"])
     ranks = {n["node_id"] for r in records[1:] for n in r["nodes"]}
     assert len(ranks) >= 2
+
+
+def _check_fed_sb(out, records, overrides):
+    """Exact; r x r per module each way (plus the head); the export is R folded into B."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from fedlora.lora.plan import core_basis
+
+    assert max(r["aggregation_error"] for r in records[1:]) < 1e-5
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert not any("lora_R" in k for k in adapter)  # a standard peft adapter
+    modules = [k[: -len(".lora_A.weight")] for k in adapter if k.endswith(".lora_A.weight")]
+    rank = adapter[modules[0] + ".lora_A.weight"].shape[0]
+    head = sum(v.size for k, v in adapter.items() if "lora_" not in k)
+    wire = 4 * (len(modules) * rank * rank + head)
+    seed = RunConfig.from_mapping(overrides).seed
+    for m in modules:
+        a, b = adapter[m + ".lora_A.weight"], adapter[m + ".lora_B.weight"]
+        a0, b0 = core_basis(m, rank, a.shape[1], b.shape[0], seed)
+        np.testing.assert_array_equal(a, a0)
+        np.testing.assert_allclose(b0 @ (b0.T @ b), b, atol=1e-6)  # b = B R
+        assert np.abs(b).max() > 0  # R moved
+    for r in records[1:]:
+        for n in r["nodes"]:
+            assert n["dense_up"] == wire and n["dense_down"] == wire, (n, wire)
+            assert n["epsilon"] > 0
 
 
 def test_failing_strategy_stops_run_without_corrupting_adapter(tiny_model, tmp_path, caplog):

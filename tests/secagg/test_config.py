@@ -35,7 +35,7 @@ def test_settings_that_cannot_be_masked_are_refused(extra, key, why):
 def test_strategies_without_a_secure_sum_are_refused():
     with pytest.raises(ConfigError, match="'secure-aggregation'.*flexlora.*secure_sum"):
         check_run_strategy(_cfg(strategy="flexlora"))
-    for name in ("fedavg", "ffa_lora", "rolora", "fedsvd", "fedrot_lora"):
+    for name in ("fedavg", "ffa_lora", "rolora", "fedsvd", "fedrot_lora", "fed_sb"):
         assert check_run_strategy(_cfg(strategy=name)).secure_sum
 
 

@@ -119,7 +119,7 @@ def test_the_public_api_stays_small():
     import importlib.util
 
     path = Path(importlib.util.find_spec("fedlora.strategies.api").origin)
-    assert len(path.read_text().splitlines()) <= 320
+    assert len(path.read_text().splitlines()) <= 330
 
 
 def test_kit_catches_wrong_shapes_and_nan():
