@@ -86,6 +86,13 @@ def train(msg: Message, context: Context) -> Message:
     start_cost = _arrived()
     started = time.perf_counter()
     job = LocalJob.from_message(msg, context)
+    if job.node.require_secure_aggregation and not secure_node.asked_to_mask(msg):
+        from fedlora.config import ConfigError
+
+        raise ConfigError(
+            "This node's node-config sets require-secure-aggregation=true: it sends its "
+            "update only masked, and the run has secure-aggregation=off"
+        )
     try:
         tensors, metrics = job.train()
     except BudgetExhaustedError as err:  # decline, with the reason, rather than overspend
@@ -97,8 +104,7 @@ def train(msg: Message, context: Context) -> Message:
         )
         return Message(declined, reply_to=msg)
     if secure_node.asked_to_mask(msg):  # SecAgg+: the server sees only a masked vector
-        masked, metrics[protocol.SECAGG_CLIPPED] = secure_node.mask_reply(msg, context, tensors)
-        tensors = {protocol.SECAGG_MASKED: masked}
+        tensors = {protocol.SECAGG_MASKED: secure_node.mask_reply(msg, context, tensors)}
     record = to_arrayrecord(tensors, flower_numpy=job.cfg.central_dp != "off")
     metrics.update(_process_metrics(start_cost))
     metrics[protocol.HANDLER_SECONDS] = time.perf_counter() - started

@@ -8,9 +8,11 @@ between the messages of one round, never on disk, and a new round's setup replac
 from __future__ import annotations
 
 import json
+from logging import WARNING
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore import log
 
 from fedlora.secagg.protocol import NodeSecAgg, SecAggError, SecAggParams, flatten
 from fedlora.wire import protocol
@@ -73,10 +75,12 @@ def asked_to_mask(msg: Message) -> bool:
     return config is not None and protocol.SECAGG_WEIGHT in config
 
 
-def mask_reply(
-    msg: Message, context: Context, tensors: dict[str, np.ndarray]
-) -> tuple[np.ndarray, int]:
-    """The reply's tensors, weighted by p_k, quantised and masked (and how many were clipped)."""
+def mask_reply(msg: Message, context: Context, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """The reply's tensors, weighted by p_k, quantised and masked.
+
+    How many values were clipped to the range is logged here, on the node, not sent: a
+    count per node would tell the server something about that node's update.
+    """
     config = msg.content.config_records[protocol.CONFIG]
     state = _load(context)
     srcs = [int(n) for n in config[protocol.SECAGG_NODES]]  # type: ignore[union-attr]
@@ -90,4 +94,13 @@ def mask_reply(
         flatten(tensors, weight),  # type: ignore[arg-type]
     )
     _save(context, state)
-    return masked, clipped
+    if clipped:
+        log(
+            WARNING,
+            "Node %s: %d values of its weighted update were clipped to +-%g "
+            "(secagg-clipping-range)",
+            state.node_id,
+            clipped,
+            state.settings.clipping_range,
+        )
+    return masked

@@ -142,9 +142,8 @@ class Federation:
         messages = self.driver.configure_train(server_round, self.arrays, self._config(), grid)
         clock.lap("configure")
         if cfg.secure_aggregation != "off":  # stages around training; the sum aggregated
-            params = cfg.secagg_params(len(list(messages)))
             arrays, metrics = self.flower.train_secure(
-                grid, server_round, params, cfg.round_timeout
+                grid, server_round, cfg.secagg_params, cfg.round_timeout
             )
             clock.lap("train")
         else:

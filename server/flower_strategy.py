@@ -13,7 +13,7 @@ ordinary Flower strategy: Flower's central-DP wrappers wrap it, and Flower's own
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from typing import Any
@@ -274,7 +274,11 @@ class LoraFlowerStrategy(Strategy):
         return self._close(open_round, result)
 
     def train_secure(
-        self, grid: Grid, server_round: int, params: SecAggParams, timeout: float
+        self,
+        grid: Grid,
+        server_round: int,
+        params_for: Callable[[int], SecAggParams],
+        timeout: float,
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Train the round under SecAgg+ and aggregate the secure weighted mean.
 
@@ -303,7 +307,7 @@ class LoraFlowerStrategy(Strategy):
             grid,
             server_round,
             open_round.messages,
-            params,
+            params_for,
             dict(zip(nodes, (float(w) for w in weights), strict=True)),
             plan.reply_shapes(current),
             timeout=timeout,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -127,7 +127,7 @@ def secure_round(
     grid: Grid,
     server_round: int,
     messages: Sequence[Message],
-    params: SecAggParams,
+    params_for: Callable[[int], SecAggParams],
     weights: Mapping[int, float],
     shapes: Mapping[str, tuple[int, ...]],
     *,
@@ -136,13 +136,19 @@ def secure_round(
 ) -> SecureResult:
     """Run SecAgg+ around ``messages`` (one training message per node); never raises.
 
-    ``weights``: each node's p_k (from its declared example count, bounded as any claim).
+    ``params_for``: the settings for a round of that many nodes (nodes without weight
+    are not asked). ``weights``: each node's p_k (from its declared example count,
+    bounded as any claim).
     ``shapes``: the layout of every node's reply (the same plan for all).
     """
     result = SecureResult()
     stages = _Stages(grid, timeout, result)
     train = {m.metadata.dst_node_id: m for m in messages}
+    for n in [n for n in train if not weights.get(n, 0.0) > 0]:  # nothing to add: not asked
+        result.failed[n] = "declared no training examples (weight 0)"
+        del train[n]
     nodes = sorted(train)
+    params = params_for(len(nodes))
     try:
         params.check(len(nodes))
     except SecAggError as err:
@@ -159,10 +165,18 @@ def secure_round(
     keys: dict[int, tuple[bytes, bytes]] = {}
     for node, config in replies.items():
         pk1, pk2 = config.get(protocol.SECAGG_PK1), config.get(protocol.SECAGG_PK2)
-        if isinstance(pk1, bytes) and isinstance(pk2, bytes):
+        if isinstance(pk1, bytes) and isinstance(pk2, bytes) and 0 < len(pk1 + pk2) <= 4096:
             keys[node] = (pk1, pk2)
         else:
-            result.failed[node] = "setup: public keys missing"
+            result.failed[node] = "setup: public keys missing or malformed"
+    seen: dict[bytes, int] = {}
+    for node, pair in list(keys.items()):  # a copied key would make its neighbours refuse
+        for key in pair:
+            if key in seen and seen[key] != node:
+                for culprit in (node, seen[key]):
+                    keys.pop(culprit, None)
+                    result.failed[culprit] = "setup: a public key another node also sent"
+            seen[key] = node
     if not _enough(result, "setup", keys, params):
         return result
 
@@ -185,19 +199,25 @@ def secure_round(
     for src, config in replies.items():
         dsts = config.get(protocol.SECAGG_NODES, [])
         texts = config.get(protocol.SECAGG_CIPHERTEXTS, [])
-        if not isinstance(dsts, list) or not isinstance(texts, list) or len(dsts) != len(texts):
-            result.failed[src] = "share-keys: malformed shares"
-            inbox.pop(src, None)
+        # exactly one share for each neighbour it was given, else the masks do not cancel
+        expected = sorted((hoods[src] & set(keys)) - {src})
+        if (
+            not isinstance(dsts, list)
+            or not isinstance(texts, list)
+            or sorted(dsts) != expected  # type: ignore[type-var]
+            or len(texts) != len(dsts)
+            or not all(isinstance(c, bytes) for c in texts)
+        ):
+            result.failed[src] = "share-keys: not one share for each of its neighbours"
             continue
         for dst, ciphertext in zip(dsts, texts, strict=True):
-            if isinstance(dst, int) and dst in hoods[src] and isinstance(ciphertext, bytes):
-                inbox.setdefault(dst, {})[src] = ciphertext
+            inbox.setdefault(int(dst), {})[src] = ciphertext  # type: ignore[arg-type]
     shared = sorted(n for n in replies if n not in result.failed)
     if not _enough(result, "share-keys", shared, params):
         return result
 
     # 3. collect masked: train, weight, mask; the shares addressed to each node ride along
-    total_weight = sum(weights.get(n, 0.0) for n in shared)
+    total_weight = sum(weights[n] for n in shared)  # > 0: every node here has a weight
     outgoing = []
     for n in shared:
         msg = train[n]
@@ -243,10 +263,15 @@ def secure_round(
     for node, config in replies.items():
         owners = config.get(protocol.SECAGG_NODES, [])
         values = config.get(protocol.SECAGG_SHARES, [])
-        if isinstance(owners, list) and isinstance(values, list) and len(owners) == len(values):
-            for owner, share in zip(owners, values, strict=True):
-                if owner in shares and owner in hoods[node] and isinstance(share, bytes):
-                    shares[owner].append(share)
+        if not (isinstance(owners, list) and isinstance(values, list)):
+            continue
+        asked = hoods[node] & (set(survivors) | dropped)
+        taken: set[int] = set()
+        for owner, share in zip(owners, values, strict=False):
+            # one share per owner it was asked about: a revealer cannot stuff the pool
+            if owner in asked and owner not in taken and isinstance(share, bytes):
+                shares[owner].append(share)  # type: ignore[index]
+                taken.add(owner)  # type: ignore[arg-type]
     started = time.perf_counter()
     try:
         summed, weight = unmask(
@@ -262,8 +287,14 @@ def secure_round(
         result.skip_reason = f"secure aggregation: unmasking failed: {err}"
         return result
     result.metrics["secagg-seconds-server-unmask"] = time.perf_counter() - started
-    if not weight > 0:
-        result.skip_reason = f"secure aggregation: the survivors' weights sum to {weight:.3g}"
+    known = sum(weights[n] for n in survivors) / total_weight  # what the server sent out
+    if abs(weight - known) > 2 * len(survivors) * params.step:
+        # a wrong share, or masks that did not cancel: the sum is garbage, not an update
+        result.skip_reason = (
+            f"secure aggregation: the unmasked weights sum to {weight:.6g}, the survivors' "
+            f"are {known:.6g}: a node sent inconsistent shares or masks"
+        )
+        logger.log(WARNING, "Round %d skipped: %s", server_round, result.skip_reason)
         return result
     result.mean, result.weight = unflatten(summed / weight, shapes), weight
     result.metrics |= {

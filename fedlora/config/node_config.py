@@ -23,6 +23,8 @@ class NodeConfig:
     device: str | None = None  # this node's own device, over the run's (sites differ)
     # the node's owner refuses a run whose DP noise the server could replay
     refuse_reproducible_noise: bool = False
+    # the node's owner sends its update only masked (SecAgg+), never in the clear
+    require_secure_aggregation: bool = False
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> NodeConfig:
@@ -36,6 +38,7 @@ class NodeConfig:
             "lora-rank",
             "device",
             "refuse-reproducible-noise",
+            "require-secure-aggregation",
         }
         unknown = sorted(set(raw) - allowed)
         if unknown:
@@ -67,8 +70,12 @@ class NodeConfig:
         refuse = coerce_value(
             "refuse-reproducible-noise", raw.get("refuse-reproducible-noise", False), "bool"
         )
+        secure = coerce_value(
+            "require-secure-aggregation", raw.get("require-secure-aggregation", False), "bool"
+        )
         return cls(
             refuse_reproducible_noise=refuse,
+            require_secure_aggregation=secure,
             device=None if device is None else str(device),
             lora_rank=rank,
             partition_id=pid,

@@ -454,8 +454,8 @@ class RunConfig:
         try:
             self.secagg_params(self.clients_per_round).check(self.clients_per_round)
         except SecAggError as err:
-            key = str(err).split("=", 1)[0]
-            fail(key, getattr(self, key.replace("-", "_"), None), f"{why}: {err}")
+            key = err.key or "secure-aggregation"
+            fail(key, getattr(self, key.replace("-", "_")), f"{why}: {err}")
         if self.uplink_density != 1.0:
             fail(
                 "uplink-density",

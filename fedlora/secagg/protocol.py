@@ -3,7 +3,7 @@
 The server learns the sum of the nodes' quantised inputs and nothing else about any one
 of them. Each node masks its input y_k (an integer vector in Z_M) twice:
 
-    masked_k = y_k + PRG(b_k) + sum_{j in N(k), j < k} PRG(s_kj) - sum_{j in N(k), j > k} PRG(s_kj)
+    masked_k = y_k + PRG(b_k) - sum_{j in N(k), j < k} PRG(s_kj) + sum_{j in N(k), j > k} PRG(s_kj)
 
 with b_k a fresh private seed and s_kj the Diffie-Hellman key of k and its neighbour j
 (so the pairwise masks cancel in the sum). b_k and k's first secret key are Shamir-shared
@@ -11,7 +11,10 @@ among N(k), t of them needed to rebuild either. After the masked inputs are in, 
 surviving neighbour reveals, per node, either its share of b_k (k sent a masked input:
 its private mask is removed) or of k's secret key (k dropped: its pairwise masks with
 its neighbours are rebuilt and removed), never both, so with t > |N(k)| / 2 the server
-never holds both secrets of one node.
+never holds both secrets of one node. The node enforces that itself: it shares among at
+most ``num_shares`` neighbours with a majority threshold, and reveals only for nodes it
+shared with, only while it is itself named a survivor among at least t of them, so a
+server that lies about who dropped cannot collect both secrets of anyone.
 
 The cryptography is Flower's (``flwr.common.secure_aggregation``: ECDH key agreement,
 Shamir sharing, Fernet encryption of the shares, the stochastic quantisation into
@@ -59,7 +62,14 @@ STAGES = ("setup", "share-keys", "collect-masked", "unmask")
 
 
 class SecAggError(ValueError):
-    """The protocol cannot go on: a bad setting, a stage out of order, too few neighbours."""
+    """The protocol cannot go on: a bad setting, a stage out of order, too few neighbours.
+
+    ``key``: the run-config key of the bad setting, when one is to blame.
+    """
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -83,29 +93,48 @@ class SecAggParams:
     def check(self, num_nodes: int) -> None:
         """Raise :class:`SecAggError` naming the first setting unusable for ``num_nodes``."""
         if num_nodes < 2:
-            raise SecAggError(f"secure aggregation needs at least 2 nodes, got {num_nodes}")
+            raise SecAggError(
+                f"secure aggregation needs at least 2 nodes, got {num_nodes}", "clients-per-round"
+            )
         if self.num_shares != num_nodes and not (
             3 <= self.num_shares < num_nodes and self.num_shares % 2 == 1
         ):
             raise SecAggError(
                 f"secagg-num-shares={self.num_shares} must be {num_nodes} (the nodes of the "
                 f"round: everyone neighbours everyone) or odd in [3, {num_nodes}) (a ring "
-                "neighbourhood: the node and (shares - 1) / 2 on each side)"
+                "neighbourhood: the node and (shares - 1) / 2 on each side)",
+                "secagg-num-shares",
             )
-        if not self.num_shares // 2 < self.threshold <= self.num_shares or self.threshold < 2:
-            raise SecAggError(
-                f"secagg-threshold={self.threshold} must be in "
-                f"[{max(2, self.num_shares // 2 + 1)}, {self.num_shares}]: more than half of "
-                "the shares, so the server can never rebuild both secrets of one node"
-            )
-        if self.clipping_range <= 0:
-            raise SecAggError(f"secagg-clipping-range={self.clipping_range} must be > 0")
-        if self.modulus & (self.modulus - 1) or not 2 <= self.modulus <= 1 << 32:
-            raise SecAggError(f"secagg-modulus={self.modulus} must be a power of 2 <= 2^32")
-        if self.quantization_range < 2 or num_nodes * self.quantization_range >= self.modulus:
+        self.check_node_side(self.num_shares)
+        if num_nodes * self.quantization_range >= self.modulus:
             raise SecAggError(
                 f"secagg-quantization-range={self.quantization_range}: {num_nodes} nodes x "
-                f"it must stay below secagg-modulus={self.modulus} (else the sum wraps)"
+                f"it must stay below secagg-modulus={self.modulus} (else the sum wraps)",
+                "secagg-quantization-range",
+            )
+
+    def check_node_side(self, num_shares: int) -> None:
+        """What a node checks itself: a majority threshold of ``num_shares`` shares, a field."""
+        if not num_shares // 2 < self.threshold <= num_shares or self.threshold < 2:
+            raise SecAggError(
+                f"secagg-threshold={self.threshold} must be in "
+                f"[{max(2, num_shares // 2 + 1)}, {num_shares}]: more than half of "
+                "the shares, so the server can never rebuild both secrets of one node",
+                "secagg-threshold",
+            )
+        if not self.clipping_range > 0:
+            raise SecAggError(
+                f"secagg-clipping-range={self.clipping_range} must be > 0", "secagg-clipping-range"
+            )
+        if self.modulus & (self.modulus - 1) or not 2 <= self.modulus <= 1 << 32:
+            raise SecAggError(
+                f"secagg-modulus={self.modulus} must be a power of 2 <= 2^32", "secagg-modulus"
+            )
+        if not 2 <= self.quantization_range < self.modulus:
+            raise SecAggError(
+                f"secagg-quantization-range={self.quantization_range} must be in [2, "
+                f"secagg-modulus={self.modulus})",
+                "secagg-quantization-range",
             )
 
     @property
@@ -261,6 +290,7 @@ class NodeSecAgg:
         cls, node_id: int, server_round: int, params: SecAggParams
     ) -> tuple[NodeSecAgg, bytes, bytes]:
         """Stage 0: fresh key pairs; returns the state and the two public keys."""
+        params.check_node_side(params.num_shares)
         sk1, pk1 = generate_key_pairs()
         sk2, pk2 = generate_key_pairs()
         state = cls(
@@ -297,11 +327,12 @@ class NodeSecAgg:
         own = public_keys.get(self.node_id)
         if own is None or own != (_unb64(self.pk1), _unb64(self.pk2)):
             raise SecAggError(f"node {self.node_id}: its own public keys are missing or altered")
-        if len(public_keys) < p.threshold:
+        if not p.threshold <= len(public_keys) <= p.num_shares:
             raise SecAggError(
-                f"node {self.node_id}: {len(public_keys)} neighbours, fewer than the threshold "
-                f"{p.threshold}"
+                f"node {self.node_id}: {len(public_keys)} neighbours (itself included), outside "
+                f"[threshold {p.threshold}, secagg-num-shares {p.num_shares}]"
             )
+        p.check_node_side(len(public_keys))  # a majority of the shares actually made
         keys = [k for pair in public_keys.values() for k in pair]
         if len(set(keys)) != len(keys):
             raise SecAggError(f"node {self.node_id}: two neighbours sent the same public key")
@@ -380,6 +411,17 @@ class NodeSecAgg:
         if both:
             raise SecAggError(f"node {self.node_id}: asked for both secrets of {sorted(both)}")
         assert self.seed_shares is not None and self.key_shares is not None
+        shared_with = set(self.seed_shares) & set(self.key_shares)  # itself and who sent shares
+        named = {str(n) for n in [*survivors, *dropped]}
+        if not named <= shared_with:
+            raise SecAggError(f"node {self.node_id}: asked about nodes it shared nothing with")
+        if self.node_id not in survivors:
+            raise SecAggError(f"node {self.node_id}: it sent its masked input, yet not a survivor")
+        if len(set(survivors)) < self.settings.threshold:
+            raise SecAggError(
+                f"node {self.node_id}: {len(set(survivors))} survivors named, fewer than the "
+                f"threshold {self.settings.threshold}: the sum would cover too few nodes"
+            )
         out: dict[int, bytes] = {}
         for owner in survivors:
             if str(owner) in self.seed_shares:

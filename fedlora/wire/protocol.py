@@ -62,4 +62,3 @@ SECAGG_SURVIVORS = "secagg-survivors"
 SECAGG_DROPPED = "secagg-dropped"
 SECAGG_SHARES = "secagg-shares"
 SECAGG_MASKED = "secagg-masked"  # ArrayRecord key of the masked vector (uint32)
-SECAGG_CLIPPED = "secagg-clipped"  # metric: entries of the node's input clipped to [-c, c]

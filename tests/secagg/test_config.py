@@ -49,3 +49,28 @@ def test_the_kit_catches_a_false_secure_sum_claim():
 
     (result,) = [c for c in check_strategy(Claims) if c.name == "secure sum claim"]
     assert not result.passed and "differs" in result.detail
+
+
+def test_a_node_that_requires_secure_aggregation_refuses_a_plain_request():
+    import json
+
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from fedlora.clients.app import train
+    from fedlora.config import NodeConfig
+    from fedlora.wire import protocol
+
+    node = {"partition-id": 0, "num-partitions": 2, "require-secure-aggregation": True}
+    assert NodeConfig.from_mapping(node).require_secure_aggregation
+    config = ConfigRecord(
+        {
+            protocol.RUN_CONFIG: json.dumps(RunConfig().to_mapping()),
+            protocol.SERVER_ROUND: 1,
+        }
+    )
+    msg = Message(
+        RecordDict({protocol.CONFIG: config}), dst_node_id=7, message_type=MessageType.TRAIN
+    )
+    context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
+    with pytest.raises(ConfigError, match="require-secure-aggregation=true"):
+        train(msg, context)

@@ -191,3 +191,42 @@ def test_prg_is_uniform_and_keyed():
     assert abs(a.mean() / (1 << 32) - 0.5) < 0.01
     counts = np.bincount(prg(b"s" * 32, 80_000, 8), minlength=8)
     assert counts.min() > 9_000 and counts.max() < 11_000
+
+
+def _three_shared(params: SecAggParams, extra: int = 0):
+    """Node 1 after share-keys and masking with nodes 2 and 3 (plus ``extra`` more)."""
+    ids = list(range(1, 4 + extra))
+    states = {n: NodeSecAgg.setup(n, 1, params) for n in ids}
+    keys = {n: (pk1, pk2) for n, (_, pk1, pk2) in states.items()}
+    inbox: dict[int, dict[int, bytes]] = {n: {} for n in ids}
+    for n, (state, _, _) in states.items():
+        for dst, c in state.share_keys(1, keys).items():
+            inbox[dst][n] = c
+    node = states[1][0]
+    node.mask(1, inbox[1], np.zeros(5))
+    return node
+
+
+def test_a_server_lying_about_dropouts_gets_refused():
+    """The attack of naming one node the only survivor, to collect both of its secrets."""
+    params = SecAggParams(num_shares=4, threshold=3)
+    node = _three_shared(params, extra=1)
+    with pytest.raises(SecAggError, match="not a survivor"):
+        node.reveal(1, [2], [3, 4])  # "2 survived, you and the others dropped"
+    node.stage = "collect-masked"
+    with pytest.raises(SecAggError, match="fewer than the threshold"):
+        node.reveal(1, [1, 2], [3, 4])
+    node.stage = "collect-masked"
+    with pytest.raises(SecAggError, match="shared nothing with"):
+        node.reveal(1, [1, 2, 3, 99], [])
+
+
+def test_a_node_shares_only_with_a_majority_threshold_of_real_neighbours():
+    """A server that hands a node more neighbours than num-shares, or a minority threshold."""
+    params = SecAggParams(num_shares=3, threshold=2)
+    states = {n: NodeSecAgg.setup(n, 1, params) for n in range(1, 7)}
+    keys = {n: (pk1, pk2) for n, (_, pk1, pk2) in states.items()}
+    with pytest.raises(SecAggError, match="outside"):
+        states[1][0].share_keys(1, keys)  # 6 "neighbours" for 3 shares: t=2 of 6 is no majority
+    with pytest.raises(SecAggError, match="more than half"):
+        NodeSecAgg.setup(1, 1, SecAggParams(num_shares=3, threshold=1))

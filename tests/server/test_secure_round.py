@@ -43,7 +43,7 @@ class DroppingGrid:
             if msg.metadata.message_type == STAGE_TYPE:
                 replies.append(secure_node.handle_stage(msg, context))
                 continue
-            masked, _ = secure_node.mask_reply(msg, context, self.tensors[node])
+            masked = secure_node.mask_reply(msg, context, self.tensors[node])
             content = RecordDict(
                 {
                     protocol.ARRAYS: to_arrayrecord({protocol.SECAGG_MASKED: masked}),
@@ -82,7 +82,14 @@ def test_secure_round_sums_what_the_survivors_sent(lose, took_part):
     grid = DroppingGrid(tensors, lose)
     params = SecAggParams(num_shares=5, threshold=3)
     result = secure_round(
-        grid, 4, [_train(n) for n in range(1, 6)], params, weights, SHAPES, timeout=1, seed=0
+        grid,
+        4,
+        [_train(n) for n in range(1, 6)],
+        lambda n: params,
+        weights,
+        SHAPES,
+        timeout=1,
+        seed=0,
     )
     assert result.mean is not None, result.skip_reason
     assert sorted(result.survivors) == took_part
@@ -104,7 +111,7 @@ def test_too_many_dropouts_skip_the_round_with_the_reason():
         grid,
         4,
         [_train(n) for n in range(1, 5)],
-        SecAggParams(num_shares=4, threshold=3),
+        lambda n: SecAggParams(num_shares=4, threshold=3),
         {n: 0.25 for n in range(1, 5)},
         SHAPES,
         timeout=1,
@@ -128,7 +135,7 @@ def test_what_the_server_receives_from_one_node_is_at_chance():
         grid,
         4,
         [_train(n) for n in range(1, 5)],
-        SecAggParams(num_shares=4, threshold=3),
+        lambda n: SecAggParams(num_shares=4, threshold=3),
         {n: 0.25 for n in range(1, 5)},
         big,
         timeout=1,
@@ -141,3 +148,92 @@ def test_what_the_server_receives_from_one_node_is_at_chance():
     seen = received[protocol.SECAGG_MASKED].astype(np.float64)[:-1]
     truth = np.concatenate([np.ravel(tensors[1][k]) for k in sorted(big)])
     assert abs(np.corrcoef(seen, truth)[0, 1]) < 4 / np.sqrt(truth.size)
+
+
+class CorruptingGrid(DroppingGrid):
+    """A grid whose ``node`` answers ``stage`` with altered content."""
+
+    def __init__(self, tensors, node: int, stage: str):
+        super().__init__(tensors, {})
+        self.node, self.stage = node, stage
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = super().send_and_receive(messages, timeout)
+        for reply in replies:
+            config = reply.content.config_records.get(protocol.CONFIG)
+            if reply.metadata.src_node_id != self.node or config is None:
+                continue
+            if self.stage == "share-keys" and protocol.SECAGG_CIPHERTEXTS in config:
+                # leaves one neighbour without its share
+                config[protocol.SECAGG_NODES] = config[protocol.SECAGG_NODES][1:]
+                config[protocol.SECAGG_CIPHERTEXTS] = config[protocol.SECAGG_CIPHERTEXTS][1:]
+            if self.stage == "unmask" and protocol.SECAGG_SHARES in config:  # forged shares
+                config[protocol.SECAGG_SHARES] = [
+                    s[:4] + bytes(len(s) - 4) for s in config[protocol.SECAGG_SHARES]
+                ]
+        return replies
+
+
+def _tensors(num: int):
+    rng = np.random.default_rng(2)
+    return {
+        n: {k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in SHAPES.items()}
+        for n in range(1, num + 1)
+    }
+
+
+def test_a_node_that_leaves_a_neighbour_out_is_left_out_and_the_sum_stays_right():
+    tensors = _tensors(5)
+    grid = CorruptingGrid(tensors, node=3, stage="share-keys")
+    weights = {n: 0.2 for n in tensors}
+    result = secure_round(
+        grid,
+        4,
+        [_train(n) for n in tensors],
+        lambda n: SecAggParams(5, 3),
+        weights,
+        SHAPES,
+        timeout=1,
+        seed=0,
+    )
+    assert "not one share for each of its neighbours" in result.failed[3]
+    assert result.mean is not None and sorted(result.survivors) == [1, 2, 4, 5]
+    reference = sum(tensors[n]["head.weight"].astype(np.float64) for n in (1, 2, 4, 5)) / 4
+    np.testing.assert_allclose(result.mean["head.weight"], reference, atol=1e-4)
+
+
+def test_forged_shares_skip_the_round_instead_of_aggregating_garbage():
+    tensors = _tensors(4)
+    grid = CorruptingGrid(tensors, node=1, stage="unmask")
+    result = secure_round(
+        grid,
+        4,
+        [_train(n) for n in tensors],
+        lambda n: SecAggParams(min(n, 4), 3),
+        {n: 0.25 for n in tensors},
+        SHAPES,
+        timeout=1,
+        seed=0,
+    )
+    assert result.mean is None
+    assert "inconsistent shares or masks" in result.skip_reason or "unmasking failed" in (
+        result.skip_reason
+    )
+
+
+def test_nodes_without_weight_are_not_asked():
+    tensors = _tensors(4)
+    weights = {1: 0.5, 2: 0.5, 3: 0.0, 4: 0.0}
+    grid = DroppingGrid(tensors, {"setup": {1, 2}})
+    result = secure_round(
+        grid,
+        4,
+        [_train(n) for n in tensors],
+        lambda n: SecAggParams(n, 2),
+        weights,
+        SHAPES,
+        timeout=1,
+        seed=0,
+    )
+    assert result.mean is None and "weight 0" in result.failed[3]
+    assert "0 nodes left after the setup stage" in result.skip_reason  # 3 and 4 never asked
