@@ -58,6 +58,8 @@ BASE_STATE = "merged-base"
 """Store name of the node's merged base (stacks merged into its base weights)."""
 PRIVACY_STATE = "privacy"
 """Store name of the node's DP budget (accountant history, sigma, q, delta)."""
+LOCAL_B_STATE = "local-b"
+"""Store name of the node's own lora_B (``ClientPlan.local_b``, FedSA-LoRA)."""
 
 
 def _configure_threads() -> None:
@@ -190,7 +192,8 @@ class LocalJob:
         if self.plan.train_core:  # Fed-SB: an r x r core R between the seeded A and B
             attach_core(model)
         fresh = state_from_peft(model, spec.scaling).to_state_dict()
-        start = self.plan.start(fresh, without_stacks(self.tensors))
+        local = self.store.load(LOCAL_B_STATE)[0] if self.plan.local_b else None
+        start = self.plan.start(fresh, without_stacks(self.tensors), local)
         load_into_peft(model, state_from_dict(start, spec.scaling))
         for name, param in model.named_parameters():
             if param.requires_grad and not self.plan.trains(name):
@@ -273,6 +276,8 @@ class LocalJob:
             )
         seconds = time.perf_counter() - started
         trained = state_from_peft(model, self.spec.scaling).to_state_dict()
+        if self.plan.local_b:  # the node's own lora_B, for its next round and evaluation
+            self.store.save(LOCAL_B_STATE, self.plan.kept(trained), {"round": self.server_round})
         tensors = self.plan.reply(trained, without_stacks(self.tensors))
         # in the order received: Flower's clipping pairs a reply with its payload by position
         order = [k for k in self.tensors if k in tensors]
@@ -336,7 +341,11 @@ class LocalJob:
         )
 
     def evaluate(self) -> dict[str, float]:
-        """Loss and accuracy of the received adapter on this node's held-out data."""
+        """Loss and accuracy of the received adapter on this node's held-out data.
+
+        Under a ``local_b`` plan the model holds the received lora_A and this node's own
+        stored lora_B (zero if it never trained).
+        """
         _configure_threads()
         _, test_data = self.data()
         placement = self.placement

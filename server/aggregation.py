@@ -64,7 +64,10 @@ def aggregate_round(
     report.outcomes = [
         replace(o, weight=by_node[o.node_id]) if o.status == "ok" else o for o in report.outcomes
     ]
-    report.aggregation_error = aggregation_error(updates, weights, result)
+    # personal factors (FedSA-LoRA's own B per node): no single global product to compare
+    report.aggregation_error = (
+        float("nan") if strategy.personal_factors else aggregation_error(updates, weights, result)
+    )
     report.metrics.update(client_metrics(updates, weights))
     report.metrics.update(strategy.extra_round_metrics(updates, weights, current, result))
     logger.log(INFO, "Round %d aggregated %d replies, aggregation error %.3e", server_round,

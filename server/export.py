@@ -25,6 +25,8 @@ def export_adapter(
 ) -> dict[str, str]:
     """Save the final adapter in PEFT format (loadable on the original base model).
 
+    A strategy with personal factors (FedSA-LoRA) exports what the server holds, the
+    shared factors with the personal ones at zero, and says so in the returned line.
     When the strategy merged deltas into the base (FLoRA), the total delta per module is
     compressed to one rank-``lora-rank`` adapter by truncated SVD (its error and accuracy
     are reported) and the fully merged model is saved too.
@@ -38,6 +40,12 @@ def export_adapter(
     base = strategy.base_delta()
     if base is None:
         save_checkpoint(final, evaluator.model_for(state), state, meta)
+        if strategy.personal_factors:  # FedSA-LoRA: the server holds A; each node its own B
+            return {
+                "adapter": f"{final} (shared factors only: the global lora_A with lora_B = 0, "
+                "which alone leaves the base unchanged; a node's personal adapter is this "
+                "one with its lora_B from its store, local-b.safetensors in its state-dir)"
+            }
         return {"adapter": str(final)}
     total = {
         m: merge_product(base.get(m), state.scaling, f.b, f.a) for m, f in state.factors.items()

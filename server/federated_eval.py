@@ -7,7 +7,7 @@ numbers (a count that is a list or NaN, an accuracy that is not finite).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from logging import WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -22,16 +22,30 @@ from fedlora.wire.records import to_arrayrecord
 
 
 def evaluation_messages(
-    server_round: int, current: AdapterState, config: ConfigRecord, nodes: Sequence[int]
+    server_round: int,
+    current: AdapterState,
+    config: ConfigRecord,
+    nodes: Sequence[int],
+    plan_for: Callable[[int], ClientPlan] | None = None,
 ) -> list[Message]:
-    """One EVALUATE message per node, carrying the global adapter at its own rank."""
-    eval_config = ConfigRecord(dict(config))
-    eval_config[protocol.SERVER_ROUND] = server_round
-    eval_config[protocol.PLAN] = ClientPlan(rank=current.rank).to_json()
-    record = RecordDict(
-        {protocol.ARRAYS: to_arrayrecord(current.to_state_dict()), protocol.CONFIG: eval_config}
-    )
-    return [Message(record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+    """One EVALUATE message per node: its evaluation plan and the global adapter.
+
+    ``plan_for(node)``: the strategy's ``evaluation_plan`` (default: evaluate the adapter
+    as received). A tensor the plan does not read (a ``local_b`` node's lora_B) is not sent.
+    """
+    messages, records = [], {}  # one record per distinct plan (usually one in all)
+    tensors = current.to_state_dict()
+    for node in nodes:
+        plan = plan_for(node) if plan_for is not None else ClientPlan(rank=current.rank)
+        text = plan.to_json()
+        if text not in records:
+            eval_config = ConfigRecord(dict(config))
+            eval_config[protocol.SERVER_ROUND] = server_round
+            eval_config[protocol.PLAN] = text
+            arrays = to_arrayrecord({k: v for k, v in tensors.items() if plan.reads(k)})
+            records[text] = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: eval_config})
+        messages.append(Message(records[text], dst_node_id=node, message_type=MessageType.EVALUATE))
+    return messages
 
 
 def mean_evaluation(

@@ -114,6 +114,24 @@ def evaluation_record(server_round: int, ev: EvalResult, task: str) -> dict[str,
     return record
 
 
+FEDERATED_SOURCE = "federated"
+"""A round record's ``eval_source`` when its eval numbers are the federated evaluation's."""
+
+
+def federated_result(fed_eval: dict[str, float]) -> EvalResult:
+    """The federated evaluation as the round's result (NaN when no node's reply was usable).
+
+    For a strategy with personal factors (FedSA-LoRA): each node evaluated the global A
+    with its own B on its own test split; the server's adapter has no B to evaluate.
+    """
+    nan = float("nan")
+    return EvalResult(
+        loss=fed_eval.get(protocol.EVAL_LOSS, nan),
+        accuracy=fed_eval.get(protocol.EVAL_ACCURACY, nan),
+        num_examples=int(fed_eval.get("num-examples", 0)),
+    )
+
+
 @dataclass
 class Federation:
     """The parts of one run, built once; :meth:`train_round` runs one round with them."""
@@ -155,11 +173,18 @@ class Federation:
         clock.lap("aggregate")
         fed_eval = self._federated_evaluation(grid, server_round)
         clock.lap("federated_eval")
-        ev = self.evaluator(state, self.strategy.base_delta())
+        personal = self.strategy.personal_factors  # no model on its own: the nodes evaluate
+        ev = (
+            federated_result(fed_eval)
+            if personal
+            else self.evaluator(state, self.strategy.base_delta())
+        )
         clock.lap("evaluate")
         report = self.flower.reports[server_round]
         numbers = dict(metrics or {})
         record = evaluation_record(server_round, ev, cfg.task) | training_record(report, numbers)
+        if personal:
+            record["eval_source"] = FEDERATED_SOURCE
         if fed_eval:
             record["federated_eval"] = fed_eval
         discover = float(report.metrics.get("discover-seconds", 0.0))
@@ -312,11 +337,18 @@ def _finish(run: Federation, started: float) -> None:
         write_summary(out, cfg, started, {"status": f"**FAILED: {why}**"})
         raise RunFailedError(f"fedlora: the run failed: {why}")
     state = run.flower.global_state(run.arrays)
-    run.samples.record("after training", run.evaluator.model_for(state, strategy.base_delta()))
+    if not strategy.personal_factors:  # the server's adapter alone would answer as the base
+        run.samples.record("after training", run.evaluator.model_for(state, strategy.base_delta()))
     export = export_adapter(out, cfg, run.evaluator, state, strategy)
     labels = [str(x) for x in run.base_config.get(protocol.LABEL_NAMES, [])]
     describe_adapter(out / "adapter", cfg, labels, results.read_records(out))
     extra: dict[str, str] = {"LoRA modules": run.modules, **export}
+    if strategy.personal_factors:
+        extra["accuracy"] = (
+            "round 0: the server's evaluation of the initial adapter (B = 0 on every node); "
+            "rounds 1+: federated evaluation, each node the global A with its own B on its "
+            "own test split (the strategy keeps B on the nodes)"
+        )
     if isinstance(run.driver, CentralDP):
         extra["central DP"] = run.driver.describe()
     excluded = run.flower.nodes.excluded

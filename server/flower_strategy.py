@@ -460,7 +460,14 @@ class LoraFlowerStrategy(Strategy):
             min_replies=o.min_replies,
             timeout=o.node_wait_timeout,
         )
-        return evaluation_messages(server_round, self.global_state(arrays), config, chosen)
+        current = self.global_state(arrays)
+        return evaluation_messages(
+            server_round,
+            current,
+            config,
+            chosen,
+            lambda node: self.strategy.evaluation_plan(server_round, node, current.rank),
+        )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -103,7 +103,9 @@ def model_card(
         "",
         'or, with fedlora installed: `fedlora predict PATH/TO/THIS/FOLDER "some text"`.',
         "",
-        "## Results (server-side evaluation per round)",
+        "## Results (server-side evaluation per round)"
+        if not any(r.get("eval_source") == "federated" for r in records)
+        else "## Results (rounds 1+: federated evaluation, each node with its own lora_B)",
         "",
         results.summary_table(records),
         "",

@@ -134,7 +134,9 @@ class LoraStrategy(ABC):
     point in the global adapter's own coordinates, so that ``server-optimizer`` (FedAvgM,
     FedAdam, FedYogi) may step along aggregate - current; the kit checks that nodes which
     send the global adapter back unchanged get it back. ``secure_sum``: aggregate reads the
-    replies only via their weighted mean (SecAgg+ passes just that). ``Settings`` is a frozen
+    replies only via their weighted mean (SecAgg+ passes just that). ``personal_factors``:
+    nodes keep a factor the server never sees (FedSA-LoRA's B), so the server neither
+    evaluates the global adapter nor records an aggregation error. ``Settings`` is a frozen
     dataclass of the strategy's own options: the server fills it from
     ``strategy-options`` (kebab-case keys; unknown keys are refused), and the strategy
     reads ``self.settings``.
@@ -158,6 +160,7 @@ class LoraStrategy(ABC):
     merges_into_base: ClassVar[bool] = False
     server_optimizer: ClassVar[bool] = False
     secure_sum: ClassVar[bool] = False
+    personal_factors: ClassVar[bool] = False
     Settings: ClassVar[type] = NoSettings
 
     def __init__(self, lora: LoraSpec, *, seed: int = 0, settings: Any = None) -> None:
@@ -189,6 +192,10 @@ class LoraStrategy(ABC):
     def client_plan(self, server_round: int, node_id: int, rank: int) -> ClientPlan:
         """What ``node_id``, which trains at ``rank``, does this round (default: train A and B)."""
         return ClientPlan(rank=rank, init_seed=self.seed)
+
+    def evaluation_plan(self, server_round: int, node_id: int, rank: int) -> ClientPlan:
+        """How ``node_id`` evaluates the global adapter (default: as received)."""
+        return ClientPlan(rank=rank)
 
     def payload(
         self, server_round: int, node_id: int, plan: ClientPlan, current: AdapterState

@@ -34,7 +34,8 @@ from fedlora.strategies.api import (
 class SimulatedClient:
     """One fake node: an id, its rank, a number of examples and a step size for its training.
 
-    It keeps a merged base across rounds, like a real node's store.
+    It keeps a merged base and what its plans keep (``ClientPlan.kept``: a local lora_B)
+    across rounds, like a real node's store.
     """
 
     node_id: int
@@ -42,6 +43,7 @@ class SimulatedClient:
     rank: int = 4
     step: float = 0.1
     base: NodeBase = field(default_factory=NodeBase)
+    local: dict[str, np.ndarray] = field(default_factory=dict)
 
     def fresh(self, current: AdapterState, rank: int, rng: np.random.Generator) -> dict:
         """A fresh peft-like initialisation at ``rank``: random A, zero B, the current dense."""
@@ -67,11 +69,14 @@ class SimulatedClient:
         self.base = self.base.merged(
             payload, plan.merge_rounds, strategy.scaling, reset=plan.reset_base
         )
-        start = plan.start(self.fresh(current, plan.rank, rng), without_stacks(payload))
+        fresh = self.fresh(current, plan.rank, rng)
+        start = plan.start(fresh, without_stacks(payload), self.local if plan.local_b else None)
         trained = {}
         for key, value in start.items():
             noise = self.step * rng.standard_normal(value.shape) if plan.trains(key) else 0.0
             trained[key] = (value + noise).astype(np.float32)
+        if plan.local_b:
+            self.local = plan.kept(trained)
         return plan.reply(trained, without_stacks(payload)), self.base.report()
 
 
@@ -317,11 +322,37 @@ def _check_determinism(cls: type[LoraStrategy], seed: int) -> str:
 
 
 def _check_error(cls: type[LoraStrategy], seed: int) -> str:
+    if cls.personal_factors:
+        _require(not cls.exact, "claims exact, but personal factors leave no global product")
+        return _check_personal(cls, seed)
     _, states, inputs = _play(cls, [4, 4, 4], [10, 20, 30], rounds=2, seed=seed)
     errors = [aggregation_error(u, w, s) for (u, w), s in zip(inputs, states[1:], strict=True)]
     if cls.exact:
         _require(max(errors) < 1e-5, f"claims exact, error {max(errors):.2e}")
     return f"max error {max(errors):.2e}" + (" (claims exact)" if cls.exact else "")
+
+
+def _check_personal(cls: type[LoraStrategy], seed: int) -> str:
+    """``personal_factors``: what a node keeps never travels, and each node's stays its own."""
+    strategy = _fresh(cls, 4, seed)
+    current = _initial(strategy, 4, seed)
+    clients = _clients([4, 4, 4], [10, 20, 30])
+    rng = np.random.default_rng(seed)
+    for server_round in (1, 2):
+        for client in clients:
+            plan = strategy.client_plan(server_round, client.node_id, client.rank)
+            payload = strategy.payload(server_round, client.node_id, plan, current)
+            reply, _ = client.train(strategy, plan, payload, current, rng)
+            kept = set(client.local)
+            _require(bool(kept), f"round {server_round}: node {client.node_id} kept nothing")
+            _require(not kept & set(reply), f"the reply carries kept tensors {sorted(kept)}")
+            _require(not kept & set(payload), f"the payload carries kept tensors {sorted(kept)}")
+    first = clients[0].local
+    _require(
+        any(not np.array_equal(first[k], c.local[k]) for c in clients[1:] for k in first),
+        "every node kept the same tensors: nothing is personal",
+    )
+    return "no global product (personal factors): kept tensors never travel, 2 rounds"
 
 
 def _check_mixed_ranks(cls: type[LoraStrategy], seed: int) -> str:

@@ -37,7 +37,8 @@ class ClientPlan:
     ``merge_rounds``: base-merge stacks (payload keys ``merge/<round>/<key>``) the node
     merges into its base weights, in order, before training; ``reset_base``: drop the
     merged base first. ``train_core``: train only an r x r core R between seeded, frozen
-    A and B (Fed-SB; see the field). Nothing else reaches a node: the client is
+    A and B (Fed-SB; see the field). ``local_b``: lora_B is the node's own, kept across
+    rounds (FedSA-LoRA; see the field). Nothing else reaches a node: the client is
     fedlora's, and a plan field it did not act on would be a silent no-op.
     """
 
@@ -58,6 +59,12 @@ class ClientPlan:
     ``init_seed`` (orthonormal rows of A, orthonormal columns of B), rebuilt by each end and
     frozen; R (key ``<module>.lora_R.weight``) starts from the payload and is trained with
     the dense tensors; the reply carries R and the dense tensors, never A or B."""
+    local_b: bool = False
+    """FedSA-LoRA: lora_B is the node's own. The node starts it from the lora_B it stored
+    after its last training (``local`` of :meth:`start`; zero the first time, peft's init),
+    whatever the payload holds, trains A and B, and stores the trained lora_B again
+    (:meth:`kept`); the reply never carries it (``send_b`` must be false). An evaluation
+    plan with it evaluates the received lora_A with the node's own lora_B."""
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -71,16 +78,26 @@ class ClientPlan:
                 "train_core fixes lora_A and lora_B at the seeded bases: it cannot be combined "
                 "with reinit, a_from_seed or align_rotation"
             )
+        if self.local_b and (self.send_b or self.freeze_b or self.reinit or self.train_core):
+            raise AdapterError(
+                "a local_b plan trains the node's own lora_B and keeps it: it cannot send, "
+                "freeze or re-initialise lora_B, nor train a core"
+            )
 
     # -- the start of training --------------------------------------------------
     def start(
-        self, fresh: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]
+        self,
+        fresh: Mapping[str, np.ndarray],
+        received: Mapping[str, np.ndarray],
+        local: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """The tensors a node starts training from.
 
         ``fresh`` is the model's own initialisation. Received factors replace it unless
         ``reinit`` (then B = 0 and A stays fresh); lora_A is the shared seeded draw when
-        ``a_from_seed``; received dense tensors (the head) always load.
+        ``a_from_seed``; received dense tensors (the head) always load. ``local``: what the
+        node stored (:meth:`kept`) after its last training; with ``local_b`` each lora_B
+        is its stored one, or zero when it has none (a stored lora_B of another shape fails).
         """
         start = {k: np.asarray(v) for k, v in fresh.items()}
         for key, value in received.items():
@@ -93,7 +110,39 @@ class ClientPlan:
                 start[key] = self.seeded(key, value.shape[1])
         if self.train_core:
             start = self._core_start(start)
+        if self.local_b:
+            start = self._local_start(start, local or {})
         return start
+
+    def _local_start(
+        self, start: dict[str, np.ndarray], local: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """``local_b``: each lora_B from the node's store, zero when it stored none."""
+        for key in [k for k in start if k.endswith(B_SUFFIX)]:
+            shape = np.shape(start[key])
+            if key not in local:
+                start[key] = np.zeros(shape, np.float32)
+            elif np.shape(local[key]) == shape:
+                start[key] = np.asarray(local[key], np.float32)
+            else:
+                raise AdapterError(
+                    f"the node's own {key} has shape {np.shape(local[key])}, this round "
+                    f"trains {shape}: its state-dir holds another run's lora_B"
+                )
+        return start
+
+    def kept(self, trained: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What of the trained tensors the node stores for its next round (``local_b``: B)."""
+        if not self.local_b:
+            return {}
+        return {k: np.asarray(v, np.float32) for k, v in trained.items() if k.endswith(B_SUFFIX)}
+
+    def reads(self, key: str) -> bool:
+        """Whether a node following this plan uses the received tensor under ``key``.
+
+        A ``local_b`` node uses its own lora_B, so a payload need not carry one.
+        """
+        return not (self.local_b and key.endswith(B_SUFFIX))
 
     def _core_start(self, start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``train_core``: the seeded bases as lora_A / lora_B, R as received (or zero)."""

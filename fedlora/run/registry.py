@@ -27,6 +27,7 @@ BUILTINS: dict[str, str] = {
     "fedrot_lora": "fedlora.strategies.fedrot_lora:FedRotLora",
     "fedex_lora": "fedlora.strategies.fedex_lora:FedExLora",
     "fed_sb": "fedlora.strategies.fed_sb:FedSb",
+    "fedsa_lora": "fedlora.strategies.fedsa_lora:FedSaLora",
 }
 
 
@@ -100,7 +101,24 @@ def check_run_strategy(cfg: Any) -> type[Any]:
         cfg.server_optimizer,
     )
     check_secure_aggregation(cfg.secure_aggregation, cls, cfg.strategy)
+    check_personal_evaluation(cfg.fraction_evaluate, cls, cfg.strategy)
     return cls
+
+
+def check_personal_evaluation(fraction_evaluate: float, cls: type[Any], name: str) -> None:
+    """Refuse a strategy with personal factors and no federated evaluation.
+
+    Its global adapter is no model on its own (each node keeps its own lora_B), so the
+    server does not evaluate it: the nodes' evaluation is the run's only accuracy.
+    """
+    if cls.personal_factors and fraction_evaluate <= 0.0:
+        raise ConfigError(
+            f"Invalid value for 'fraction-evaluate': {fraction_evaluate!r}, but strategy "
+            f"{name!r} keeps a personal factor on each node (declares personal_factors): the "
+            "global adapter is no model on its own, so the server cannot evaluate it and the "
+            "run's accuracy comes from federated evaluation; set fraction-evaluate > 0 "
+            "(1.0 evaluates every node)"
+        )
 
 
 def check_secure_aggregation(mode: str, cls: type[Any], name: str) -> None:
@@ -110,7 +128,7 @@ def check_secure_aggregation(mode: str, cls: type[Any], name: str) -> None:
             f"Invalid value for 'secure-aggregation': {mode!r}, but strategy {name!r} does not "
             "declare secure_sum: its aggregate needs each node's update (a product, a stack "
             "or an SVD of the products), and SecAgg+ gives the server only their weighted "
-            "sum; use fedavg, ffa_lora, rolora, fedsvd, fedrot_lora or fed_sb, or "
+            "sum; use fedavg, ffa_lora, rolora, fedsvd, fedrot_lora, fed_sb or fedsa_lora, or "
             "secure-aggregation=off"
         )
 

@@ -31,12 +31,14 @@ def _batch(data):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _check_results(out, rounds):
+def _check_results(out, rounds, product=True):
+    """``product``: the strategy has one global product, so the record has its error."""
     records = results.read_records(out)
     assert [r["round"] for r in records] == list(range(rounds + 1))
     for r in records[1:]:
         assert not r["skipped"] and r["num_ok"] == 2
-        assert r["aggregation_error"] is not None and r["aggregation_error"] > 0
+        if product:
+            assert r["aggregation_error"] is not None and r["aggregation_error"] > 0
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0
         assert all(n["status"] == "ok" for n in r["nodes"])
         # where the round's time went, as the overhead benchmark reads it
@@ -211,6 +213,7 @@ SIGNS = COMPRESSED | {"uplink-density": 1.0, "uplink-values": "sign"}  # 1 bit p
         ("fedrot_lora", {"server-optimizer": "fedavgm"}),
         ("fedex_lora", {}),
         ("fed_sb", {"dp": True, "dp-noise": 0.8, "lora-alpha": 64.0}),  # R only, under DP-SGD
+        ("fedsa_lora", {"fraction-evaluate": 1.0}),  # A shared, each node keeps its own B
     ],
 )
 def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
@@ -219,9 +222,11 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
     Three nodes, two sampled per round, so FLoRA must catch up a node that missed a round.
     """
     out = tmp_path / strategy
+    if strategy == "fedsa_lora":  # the nodes' own B also on disk, for the test to read
+        extra = extra | {"node-state-dir": str(tmp_path / "nodes")}
     overrides = tiny_run(tiny_model, out, strategy=strategy, **{"num-server-rounds": 3}, **extra)
     simulate_in_process(overrides)
-    records = _check_results(out, rounds=3)
+    records = _check_results(out, rounds=3, product=strategy != "fedsa_lora")
     errors = [r["aggregation_error"] for r in records[1:]]
     if strategy in ("ffa_lora", "flora", "rolora", "fedsvd"):
         assert max(errors) < 1e-5, errors  # exact strategies, also with mixed ranks
@@ -238,6 +243,8 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
         assert records[1]["bytes_up"] < records[1]["bytes_down"] * 2
     if strategy == "fed_sb":
         _check_fed_sb(out, records, overrides)
+    if strategy == "fedsa_lora":
+        _check_fedsa_lora(out, records, tmp_path / "nodes")
     if strategy == "fedex_lora":  # the residual in the base makes the update exact
         for r in records[1:]:
             assert r["metrics"]["exact-error"] < 1e-5 and r["aggregation_error"] > 1e-4
@@ -257,6 +264,29 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
             assert r["bytes_down"] < r["dense_down"] * 1.2, (r["bytes_down"], r["dense_down"])
     ranks = {n["node_id"] for r in records[1:] for n in r["nodes"]}
     assert len(ranks) >= 2
+
+
+def _check_fedsa_lora(out, records, nodes):
+    """Only A and the head travel; B stays on each node, its own; nodes evaluate the run."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    b_keys = sorted(k for k in adapter if k.endswith(".lora_B.weight"))
+    assert b_keys and not any(np.any(adapter[k]) for k in b_keys)  # the server holds no B
+    shared = sum(v.size for k, v in adapter.items() if k not in b_keys)  # A and the head
+    for r in records[1:]:
+        assert r["aggregation_error"] is None and r["metrics"]["a-spread"] > 0
+        assert r["dense_up"] == r["dense_down"] == 2 * 4 * shared, r  # two nodes, fp32
+        assert r["eval_source"] == "federated" and r["federated_eval"]["num-examples"] > 0
+        assert r["eval_accuracy"] == r["federated_eval"]["eval-accuracy"]
+    own = [load_file(str(p)) for p in sorted(nodes.glob("partition-*/local-b.safetensors"))]
+    assert len(own) >= 2  # two nodes a round, three rounds: at least two trained
+    for b in own:
+        assert sorted(b) == b_keys and all(b[k].shape == adapter[k].shape for k in b_keys)
+        assert all(np.any(b[k]) for k in b_keys)  # trained away from peft's zero
+    assert any(not np.allclose(own[0][k], own[1][k]) for k in b_keys)  # each node's own
+    assert "federated evaluation" in (out / results.SUMMARY_FILE).read_text()
 
 
 def _check_fed_sb(out, records, overrides):

@@ -76,7 +76,7 @@ def test_the_doc_walkthrough(tmp_path, on_path, capsys):
 
     on_path(package)
     assert cli_main(["check-strategy", "fedlora_my_avg.strategy:MyAvg"]) == 0
-    assert "12 passed, 0 failed" in capsys.readouterr().out
+    assert "13 passed, 0 failed" in capsys.readouterr().out
 
     target = tmp_path / "site"
     _pip_target(package, target)
