@@ -151,20 +151,19 @@ def run_protocol(args: argparse.Namespace) -> None:
 
 
 def _simulate(mode: str, nodes: int, rounds: int, out: Path, loopback: bool) -> list[dict]:
+    """One run of the default scenario, every node sampled; its round records."""
     settings = {
         "num-server-rounds": rounds,
         "num-partitions": nodes,
         "clients-per-round": nodes,
         "min-replies": nodes,
         "secure-aggregation": mode,
-        "output-dir": str(out),
     }
-    flags = [x for k, v in settings.items() for x in ("-c", f"{k}={v}")]
-    if loopback:
-        command = [sys.executable, "-m", "fedlora", "deploy-local", "--supernodes", str(nodes)]
-    else:
-        command = [sys.executable, "-m", "fedlora", "run", "--num-supernodes", str(nodes)]
-    subprocess.run([*command, *flags], check=True, stdout=subprocess.DEVNULL)
+    fedlora = Path(sys.executable).with_name("fedlora")
+    command = [str(fedlora), "deploy-local" if loopback else "simulate", "--supernodes", str(nodes)]
+    command += ["--output-dir", str(out)]
+    command += [x for k, v in settings.items() for x in ("-c", f"{k}={v}")]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
 
 
