@@ -57,7 +57,9 @@ def _run(tiny_llama, out, **extra):
     [
         ("fedavg", {}),
         pytest.param("ffa_lora", {"lora-alpha": 32.0}, marks=pytest.mark.slow),
-        ("flora", {"client-ranks": "2,4,8", "lora-rank": 8}),
+        pytest.param(  # FLoRA on a decoder: the GPT-style test below
+            "flora", {"client-ranks": "2,4,8", "lora-rank": 8}, marks=pytest.mark.slow
+        ),
         pytest.param("lora_fair", {}, marks=pytest.mark.slow),
         (
             "fedavg",

@@ -20,7 +20,10 @@ def _adapter(out):
 
 @pytest.mark.parametrize(
     "strategy, extra",
-    [("fedavg", {}), ("ffa_lora", {"lora-alpha": 64.0})],
+    [
+        ("fedavg", {}),
+        pytest.param("ffa_lora", {"lora-alpha": 64.0}, marks=pytest.mark.slow),  # as fedavg
+    ],
 )
 def test_secure_round_equals_the_plain_round(tiny_model, tmp_path, strategy, extra):
     runs = {}
@@ -56,7 +59,8 @@ def test_secure_round_equals_the_plain_round(tiny_model, tmp_path, strategy, ext
 
 def test_secure_round_on_loopback_over_tls(tiny_model, tmp_path):
     """One SecAgg+ round with real SuperLink and SuperNodes (warm workers), TLS and node
-    authentication on: every stage crosses the real transport and the round aggregates."""
+    authentication on, each node also training with DP-SGD: every stage crosses the real
+    transport, the round aggregates, and each node's epsilon is recorded."""
     from fedlora.run.certs import make_node_key, make_server_files
     from fedlora.run.launch import local_federation
     from tests.helpers import assert_stopped
@@ -72,6 +76,8 @@ def test_secure_round_on_loopback_over_tls(tiny_model, tmp_path):
             "num-partitions": 3,
             "clients-per-round": 3,
             "secure-aggregation": "secagg+",
+            "dp": True,
+            "dp-noise": 0.8,
         },
     )
     with local_federation(tmp_path / "flwr") as fed:
@@ -88,5 +94,6 @@ def test_secure_round_on_loopback_over_tls(tiny_model, tmp_path):
     assert not record["skipped"], record["skip_reason"]
     assert record["metrics"]["secagg-survivors"] == 3
     assert {n["status"] for n in record["nodes"]} == {"ok"}
+    assert all(n["epsilon"] > 0 for n in record["nodes"])  # each site's own DP noise
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert_stopped(pids)

@@ -114,6 +114,7 @@ def test_in_process_simulation_learns_and_writes_results(tiny_model, tmp_path):
     assert all(p.answer in table.label_names and 0 < p.probability <= 1 for p in predictions)
 
 
+@pytest.mark.slow  # `fedlora simulate` runs the same `flwr run` (test_the_python_api...)
 def test_flwr_run_simulation_one_round(tiny_model, tmp_path):
     out = tmp_path / "sim"
     with local_federation(tmp_path / "flwr") as fed:
@@ -172,6 +173,7 @@ def test_loopback_deployment_one_round(tiny_model, tmp_path):
     assert_stopped(pids)
 
 
+@pytest.mark.slow  # the launcher's status check; every other flwr-run test reads it on success
 def test_failed_run_is_reported_not_swallowed(tiny_model, tmp_path):
     """`flwr run` exits 0 on a failed run; the launcher must read the status and raise."""
     from fedlora.run.launch import LaunchError
