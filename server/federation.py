@@ -48,6 +48,7 @@ from fedlora.server.central_dp import CentralDP
 from fedlora.server.evaluation import SampleWriter, ServerEvaluator
 from fedlora.server.export import export_adapter
 from fedlora.server.flower_strategy import LoraFlowerStrategy, RoundOptions
+from fedlora.server.messaging import check_reply_poll, send_and_collect
 from fedlora.server.model_card import describe_adapter
 from fedlora.server.outputs import NOT_PRIVATE, prepare_output, resume, write_summary
 from fedlora.server.reports import training_record
@@ -165,7 +166,7 @@ class Federation:
             )
             clock.lap("train")
         else:
-            replies = grid.send_and_receive(list(messages), timeout=cfg.round_timeout)
+            replies = send_and_collect(grid, messages, cfg.round_timeout)
             clock.lap("train")
             arrays, metrics = self.driver.aggregate_train(server_round, replies)
         self.arrays = self.arrays if arrays is None else arrays
@@ -216,7 +217,7 @@ class Federation:
         )
         if not messages:
             return {}
-        replies = grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
+        replies = send_and_collect(grid, messages, self.cfg.round_timeout)
         agg = self.driver.aggregate_evaluate(server_round, replies)
         return {} if agg is None else {k: float(v) for k, v in agg.items()}
 
@@ -234,6 +235,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     """Run every round of a federated LoRA fine-tuning; return the output folder."""
     started = time.monotonic()
     check_simulated_federation(grid, cfg)
+    check_reply_poll(grid)
     out = prepare_output(cfg)
     tracker = make_tracker(cfg.tracking, out, json.loads(cfg.to_json()))
     if cfg.dp and cfg.dp_reproducible_noise:

@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedlora.server.messaging import send_and_collect
 from fedlora.server.peer import error_reason, whole_number
 from fedlora.strategies.api import logger
 from fedlora.wire import protocol
@@ -174,7 +175,7 @@ def discover_nodes(
         )
         for n in new
     ]
-    for msg in grid.send_and_receive(messages, timeout=timeout):
+    for msg in send_and_collect(grid, messages, timeout):
         try:
             describe(registry, msg)
         except Exception as err:  # nothing one answer holds may end the round

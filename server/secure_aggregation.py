@@ -39,6 +39,7 @@ from fedlora.secagg.protocol import (
     unmask,
     vector_size,
 )
+from fedlora.server.messaging import send_and_collect
 from fedlora.server.peer import error_reason
 from fedlora.strategies.api import logger
 from fedlora.wire import protocol
@@ -93,7 +94,7 @@ class _Stages:
         for m in messages:
             sent_to[m.metadata.dst_node_id] = m
             down += config_bytes(m.content.config_records[protocol.CONFIG])
-        replies = self.grid.send_and_receive(list(messages), timeout=self.timeout)
+        replies = send_and_collect(self.grid, messages, self.timeout)
         got: dict[int, ConfigRecord] = {}
         up = 0
         for msg in replies:

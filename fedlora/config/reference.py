@@ -38,6 +38,18 @@ def markdown_reference() -> str:
 
 ENVIRONMENT = (
     (
+        "FEDLORA_REPLY_POLL",
+        "`0.2`",
+        "seconds between the ServerApp's pulls for missing replies in a deployment (Flower's "
+        "own: 3); set it where the SuperLink runs, 0.05 to 60",
+    ),
+    (
+        "FEDLORA_SUPERNODE_IDLE_PULL",
+        "`0.5`",
+        "seconds between an idle `fedlora-supernode`'s pulls for its next message (Flower's "
+        "own: 3), 0.05 to 60",
+    ),
+    (
         "FEDLORA_CLIENT_THREADS",
         "`OMP_NUM_THREADS`, else 1",
         "torch threads of each client's training (simulated clients share the machine's cores)",
