@@ -41,11 +41,13 @@ from flwr.supercore import log
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
+from flwr.supernode.runtime import run_clientapp
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 import fedlora
 from fedlora.clients.warm_protocol import DONE, PULLED, READY, REPLIED, TASK, LineChannel
 from fedlora.clients.warm_runtime import RuntimeAddress, runtime_client
+from fedlora.wire.object_pulls import retry_sooner
 
 READY_ENV = "FEDLORA_PROCESS_READY"
 """Set by the worker when its imports are done: the ClientApp's start cost ends there."""
@@ -131,6 +133,10 @@ def _metadata(message: Message) -> str:
     return base64.b64encode(proto.SerializeToString()).decode("ascii")
 
 
+TASK_PULL_RETRY_SECONDS = 0.1
+"""First retry of a task's arrays not yet in the SuperNode's store (Flower's: 1 s)."""
+
+
 def _prewarm() -> None:
     """Import what every task needs, before the first task arrives."""
     import fedlora.clients.app
@@ -147,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start_parent_process_monitor(os.getppid())  # never outlive the executor
     channel = LineChannel(socket.socket(fileno=args.fd))
+    # the SuperNode offers a task before it has pulled the message's arrays from the SuperLink
+    retry_sooner(run_clientapp, first_retry=TASK_PULL_RETRY_SECONDS)
     _prewarm()
     os.environ[READY_ENV] = repr(time.time())
     worker = Worker(RuntimeAddress(args.runtime_api_address, args.insecure, args.root_certificates))

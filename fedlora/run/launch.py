@@ -29,6 +29,7 @@ from typing import IO, Any
 
 import psutil
 
+from fedlora.config.polling import check_polling
 from fedlora.run.processes import (
     MARKER,
     STOP_GRACE_SECONDS,
@@ -203,13 +204,18 @@ class LocalFederation:
         authentication. ``cwd``: the node's working directory (another machine's, say).
         ``warm``: run its ClientApp in one long-lived worker (``fedlora-worker``, started
         beside it as ``<name>-worker``: :attr:`workers`) rather than a fresh process per
-        message.
+        message. The SuperNode is ``fedlora-supernode``: ``flower-supernode`` with its 3 s
+        idle pull capped (``FEDLORA_SUPERNODE_IDLE_PULL=3`` in the environment restores
+        Flower's rate).
         """
         if not self.fleet_address:
             raise LaunchError("start_superlink(simulation=False) must come first")
         runtime_address = f"127.0.0.1:{free_port()}"
         argv = [
-            str(BIN_DIR / "flower-supernode"),
+            sys.executable,  # flower-supernode, idle pull capped (fedlora-supernode)
+            "-P",  # a module in the node's working directory must not shadow flwr's
+            "-m",
+            "fedlora.clients.supernode",
             "--grpc-rere",
             "--superlink",
             self.fleet_address,
@@ -386,8 +392,10 @@ def local_federation(
     """A private FLWR_HOME and working folder; every process is stopped on exit.
 
     Also on SIGTERM and SIGHUP (raised as :class:`Interrupted`) and Ctrl-C: the processes
-    are stopped and the temporary folder is removed before the exception goes on.
+    are stopped and the temporary folder is removed before the exception goes on. A bad
+    polling interval in the environment is refused first (:mod:`fedlora.config.polling`).
     """
+    check_polling()
     with interrupt_on_signals(), tempfile.TemporaryDirectory(prefix="fedlora-flwr-") as tmp:
         root = Path(workdir) if workdir else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """The warm worker on loopback: same results as a process per message, one PID, restarts.
 
-Real ``flower-superlink``, ``flower-supernode --isolation process`` and ``fedlora-worker``
-processes, stopped by PID.
+Real ``flower-superlink``, SuperNodes (``fedlora-supernode``: Flower's, polling sooner)
+with ``--isolation process``, and ``fedlora-worker`` processes, stopped by PID.
 """
 
 from __future__ import annotations

@@ -213,3 +213,16 @@ def test_flwr_datasets_partitioners_split_the_data(partitioner):
     else:
         sizes = np.array([len(p) for p in parts])
         assert sizes[-1] > sizes[0]  # growing sizes, as the partitioner's name says
+
+
+def test_a_bad_polling_interval_is_named_before_any_process_starts(tmp_path, capsys, monkeypatch):
+    import fedlora.run.launch as launch
+
+    def no_processes(*args, **kwargs):
+        raise AssertionError("deploy-local started a process before checking its environment")
+
+    monkeypatch.setattr(launch.LocalFederation, "start", no_processes)
+    monkeypatch.setenv("FEDLORA_SUPERNODE_IDLE_PULL", "0")
+    code = cli_main(["deploy-local", "--output-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert "FEDLORA_SUPERNODE_IDLE_PULL: '0'" in capsys.readouterr().err
