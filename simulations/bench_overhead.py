@@ -2,13 +2,16 @@
 
     .venv/bin/python simulations/bench_overhead.py [--supernodes 4] [--rounds 4] [-c key=value ...]
 
-Runs ``fedlora deploy-local`` twice, side by side: with the warm worker (one long-lived
-process per SuperNode, the default) and with ``--per-message`` (Flower's fresh ClientApp
-process for every message). Each run is a real SuperLink and SuperNodes over gRPC on
-loopback (TLS and node authentication on), the default scenario, every node sampled
-every round; the benchmark reads the per-round records. Overhead is the training phase's wall time
-(configure to the last reply) minus the slowest client's training steps, as a fraction
-of that wall time. Every round after the first (which also discovers the nodes and
+Runs ``fedlora deploy-local`` once per mode, side by side: with the warm worker (one
+long-lived process per SuperNode, the default), with ``--per-message`` (Flower's fresh
+ClientApp process for every message) and, with ``--modes warm,warm-flower-polls``, warm
+but with Flower's own 3 s polls (the ServerApp's for replies, an idle SuperNode's for
+messages) instead of fedlora's 0.2 s and 0.5 s (fedlora/config/polling.py). Each run
+is a real SuperLink and SuperNodes over gRPC on loopback (TLS and node authentication
+on), the default scenario, every node sampled every round; the benchmark reads the
+per-round records. Overhead is the training phase's wall time (configure to the last
+reply) minus the slowest client's training steps, as a fraction of that wall time.
+Every round after the first (which also discovers the nodes and
 fills their data caches) is one repetition; min and median are over those rounds.
 
 Where it goes, as fractions of the same wall time, on the node that took longest:
@@ -30,6 +33,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from fedlora.config.polling import IDLE_PULL_ENV, REPLY_POLL_ENV
+
+MODES = ("warm", "per-message", "warm-flower-polls")
 
 
 def round_breakdown(record: dict) -> dict[str, float]:
@@ -78,6 +85,10 @@ def run_mode(args: argparse.Namespace, mode: str) -> tuple[list[dict], list[dict
     log = out.parent / f"{out.name}.log"
     # a data cache of its own: cold in round 1, as a new deployment's would be
     env = dict(os.environ, FEDLORA_CACHE_DIR=tempfile.mkdtemp(prefix="fedlora-cache-"))
+    for name in (REPLY_POLL_ENV, IDLE_PULL_ENV):  # fedlora's defaults, or Flower's 3 s
+        env.pop(name, None)
+        if mode == "warm-flower-polls":
+            env[name] = "3"
     with log.open("w") as fh:
         subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=True, env=env)
     records = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
@@ -102,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes",
         default="warm,per-message",
-        help="comma-separated: warm (fedlora-worker), per-message (Flower's default)",
+        help="comma-separated: warm (fedlora-worker), per-message (Flower's process per "
+        "message), warm-flower-polls (warm, with Flower's 3 s reply and idle-node polls)",
     )
     parser.add_argument(
         "-c", "--config", action="extend", nargs="+", default=[], help="run-config overrides"
@@ -112,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (round 1 is warm-up; memory compares 2 and last)")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = sorted(set(modes) - {"warm", "per-message"})
+    unknown = sorted(set(modes) - set(MODES))
     if unknown:
-        parser.error(f"unknown --modes {unknown}: choose from warm, per-message")
+        parser.error(f"unknown --modes {unknown}: choose from {', '.join(MODES)}")
     if args.keep:
         Path(args.keep).mkdir(parents=True, exist_ok=True)
 
@@ -151,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {key} | {' | '.join(cells)} | {goal} |")
     walls = ", ".join(f"{m} {statistics.median(r['wall'] for r in rows[m]):.1f} s" for m in modes)
     print(f"\ntraining phase, median: {walls}")
-    if len(modes) == 2:
-        a, b = (statistics.median(r["wall"] for r in rows[m]) for m in modes)
-        print(f"ratio {modes[0]} / {modes[1]} training phase: {a / b:.2f}")
+    first = statistics.median(r["wall"] for r in rows[modes[0]])
+    for other in modes[1:]:
+        b = statistics.median(r["wall"] for r in rows[other])
+        print(f"ratio {modes[0]} / {other} training phase: {first / b:.2f}")
     print("\n| peak RSS of a node's ClientApp process (MiB, largest node) | round 2 | last round |")
     print("|---|---:|---:|")
     for mode in modes:
