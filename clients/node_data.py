@@ -24,6 +24,7 @@ from fedlora.data.instruct import is_labelled_only, questions_from_labels, read_
 from fedlora.data.tables import (
     TEST_FRACTION,
     encode_labels,
+    evaluation_rows,
     load_table,
     partition,
     read_user_file,
@@ -67,6 +68,8 @@ def node_data(cfg: RunConfig, node: NodeConfig, label_names: tuple[str, ...]) ->
         cfg.classes_per_partition,
         cfg.partition_column,
         cfg.seed,
+        cfg.validation_fraction,
+        cfg.eval_split,
         cfg.model,
         cfg.max_seq_len,
         node.partition_id,
@@ -110,7 +113,8 @@ def frames(
     table = load_table(cfg.data)
     num = node.num_partitions or cfg.num_partitions
     pid = int(node.partition_id or 0)
-    return partition(table.train, cfg.data, pid, num), partition(table.test, cfg.data, pid, num)
+    held_out = evaluation_rows(table, cfg.eval_split)  # tuning on validation never reads test
+    return partition(table.train, cfg.data, pid, num), partition(held_out, cfg.data, pid, num)
 
 
 def own_file(cfg: RunConfig, path: Path, label_names: tuple[str, ...]) -> pd.DataFrame:

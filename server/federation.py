@@ -31,6 +31,7 @@ from fedlora.config.settings import parse_settings
 from fedlora.data.tables import (
     TextTable,
     eval_subset,
+    evaluation_rows,
     load_table,
     most_common_share,
     partition,
@@ -298,7 +299,7 @@ def _setup(cfg: RunConfig, out: Path, tracker: Tracker) -> Federation:
     fresh = build_lora_model(cfg.model, table.num_labels, spec, seed=cfg.seed)
     check_rank_fits(adapted_layers(fresh), cfg.lora_rank)
     state = strategy.initial_state(state_from_peft(fresh, spec.scaling))
-    eval_frame = eval_subset(table.test, cfg.eval_examples, cfg.seed)
+    eval_frame = eval_subset(evaluation_rows(table, cfg.eval_split), cfg.eval_examples, cfg.seed)
     eval_data = tokenize(eval_frame, load_tokenizer(cfg.model, cfg.task), cfg.max_seq_len, cfg.task)
     evaluator = ServerEvaluator(cfg, table.num_labels, eval_data)
     base_config = ConfigRecord(

@@ -121,6 +121,12 @@ def write_summary(out: Path, cfg: RunConfig, started: float, extra: Mapping[str,
         "links (density, values)": f"up {cfg.uplink_density:g} {cfg.uplink_values}, "
         f"down {cfg.downlink_density:g} {cfg.downlink_values}",
         **({"client DP-SGD": client_dp_line(cfg)} if cfg.dp else {}),
+        **(
+            {"evaluated on": f"{cfg.eval_split} split"}
+            | {"held out for validation": f"{cfg.validation_fraction:g} of the training rows"}
+            if cfg.validation_fraction
+            else {}
+        ),
         **extra,
         "total wall time (s)": f"{time.monotonic() - started:.1f}",
     }

@@ -41,6 +41,7 @@ PARTITIONERS = ("iid", "dirichlet", "natural", "pathological", "linear", "square
 SECURE_AGGREGATION_MODES = ("off", "secagg+")
 CENTRAL_DP_MODES = ("off", "client", "server")  # where the update is clipped (Flower's wrappers)
 TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
+EVAL_SPLITS = ("test", "validation")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUANTIZATIONS = ("none", "8bit", "4bit")
@@ -315,6 +316,17 @@ class RunConfig:
         "Held-out examples for the server-side evaluation each round (0 = the whole test split).",
         1000,
     )
+    validation_fraction: float = _help(
+        "Fraction of the training rows held out, before they are split over the clients, as "
+        "a validation split no client trains on (0 = none). For tuning: see eval-split.",
+        0.0,
+    )
+    eval_split: str = _help(
+        "What the server evaluates on: test, or validation (the held-out rows of "
+        "validation-fraction; the test split is then never read). Tune on validation, "
+        "then report a run with the same validation-fraction on test.",
+        "test",
+    )
     eval_batch_size: int = _help("Batch size of evaluation.", 100)
     fraction_evaluate: float = _help(
         "Fraction of nodes that also evaluate the global adapter on their local data each "
@@ -371,6 +383,11 @@ class RunConfig:
         check_weighting(self.weighting, self.max_weight_share, self.max_claim_ratio)
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             fail("fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
+        if not 0.0 <= self.validation_fraction < 0.5:
+            fail("validation-fraction", self.validation_fraction, "must be in [0, 0.5)")
+        one_of("eval-split", self.eval_split, EVAL_SPLITS)
+        if self.eval_split == "validation" and self.validation_fraction == 0.0:
+            fail("eval-split", self.eval_split, "needs validation-fraction > 0")
         one_of("partitioner", self.partitioner, PARTITIONERS)
         one_of("dp-accountant", self.dp_accountant, ("rdp", "prv"))
         one_of("tracking", self.tracking, TRACKERS)
@@ -561,6 +578,7 @@ class RunConfig:
             classes_per_partition=self.classes_per_partition,
             partition_column=self.partition_column,
             seed=self.seed,
+            validation_fraction=self.validation_fraction,
         )
 
     @property

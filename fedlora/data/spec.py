@@ -24,3 +24,4 @@ class DataSpec:
     classes_per_partition: int = 2
     partition_column: str = ""
     seed: int = 0
+    validation_fraction: float = 0.0

