@@ -44,11 +44,7 @@ def run_cells(
     from fedlora.run.launch import LaunchError, local_federation
 
     cells = [(s, seed) for seed in seeds for s in scenarios]  # every scenario gets a seed first
-    todo = [
-        (s, seed)
-        for s, seed in cells
-        if not (out / s / f"seed-{seed}" / results.SUMMARY_FILE).is_file()
-    ]
+    todo = [(s, seed) for s, seed in cells if not _done(out / s / f"seed-{seed}", extra)]
     if not todo:
         return
     with local_federation(out / ".flwr") as fed, Progress() as progress:
@@ -86,6 +82,71 @@ def run_cells(
             except LaunchError as err:
                 progress.console.print(f"[red]{scenario} seed {seed} failed:[/red] {err}")
             progress.advance(task)
+
+
+def _done(cell: Path, extra: dict[str, Any]) -> bool:
+    """Whether ``cell`` finished with the settings ``extra`` asks for (a cell of another
+    setting, say another learning rate, is run again)."""
+    if not (cell / results.SUMMARY_FILE).is_file():
+        return False
+    if not extra:
+        return True
+    ran = json.loads((cell / "run_config.json").read_text())
+    wanted = json.loads(RunConfig.from_mapping(extra).to_json())
+    return all(ran.get(key) == wanted[key] for key in extra if key in wanted)
+
+
+def final_accuracy(cell: Path) -> float | None:
+    """The last round's server-side accuracy of a finished cell."""
+    records = results.read_records(cell)
+    return None if not records else records[-1].get("eval_accuracy")
+
+
+def tune(
+    scenarios: list[str],
+    seeds: list[int],
+    out: Path,
+    supernodes: int,
+    extra: dict[str, Any],
+    key: str,
+    candidates: list[str],
+    fraction: float,
+) -> tuple[dict[str, Any], str]:
+    """Per scenario, the candidate of ``key`` with the best mean final validation accuracy.
+
+    Every candidate runs on every seed with ``validation-fraction`` rows held out of the
+    training data before partitioning and the server evaluating on them
+    (``eval-split=validation``): the test split is never read. Returns the choice per
+    scenario and a markdown table of what was tried.
+    """
+    from fedlora.run.cli import parse_overrides
+
+    values = [parse_overrides([f"{key}={c}"])[key] for c in candidates]
+    chosen: dict[str, Any] = {}
+    rows = [
+        f"Tuned `{key}` over {candidates} on a validation split "
+        f"(validation-fraction={fraction}, held out of the clients' training data; the test "
+        f"split is not read), seeds {seeds}; the choice maximises the mean final validation "
+        "accuracy.\n",
+        "| scenario | " + " | ".join(f"{key}={c}" for c in candidates) + " | chosen |",
+        "|---|" + "---:|" * len(candidates) + "---|",
+    ]
+    for scenario in scenarios:
+        scores = []
+        for value, label in zip(values, candidates, strict=True):
+            folder = out / "tuning" / f"{key}={label}"
+            settings = {**extra, key: value, "validation-fraction": fraction}
+            settings["eval-split"] = "validation"
+            run_cells([scenario], seeds, folder, supernodes, settings)
+            accs = [final_accuracy(c) for c in _finished(folder / scenario, seeds)]
+            scores.append([a for a in accs if a is not None])
+        means = [float(np.mean(a)) if a else -1.0 for a in scores]
+        best = int(np.argmax(means))
+        chosen[scenario] = values[best]
+        rows.append(
+            f"| {scenario} | " + " | ".join(_stats(a) for a in scores) + f" | {candidates[best]} |"
+        )
+    return chosen, "\n".join(rows) + "\n"
 
 
 def run_centralized(seeds: list[int], out: Path, extra: dict[str, Any]) -> None:
@@ -400,6 +461,18 @@ def main(argv: list[str] | None = None) -> int:
         help="add a table of every scenario against this one, paired by seed",
     )
     parser.add_argument(
+        "--tune",
+        metavar="KEY=V1,V2,...",
+        help="choose KEY per scenario on a validation split first (e.g. lr=1e-3,3e-3,1e-2); "
+        "the reported runs then use the choice, the same split held out, and the test set",
+    )
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.1,
+        help="with --tune: the share of training rows held out for validation (default 0.1)",
+    )
+    parser.add_argument(
         "-c",
         "--config",
         action="append",
@@ -416,12 +489,40 @@ def main(argv: list[str] | None = None) -> int:
         load_scenario(s)
     if args.baseline and args.baseline not in args.scenarios:  # before hours of runs, not after
         parser.error(f"--baseline {args.baseline} is not one of --scenarios")
+    tuning = None
+    if args.tune:
+        key, _, listed = args.tune.partition("=")
+        candidates = [c.strip() for c in listed.split(",") if c.strip()]
+        if not key or len(candidates) < 2:
+            parser.error(f"--tune {args.tune!r}: expected KEY=V1,V2[,...]")
+        for c in candidates:  # a bad candidate fails now, not after hours of runs
+            RunConfig.from_mapping({**extra, **parse_overrides([f"{key}={c}"])})
+        RunConfig.from_mapping({**extra, "validation-fraction": args.validation_fraction})
     if not args.report_only:
         if args.centralized:
             run_centralized(args.seeds, out, extra)
-        run_cells(args.scenarios, args.seeds, out, args.supernodes, extra)
+        if args.tune:
+            chosen, tuning = tune(
+                args.scenarios,
+                args.seeds,
+                out,
+                args.supernodes,
+                extra,
+                key,
+                candidates,
+                args.validation_fraction,
+            )
+            (out / "tuning.md").write_text(tuning)
+            for scenario in args.scenarios:  # the reported runs: same split held out, on test
+                settings = {**extra, key: chosen[scenario]}
+                settings |= {"validation-fraction": args.validation_fraction, "eval-split": "test"}
+                run_cells([scenario], args.seeds, out, args.supernodes, settings)
+        else:
+            run_cells(args.scenarios, args.seeds, out, args.supernodes, extra)
     data = collect(args.scenarios, args.seeds, out)
     text = table(data, out, args.seeds)
+    if tuning:
+        text = tuning + "\n" + text
     if args.baseline:
         text += "\n" + paired_table(args.scenarios, out, args.seeds, args.baseline)
     (out / "comparison.md").write_text(text)

@@ -1,0 +1,93 @@
+"""compare.py --tune: the choice is made on validation runs, the reported runs read test."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from fedlora.config import RunConfig
+from fedlora.run import results
+
+SPEC = importlib.util.spec_from_file_location(
+    "compare", Path(__file__).resolve().parents[2] / "simulations" / "compare.py"
+)
+compare = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(compare)
+
+
+def _fake_run(cell: Path, settings: dict, accuracy: float) -> None:
+    cell.mkdir(parents=True, exist_ok=True)
+    cfg = RunConfig.from_mapping(settings)
+    (cell / "run_config.json").write_text(cfg.to_json())
+    records = [{"round": 0, "eval_accuracy": 0.1}, {"round": 1, "eval_accuracy": accuracy}]
+    results.write_records(cell, records)
+    (cell / results.SUMMARY_FILE).write_text("done")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """run_cells replaced by a stand-in whose validation accuracy peaks at lr=0.003 for
+    ffa_lora and at lr=0.001 for fedavg, whatever the seed."""
+    made: list[tuple[str, dict]] = []
+    peak = {"ffa_lora": 0.003, "fedavg": 0.001}
+
+    def run_cells(scenarios, seeds, out, supernodes, extra):
+        for scenario in scenarios:
+            for seed in seeds:
+                cell = out / scenario / f"seed-{seed}"
+                if compare._done(cell, extra):
+                    continue
+                made.append((scenario, dict(extra)))
+                score = 0.9 - abs(float(extra["lr"]) - peak[scenario]) * 100 + seed / 100
+                _fake_run(cell, {**extra, "seed": seed}, score)
+
+    monkeypatch.setattr(compare, "run_cells", run_cells)
+    return made
+
+
+def test_each_scenario_gets_its_best_validation_value_and_reports_on_test(tmp_path, calls):
+    out = tmp_path / "cmp"
+    code = compare.main(
+        [
+            "--scenarios",
+            "fedavg",
+            "ffa_lora",
+            "--seeds",
+            "0",
+            "1",
+            "--out",
+            str(out),
+            "--tune",
+            "lr=0.001,0.003,0.01",
+        ]
+    )
+    assert code == 0
+    tuning = [(s, e) for s, e in calls if e.get("eval-split") == "validation"]
+    reported = [(s, e) for s, e in calls if e.get("eval-split") == "test"]
+    assert len(tuning) == 2 * 3 * 2 and len(reported) == 2 * 2
+    assert all(e["validation-fraction"] == 0.1 for _, e in tuning + reported)
+    assert {s: e["lr"] for s, e in reported} == {"fedavg": 0.001, "ffa_lora": 0.003}
+    text = (out / "tuning.md").read_text()
+    assert "| fedavg |" in text and "| ffa_lora |" in text and "test split is not read" in text
+    assert text.splitlines()[-1].endswith("| 0.003 |")  # ffa_lora's choice
+    assert "Tuned `lr`" in (out / "comparison.md").read_text()
+
+
+def test_a_finished_cell_of_another_setting_is_run_again(tmp_path, calls):
+    out = tmp_path / "cmp"
+    _fake_run(out / "fedavg" / "seed-0", {"lr": 0.5, "seed": 0}, 0.3)  # an untuned earlier run
+    compare.main(
+        ["--scenarios", "fedavg", "--seeds", "0", "--out", str(out), "--tune", "lr=0.001,0.01"]
+    )
+    ran = json.loads((out / "fedavg" / "seed-0" / "run_config.json").read_text())
+    assert ran["lr"] == 0.001 and ran["eval-split"] == "test"
+
+
+@pytest.mark.parametrize("bad", ["lr=0.001", "lr=", "=1,2", "lr=0.001,-1"])
+def test_a_bad_tune_fails_before_any_run(tmp_path, calls, bad):
+    with pytest.raises(SystemExit if "-1" not in bad else Exception):
+        compare.main(["--scenarios", "fedavg", "--out", str(tmp_path), "--tune", bad])
+    assert calls == []
