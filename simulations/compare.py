@@ -91,7 +91,10 @@ def _done(cell: Path, extra: dict[str, Any]) -> bool:
         return False
     if not extra:
         return True
-    ran = json.loads((cell / "run_config.json").read_text())
+    settings = cell / "run_config.json"
+    if not settings.is_file():  # an older cell that did not record its settings
+        return False
+    ran = json.loads(settings.read_text())
     wanted = json.loads(RunConfig.from_mapping(extra).to_json())
     return all(ran.get(key) == wanted[key] for key in extra if key in wanted)
 

@@ -41,6 +41,6 @@ def poll_seconds(name: str, environ: Mapping[str, str] = os.environ) -> float:
 
 
 def check_polling(environ: Mapping[str, str] = os.environ) -> None:
-    """Refuse a bad interval before any process starts (``deploy-local``)."""
+    """Refuse a bad interval before any process starts (``local_federation`` calls it)."""
     for name in DEFAULTS:
         poll_seconds(name, environ)
