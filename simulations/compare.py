@@ -250,6 +250,28 @@ def _codec_share(records: list[dict]) -> float:
     return codec / train if train else float("nan")
 
 
+def _budget(cells: list[Path]) -> str:
+    """The client step budget, learning rate and alpha the cells ran with (run_config.json).
+
+    rounds x clients per round x local steps, of batch-size x grad-accumulation examples:
+    the fixed budget a comparison holds equal. Cells that disagree are listed apart.
+    """
+    seen = []
+    for cell in cells:
+        path = cell / "run_config.json"
+        if not path.is_file():
+            continue
+        c = json.loads(path.read_text())
+        batch = c["batch-size"] * c["grad-accumulation"]
+        text = (
+            f"{c['num-server-rounds']}x{c['clients-per-round']}x{c['local-steps']} "
+            f"of {batch}, lr {c['lr']:g}, alpha {c['lora-alpha']:g}"
+        )
+        if text not in seen:
+            seen.append(text)
+    return "; ".join(seen) or "-"
+
+
 def _up_kib(records: list[dict]) -> float:
     return float(np.mean([x.get("bytes_up") or 0 for x in records[1:]])) / 1024
 
@@ -259,12 +281,12 @@ def table(data: dict[str, list[list[dict]]], out: Path, seeds: list[int]) -> str
     rows = [
         "| scenario | seeds | final accuracy | best accuracy | held-out loss, round 0 -> final | "
         "mean agg. error | up KiB/round | down KiB/round | dense ÷ sent (up / down) | "
-        "codec ÷ train | max epsilon | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "codec ÷ train | max epsilon | client steps, lr, alpha | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for name, runs in data.items():
         if not runs:
-            rows.append(f"| {name} | 0 | - | - | - | - | - | - | - | - | - | - |")
+            rows.append(f"| {name} | 0 | - | - | - | - | - | - | - | - | - | - | - |")
             continue
         final = [r[-1].get("eval_accuracy") for r in runs]
         best = [max(x.get("eval_accuracy") or 0 for x in r) for r in runs]
@@ -279,7 +301,8 @@ def table(data: dict[str, list[list[dict]]], out: Path, seeds: list[int]) -> str
             f"{np.mean(err):.2e} | {np.mean(up):.1f} | {np.mean(down):.1f} | "
             f"{_ratio(runs, 'up')} / {_ratio(runs, 'down')} | "
             f"{np.mean([_codec_share(r) for r in runs]):.1e} | "
-            f"{_stats([_max_epsilon(r) for r in runs])} | {np.mean(wall):.0f} |"
+            f"{_stats([_max_epsilon(r) for r in runs])} | "
+            f"{_budget(_finished(out / name, seeds))} | {np.mean(wall):.0f} |"
         )
     central = [
         json.loads(p.read_text())["accuracy"]
@@ -288,7 +311,7 @@ def table(data: dict[str, list[list[dict]]], out: Path, seeds: list[int]) -> str
     if central:
         rows.append(
             f"| centralised (pooled data, same steps) | {len(central)} | "
-            f"{_stats(central)} | - | - | - | - | - | - | - | - | - |"
+            f"{_stats(central)} | - | - | - | - | - | - | - | - | - | - |"
         )
     return "\n".join(rows) + "\n"
 
@@ -312,8 +335,8 @@ def paired_table(scenarios: list[str], out: Path, seeds: list[int], baseline: st
     """
     rows = [
         f"| scenario | seeds paired with {baseline} | final accuracy - {baseline}, per seed | "
-        "mean | last 3 rounds' mean - the same, mean | dense ÷ sent (up) |",
-        "|---|---|---|---:|---:|---:|",
+        "mean | sd | last 3 rounds' mean - the same, mean | dense ÷ sent (up) |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     base, base3 = (accuracy_by_seed(baseline, seeds, out, k) for k in (1, 3))
     for name in scenarios:
@@ -324,12 +347,13 @@ def paired_table(scenarios: list[str], out: Path, seeds: list[int], baseline: st
         diffs = [finals[seed] - base[seed] for seed in common]
         per_seed = " / ".join(f"{d:+.3f}" for d in diffs) or "-"
         mean = f"{np.mean(diffs):+.3f}" if diffs else "-"
+        sd = f"{np.std(diffs, ddof=1):.3f}" if len(diffs) > 1 else "-"
         mean3 = f"{np.mean([last3[s] - base3[s] for s in common]):+.3f}" if common else "-"
         paired = [results.read_records(out / name / f"seed-{seed}") for seed in common]
         ratio = _ratio(paired, "up") if paired else "-"
         rows.append(
-            f"| {name} | {', '.join(map(str, common)) or '-'} | {per_seed} | {mean} | {mean3} "
-            f"| {ratio} |"
+            f"| {name} | {', '.join(map(str, common)) or '-'} | {per_seed} | {mean} | {sd} "
+            f"| {mean3} | {ratio} |"
         )
     return "\n".join(rows) + "\n"
 

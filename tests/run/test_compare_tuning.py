@@ -91,3 +91,28 @@ def test_a_bad_tune_fails_before_any_run(tmp_path, calls, bad):
     with pytest.raises(SystemExit if "-1" not in bad else Exception):
         compare.main(["--scenarios", "fedavg", "--out", str(tmp_path), "--tune", bad])
     assert calls == []
+
+
+def test_the_table_states_each_budget_and_the_paired_table_its_spread(tmp_path):
+    """The step budget, lr and alpha come from each cell's own record; the spread of the
+    paired differences is their sample standard deviation (numpy, by hand)."""
+    out = tmp_path / "cmp"
+    finals = {"fedavg": [0.60, 0.58, 0.57], "ffa_lora": [0.50, 0.45, 0.47]}
+    for name, accs in finals.items():
+        for seed, acc in enumerate(accs):
+            settings = {"seed": seed, "local-steps": 7, "num-server-rounds": 1}
+            if name == "ffa_lora":
+                settings |= {"strategy": "ffa_lora", "lora-alpha": 128, "lr": 0.01}
+            _fake_run(out / name / f"seed-{seed}", settings, acc)
+    data = compare.collect(list(finals), [0, 1, 2], out)
+    rows = {r.split(" | ")[0]: r for r in compare.table(data, out, [0, 1, 2]).splitlines()}
+    assert "| 1x4x7 of 16, lr 0.003, alpha 16 |" in rows["| fedavg"]
+    assert "| 1x4x7 of 16, lr 0.01, alpha 128 |" in rows["| ffa_lora"]
+    paired = compare.paired_table(list(finals), out, [0, 1, 2], "ffa_lora")
+    row = next(r for r in paired.splitlines() if r.startswith("| fedavg |"))
+    diffs = [a - b for a, b in zip(finals["fedavg"], finals["ffa_lora"], strict=True)]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == " / ".join(f"{d:+.3f}" for d in diffs)
+    assert cells[3] == f"{sum(diffs) / 3:+.3f}"
+    mean = sum(diffs) / 3
+    assert cells[4] == f"{(sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5:.3f}"

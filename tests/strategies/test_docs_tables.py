@@ -1,0 +1,59 @@
+"""The docs' per-strategy tables say what each built-in declares, so they cannot drift.
+
+docs/privacy.md lists the central-DP modes every built-in composes with, and
+docs/strategies.md whether it composes with SecAgg+; both are read by users choosing a
+strategy, and both are claims the server enforces from the class attributes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from fedlora.run.registry import BUILTINS, load_strategy_class
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def _rows(doc: str, header: str) -> dict[str, list[str]]:
+    """The rows of the table whose header line starts with ``header``, by first cell."""
+    lines = (DOCS / doc).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows: dict[str, list[str]] = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[1:]
+    return rows
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_privacy_md_central_dp_row_matches_the_declaration(name: str) -> None:
+    rows = _rows("privacy.md", "| strategy | client | server | why |")
+    assert name in rows, f"docs/privacy.md's central-DP table has no row for {name}"
+    client, server = rows[name][0], rows[name][1]
+    declared = load_strategy_class(name).central_dp
+    assert (client == "yes") == ("client" in declared), (name, client, declared)
+    assert (server == "yes") == ("server" in declared), (name, server, declared)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_strategies_md_row_matches_the_declarations(name: str) -> None:
+    rows = _rows("strategies.md", "| name | what the server does |")
+    assert name in rows, f"docs/strategies.md's table has no row for {name}"
+    header = _rows_header("strategies.md", "| name | what the server does |")
+    row = dict(zip(header[1:], rows[name], strict=True))
+    cls = load_strategy_class(name)
+    assert row["secure aggregation"].startswith("composes") == cls.secure_sum, (name, row)
+    central = re.findall(r"central: ([a-z, ]+|no)\b", row["DP"])
+    assert central, f"{name}: the DP cell names no central modes: {row['DP']!r}"
+    modes = {m.strip() for m in central[0].split(",")} - {"no"}
+    assert modes == set(cls.central_dp), (name, modes, cls.central_dp)
+
+
+def _rows_header(doc: str, header: str) -> list[str]:
+    line = next(x for x in (DOCS / doc).read_text().splitlines() if x.startswith(header))
+    return [c.strip() for c in line.strip("|").split("|")]
