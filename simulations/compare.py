@@ -261,7 +261,8 @@ def _budget(cells: list[Path]) -> str:
         path = cell / "run_config.json"
         if not path.is_file():
             continue
-        c = json.loads(path.read_text())
+        # an older cell lacks the keys added since; it ran at their default
+        c = {**RunConfig().to_mapping(), **json.loads(path.read_text())}
         batch = c["batch-size"] * c["grad-accumulation"]
         text = (
             f"{c['num-server-rounds']}x{c['clients-per-round']}x{c['local-steps']} "

@@ -430,8 +430,10 @@ def _check_central_dp(cls: type[LoraStrategy], seed: int) -> str:
     """What ``central_dp`` promises, checked on one round.
 
     With uniform weights at one rank, every tensor of the result must be the plain mean of
-    the decoded replies' (so noise z C / m on it is the Gaussian mechanism); ``"server"``
-    also needs every node to send every tensor.
+    the decoded replies' (so noise z C / m on it is the Gaussian mechanism); ``"client"``
+    also needs each reply to carry exactly the tensors the node was sent (Flower's
+    ``fixedclipping_mod`` clips reply minus payload and fails the reply otherwise), and
+    ``"server"`` needs every node to send every tensor.
     """
     if not cls.central_dp:
         return "not claimed"
@@ -449,12 +451,38 @@ def _check_central_dp(cls: type[LoraStrategy], seed: int) -> str:
             np.allclose(value, mean, rtol=1e-5, atol=1e-6),
             f"claims central DP but '{key}' is not the plain mean of the replies",
         )
+    if "client" in cls.central_dp:
+        _check_reply_keys(cls, seed)
     if "server" in cls.central_dp:
         _require(
             all(u.plan.send_a for u in updates),
             "claims server-side clipping but its replies leave out lora_A",
         )
     return "modes " + ", ".join(sorted(cls.central_dp))
+
+
+def _check_reply_keys(cls: type[LoraStrategy], seed: int) -> None:
+    """Two rounds in which every node replies with the keys of its payload."""
+    strategy = _fresh(cls, 4, seed)
+    current = _initial(strategy, 4, seed)
+    rng = np.random.default_rng(seed)
+    clients = _clients([4, 4, 4], [10, 20, 30])
+    for server_round in (1, 2):  # two rounds: RoLoRA-like strategies alternate the factor
+        updates = []
+        for client in clients:
+            plan = strategy.client_plan(server_round, client.node_id, client.rank)
+            payload = strategy.payload(server_round, client.node_id, plan, current)
+            reply, metrics = client.train(strategy, plan, payload, current, rng)
+            missing, extra = sorted(set(payload) - set(reply)), sorted(set(reply) - set(payload))
+            _require(
+                not missing and not extra,
+                f"claims client-side clipping but in round {server_round} a reply leaves out "
+                f"{missing[:2]} / adds {extra[:2]} of the payload's tensors: Flower's "
+                "fixedclipping_mod fails a reply whose keys differ from the payload's",
+            )
+            state = strategy.decode_update(server_round, plan, reply, current)
+            updates.append(ClientUpdate(client.node_id, client.num_examples, state, metrics, plan))
+        current = strategy.aggregate(server_round, updates, np.full(3, 1 / 3), current)
 
 
 def _check_settings(cls: type[LoraStrategy], seed: int) -> str:

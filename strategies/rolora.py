@@ -60,7 +60,9 @@ class RoLora(LoraStrategy):
     description = "Alternating rounds: B averaged with A frozen, then A with B frozen (RoLoRA)"
     exact = True
     heterogeneous_ranks = False
-    central_dp = frozenset({"client"})  # a plain mean of what was sent; replies lack a factor
+    # none: a reply leaves out the frozen factor, which Flower's fixedclipping_mod refuses
+    # (reply keys must equal the payload's), and server-side clipping pairs by position
+    central_dp = frozenset()
     secure_sum = True  # aggregate reads the replies only through their weighted mean
     server_optimizer = True  # the aggregate is a point in the adapter's own coordinates
 

@@ -104,6 +104,10 @@ def test_the_table_states_each_budget_and_the_paired_table_its_spread(tmp_path):
             if name == "ffa_lora":
                 settings |= {"strategy": "ffa_lora", "lora-alpha": 128, "lr": 0.01}
             _fake_run(out / name / f"seed-{seed}", settings, acc)
+    older = out / "fedavg" / "seed-2" / "run_config.json"  # before grad-accumulation existed
+    config = json.loads(older.read_text())
+    del config["grad-accumulation"]
+    older.write_text(json.dumps(config))
     data = compare.collect(list(finals), [0, 1, 2], out)
     rows = {r.split(" | ")[0]: r for r in compare.table(data, out, [0, 1, 2]).splitlines()}
     assert "| 1x4x7 of 16, lr 0.003, alpha 16 |" in rows["| fedavg"]

@@ -27,6 +27,7 @@ from fedlora.strategies.fedavg import FedAvg
 from fedlora.strategies.ffa_lora import FfaLora
 from fedlora.strategies.flora import Flora
 from fedlora.strategies.lora_fair import LoraFair
+from fedlora.strategies.rolora import RoLora
 from fedlora.wire import protocol
 from fedlora.wire.records import from_arrayrecord, to_arrayrecord
 from tests.helpers import (
@@ -250,6 +251,7 @@ def test_epsilon_lies_between_the_exact_curve_and_the_classic_rdp_bound(z, round
         (LoraFair, "client"),
         (LoraFair, "server"),
         (FfaLora, "server"),
+        (RoLora, "client"),  # replies leave out the frozen factor fixedclipping_mod was sent
     ],
 )
 def test_strategies_that_do_not_compose_are_refused(cls, mode, tmp_path):

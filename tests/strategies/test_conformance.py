@@ -78,10 +78,17 @@ def test_kit_catches_nondeterminism():
 
 @pytest.mark.parametrize(
     "base, modes",
-    [("flora", {"client"}), ("lora_fair", {"client"}), ("ffa_lora", {"client", "server"})],
+    [
+        ("flora", {"client"}),
+        ("lora_fair", {"client"}),
+        ("ffa_lora", {"client", "server"}),
+        ("rolora", {"client"}),
+    ],
 )
 def test_kit_catches_a_false_central_dp_claim(base, modes):
-    """FLoRA stacks and LoRA-FAIR corrects (neither is a mean); FFA-LoRA sends no A."""
+    """FLoRA stacks and LoRA-FAIR corrects (neither is a mean); FFA-LoRA sends no A;
+    RoLoRA's mean is plain, but its replies leave out the frozen factor it was sent, which
+    Flower's fixedclipping_mod fails (its key check, not the mean, is what breaks)."""
     cls = type(f"Claims{base}", (load_strategy_class(base),), {"central_dp": frozenset(modes)})
     assert "central DP claim" in _failed(cls)
 

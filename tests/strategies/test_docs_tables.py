@@ -17,17 +17,40 @@ from fedlora.run.registry import BUILTINS, load_strategy_class
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
-def _rows(doc: str, header: str) -> dict[str, list[str]]:
-    """The rows of the table whose header line starts with ``header``, by first cell."""
+def _cells(line: str) -> list[str]:
+    """A markdown table line's cells; an escaped ``\\|`` stays inside its cell."""
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+
+
+def _table(doc: str, header: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The header and rows (by first cell) of the table whose header starts with ``header``.
+
+    Every row must have the header's number of cells: a stray ``|`` in a cell would cut
+    the rest of the row off where a reader sees it.
+    """
     lines = (DOCS / doc).read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    names = _cells(lines[start])
     rows: dict[str, list[str]] = {}
     for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
-        cells = [c.strip() for c in line.strip("|").split("|")]
+        cells = _cells(line)
+        assert len(cells) == len(names), f"{doc}: {len(cells)} cells, not {len(names)}: {line}"
         rows[cells[0].strip("`")] = cells[1:]
-    return rows
+    return names, rows
+
+
+def _rows(doc: str, header: str) -> dict[str, list[str]]:
+    return _table(doc, header)[1]
+
+
+@pytest.mark.parametrize(
+    ("doc", "header"),
+    [("privacy.md", "| strategy | client | server | why |"), ("strategies.md", "| name | what")],
+)
+def test_the_tables_list_exactly_the_builtins(doc: str, header: str) -> None:
+    assert set(_rows(doc, header)) == set(BUILTINS)
 
 
 @pytest.mark.parametrize("name", sorted(BUILTINS))
@@ -44,16 +67,12 @@ def test_privacy_md_central_dp_row_matches_the_declaration(name: str) -> None:
 def test_strategies_md_row_matches_the_declarations(name: str) -> None:
     rows = _rows("strategies.md", "| name | what the server does |")
     assert name in rows, f"docs/strategies.md's table has no row for {name}"
-    header = _rows_header("strategies.md", "| name | what the server does |")
+    header, _ = _table("strategies.md", "| name | what the server does |")
     row = dict(zip(header[1:], rows[name], strict=True))
     cls = load_strategy_class(name)
     assert row["secure aggregation"].startswith("composes") == cls.secure_sum, (name, row)
+    assert row["DP"].startswith("client: yes;"), (name, row["DP"])  # DP-SGD composes with all
     central = re.findall(r"central: ([a-z, ]+|no)\b", row["DP"])
     assert central, f"{name}: the DP cell names no central modes: {row['DP']!r}"
     modes = {m.strip() for m in central[0].split(",")} - {"no"}
     assert modes == set(cls.central_dp), (name, modes, cls.central_dp)
-
-
-def _rows_header(doc: str, header: str) -> list[str]:
-    line = next(x for x in (DOCS / doc).read_text().splitlines() if x.startswith(header))
-    return [c.strip() for c in line.strip("|").split("|")]
