@@ -65,9 +65,8 @@ def test_privacy_md_central_dp_row_matches_the_declaration(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(BUILTINS))
 def test_strategies_md_row_matches_the_declarations(name: str) -> None:
-    rows = _rows("strategies.md", "| name | what the server does |")
+    header, rows = _table("strategies.md", "| name | what the server does |")
     assert name in rows, f"docs/strategies.md's table has no row for {name}"
-    header, _ = _table("strategies.md", "| name | what the server does |")
     row = dict(zip(header[1:], rows[name], strict=True))
     cls = load_strategy_class(name)
     assert row["secure aggregation"].startswith("composes") == cls.secure_sum, (name, row)
