@@ -32,8 +32,9 @@ from fedlora.data.tables import (
 )
 from fedlora.model.models import load_tokenizer
 
-DATA_FORMAT = 1
-"""Bump when tokenisation changes, so cached data from older code is not reused."""
+DATA_FORMAT = 2
+"""Bump when tokenisation or partitioning changes, so cached data from older code is not
+reused (2: the size-based partitioners, "iid" among them, shuffle before slicing)."""
 
 Splits = tuple[TensorDataset, TensorDataset]
 MAX_CACHED_SPLITS = 64

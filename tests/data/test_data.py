@@ -91,3 +91,29 @@ def test_impossible_dirichlet_partitioning_names_the_setting():
         partition(table.train, cfg.data, 0, 1000)
     iid = partition(table.train, RunConfig(partitioner="iid").data, 999, 1000)
     assert len(iid) == len(table.train) // 1000 or len(iid) == len(table.train) // 1000 + 1
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "linear", "square"])
+def test_size_partitioners_mix_the_labels_of_a_sorted_table(partitioner):
+    """20 Newsgroups' training table is sorted by label; a size-based partitioner takes
+    contiguous slices, so without a shuffle its partitions would hold one to three labels."""
+    cfg = RunConfig(partitioner=partitioner, num_partitions=10)
+    train = load_table(cfg.data).train
+    assert train["label"].is_monotonic_increasing  # the case the shuffle is for
+    share = train["label"].value_counts(normalize=True).sort_index()
+    for pid in (0, 9) if partitioner == "iid" else (9,):  # the largest: over 1,000 rows
+        part = partition(train, cfg.data, pid, 10)
+        assert part["label"].nunique() == 20
+        if partitioner == "iid":  # each label's share within a few points of the whole's
+            mix = part["label"].value_counts(normalize=True).sort_index()
+            assert (mix - share).abs().max() < 0.03
+    other_seed = RunConfig(partitioner=partitioner, num_partitions=10, seed=1)
+    assert not partition(train, other_seed.data, 0, 10).equals(partition(train, cfg.data, 0, 10))
+
+
+def test_size_partitioner_that_leaves_a_partition_empty_is_named():
+    cfg = RunConfig(partitioner="exponential", num_partitions=10)
+    train = load_table(cfg.data).train
+    with pytest.raises(ConfigError, match=r"'num-partitions': 10 .*'exponential'") as err:
+        partition(train, cfg.data, 0, 10)
+    assert "Dirichlet" not in str(err.value)
