@@ -115,7 +115,10 @@ def frames(
     num = node.num_partitions or cfg.num_partitions
     pid = int(node.partition_id or 0)
     held_out = evaluation_rows(table, cfg.eval_split)  # tuning on validation never reads test
-    return partition(table.train, cfg.data, pid, num), partition(held_out, cfg.data, pid, num)
+    return (
+        partition(table.train, cfg.data, pid, num),
+        partition(held_out, cfg.data, pid, num, split=f"held-out ({cfg.eval_split})"),
+    )
 
 
 def own_file(cfg: RunConfig, path: Path, label_names: tuple[str, ...]) -> pd.DataFrame:

@@ -94,13 +94,14 @@ def round_options(cfg: RunConfig) -> RoundOptions:
 
 
 def check_partitions(cfg: RunConfig, table: TextTable) -> None:
-    """Fail before any training if the data cannot be split as configured."""
-    if cfg.num_partitions > len(table.train):
-        raise ConfigError(
-            f"Invalid value for 'num-partitions': {cfg.num_partitions} exceeds the "
-            f"{len(table.train)} training examples"
-        )
+    """Fail before any training if the data cannot be split as configured.
+
+    Every node also partitions the held-out rows it evaluates on, which are fewer: a split
+    that works for training can still leave a node none of them.
+    """
     partition(table.train, cfg.data, 0, cfg.num_partitions)
+    held_out = evaluation_rows(table, cfg.eval_split)
+    partition(held_out, cfg.data, 0, cfg.num_partitions, split=f"held-out ({cfg.eval_split})")
 
 
 def evaluation_record(server_round: int, ev: EvalResult, task: str) -> dict[str, Any]:

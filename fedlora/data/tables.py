@@ -260,9 +260,16 @@ def encode_labels(frame: pd.DataFrame, names: tuple[str, ...], source: str) -> p
 
 
 def partition(
-    frame: pd.DataFrame, spec: DataSpec, partition_id: int, num_partitions: int
+    frame: pd.DataFrame,
+    spec: DataSpec,
+    partition_id: int,
+    num_partitions: int,
+    split: str = "training",
 ) -> pd.DataFrame:
-    """The rows of ``frame`` that belong to partition ``partition_id`` of ``num_partitions``."""
+    """The rows of ``frame`` that belong to partition ``partition_id`` of ``num_partitions``.
+
+    ``split`` names the rows in errors: a node partitions its held-out rows too.
+    """
     # imported here: flwr-datasets pulls in its plotting stack (about 1 s), which a
     # ClientApp process that reads its partition from the data cache never needs
     from datasets import Dataset
@@ -279,7 +286,7 @@ def partition(
     if num_partitions > len(frame):
         raise ConfigError(
             f"Invalid value for 'num-partitions': {num_partitions} exceeds the {len(frame)} "
-            "training examples"
+            f"{split} examples"
         )
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(
@@ -345,14 +352,14 @@ def partition(
         if spec.partitioner == "dirichlet":
             raise ConfigError(
                 f"Invalid value for 'num-partitions': {num_partitions} Dirichlet partitions "
-                f"(dirichlet-alpha={spec.dirichlet_alpha}) of {len(frame)} examples could "
-                f"not be drawn ({err}). Use fewer partitions, a larger dirichlet-alpha, or "
+                f"(dirichlet-alpha={spec.dirichlet_alpha}) of {len(frame)} {split} examples "
+                f"could not be drawn ({err}). Use fewer partitions, a larger dirichlet-alpha, or "
                 'partitioner = "iid".'
             ) from err
         raise ConfigError(
             f"Invalid value for 'num-partitions': {num_partitions} partitions of "
-            f"{len(frame)} examples with partitioner = {spec.partitioner!r} could not be "
-            f"made ({err}). Use fewer partitions or another partitioner."
+            f"{len(frame)} {split} examples with partitioner = {spec.partitioner!r} could not "
+            f"be made ({err}). Use fewer partitions or another partitioner."
         ) from err
     return frame.iloc[np.sort(rows)].reset_index(drop=True)
 

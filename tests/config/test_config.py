@@ -88,6 +88,16 @@ def test_more_partitions_than_examples(tmp_path):
         check_partitions(cfg, load_table(cfg.data))
 
 
+def test_held_out_rows_too_few_for_the_partitions_are_named(tmp_path):
+    """40 rows: 32 train and 8 held out; 10 nodes can split the first, not the second, and
+    every node partitions both, so the run is refused before it starts."""
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(40)))
+    cfg = RunConfig(dataset=str(path), num_partitions=10, partitioner="iid")
+    with pytest.raises(ConfigError, match=r"10 exceeds the 8 held-out \(test\) examples"):
+        check_partitions(cfg, load_table(cfg.data))
+
+
 def test_missing_column_named(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("body,label\nhello,1\n")
