@@ -24,7 +24,8 @@ def markdown_reference() -> str:
         value = json.dumps(f.default) if isinstance(f.default, str) else repr(f.default).lower()
         if isinstance(f.default, float | int) and not isinstance(f.default, bool):
             value = repr(f.default)
-        lines.append(f"| `{f.name.replace('_', '-')}` | `{value}` | {f.metadata['help']} |")
+        meaning = f.metadata["help"].replace("|", "\\|")  # a norm's bars would split the row
+        lines.append(f"| `{f.name.replace('_', '-')}` | `{value}` | {meaning} |")
     lines += [
         "",
         "## Environment variables",
