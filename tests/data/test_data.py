@@ -96,7 +96,7 @@ def test_impossible_dirichlet_partitioning_names_the_setting():
 @pytest.mark.parametrize("partitioner", ["iid", "linear", "square"])
 def test_size_partitioners_mix_the_labels_of_a_sorted_table(partitioner):
     """20 Newsgroups' training table is sorted by label; a size-based partitioner takes
-    contiguous slices, so without a shuffle its partitions would hold one to three labels."""
+    contiguous slices, so without a shuffle each partition would hold only a few labels."""
     cfg = RunConfig(partitioner=partitioner, num_partitions=10)
     train = load_table(cfg.data).train
     assert train["label"].is_monotonic_increasing  # the case the shuffle is for
