@@ -24,6 +24,7 @@ from fedlora.data.instruct import is_labelled_only, questions_from_labels, read_
 from fedlora.data.tables import (
     TEST_FRACTION,
     encode_labels,
+    eval_subset,
     evaluation_rows,
     load_table,
     partition,
@@ -71,6 +72,7 @@ def node_data(cfg: RunConfig, node: NodeConfig, label_names: tuple[str, ...]) ->
         cfg.seed,
         cfg.validation_fraction,
         cfg.eval_split,
+        cfg.node_eval_examples,
         cfg.model,
         cfg.max_seq_len,
         node.partition_id,
@@ -86,6 +88,7 @@ def node_data(cfg: RunConfig, node: NodeConfig, label_names: tuple[str, ...]) ->
 
         def build() -> Splits:
             train_frame, test_frame = frames(cfg, node, label_names)
+            test_frame = eval_subset(test_frame, cfg.node_eval_examples, cfg.seed)
             tokenizer = load_tokenizer(cfg.model, cfg.task)
             return (
                 tokenize(train_frame, tokenizer, cfg.max_seq_len, cfg.task),

@@ -333,6 +333,11 @@ class RunConfig:
         "round (0 = server-side evaluation only).",
         0.0,
     )
+    node_eval_examples: int = _help(
+        "Held-out examples each node evaluates on in federated evaluation: a fixed random "
+        "subset of its own share (0 = the whole share).",
+        0,
+    )
     keep_checkpoints: int = _help(
         "Round checkpoints kept under output-dir/checkpoints (newest first; 0 keeps all).", 3
     )
@@ -369,7 +374,7 @@ class RunConfig:
         positive(self, "max_seq_len", "batch_size", "local_steps", "lora_rank", "eval_batch_size")
         positive(self, "round_timeout", "lr", "lora_alpha", "dirichlet_alpha", "max_failed_rounds")
         positive(self, "classes_per_partition")
-        non_negative(self, "eval_examples", "seed", "keep_checkpoints")
+        non_negative(self, "eval_examples", "node_eval_examples", "seed", "keep_checkpoints")
         if not 0.0 < self.max_message_mib <= math.ceil(LIMIT_BYTES / MIB):
             fail("max-message-mib", self.max_message_mib, "must be in (0, 2048]")
         if self.min_replies > self.clients_per_round:

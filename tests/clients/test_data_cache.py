@@ -107,3 +107,25 @@ def test_a_fresh_process_reads_its_partition_from_the_cache(tiny_model, tmp_path
 
     monkeypatch.setattr(node_data, "frames", no_partitioning)
     assert _equal(job.data(), first)
+
+
+def test_node_eval_examples_caps_the_held_out_share_only(tiny_model, tmp_path, monkeypatch):
+    """Federated evaluation on a fixed subset of each node's share; training rows unchanged."""
+    from fedlora.clients import node_data
+    from fedlora.config import RunConfig
+    from tests.helpers import make_job
+
+    monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(node_data, "_DATA_CACHE", {})
+    node = {"partition-id": 1, "num-partitions": 4}
+    whole_train, whole_test = make_job(RunConfig(model=str(tiny_model)), node).data()
+    cfg = RunConfig(model=str(tiny_model), node_eval_examples=25)
+    train, test = make_job(cfg, node).data()
+    assert len(whole_test) > 25 and len(test) == 25
+    assert _equal((train,), (whole_train,))
+    # each capped row is one of the node's own held-out rows, not another node's
+    own = {tuple(row.tolist()) for row in whole_test.tensors[0]}
+    assert all(tuple(row.tolist()) in own for row in test.tensors[0])
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2  # the cap is part of the key
+    with pytest.raises(Exception, match="node-eval-examples.*-1"):
+        RunConfig(node_eval_examples=-1)
