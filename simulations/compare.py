@@ -495,6 +495,14 @@ def main(argv: list[str] | None = None) -> int:
         "the reported runs then use the choice, the same split held out, and the test set",
     )
     parser.add_argument(
+        "--tune-seeds",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="with --tune: the seeds the candidates run on (default: --seeds); the reported "
+        "runs use --seeds",
+    )
+    parser.add_argument(
         "--validation-fraction",
         type=float,
         default=0.1,
@@ -532,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tune:
             chosen, tuning = tune(
                 args.scenarios,
-                args.seeds,
+                args.tune_seeds or args.seeds,
                 out,
                 args.supernodes,
                 extra,

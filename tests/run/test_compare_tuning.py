@@ -76,6 +76,18 @@ def test_each_scenario_gets_its_best_validation_value_and_reports_on_test(tmp_pa
     assert "Tuned `lr`" in (out / "comparison.md").read_text()
 
 
+def test_tune_seeds_tunes_on_fewer_seeds_than_the_report(tmp_path, calls):
+    out = tmp_path / "cmp"
+    args = ["--scenarios", "fedavg", "--seeds", "0", "1", "2", "--out", str(out)]
+    compare.main([*args, "--tune", "lr=0.001,0.01", "--tune-seeds", "0"])
+    tuning = [e for _, e in calls if e.get("eval-split") == "validation"]
+    reported = [e for _, e in calls if e.get("eval-split") == "test"]
+    assert len(tuning) == 2 and len(reported) == 3  # 2 candidates x seed 0; then 3 seeds
+    assert not (out / "tuning" / "lr=0.001" / "fedavg" / "seed-1").exists()
+    assert all(e["lr"] == 0.001 for e in reported)
+    assert "seeds [0]" in (out / "tuning.md").read_text()
+
+
 def test_a_finished_cell_of_another_setting_is_run_again(tmp_path, calls):
     out = tmp_path / "cmp"
     _fake_run(out / "fedavg" / "seed-0", {"lr": 0.5, "seed": 0}, 0.3)  # an untuned earlier run
