@@ -70,8 +70,11 @@ def aggregate_round(
     )
     report.metrics.update(client_metrics(updates, weights))
     report.metrics.update(strategy.extra_round_metrics(updates, weights, current, result))
-    logger.log(INFO, "Round %d aggregated %d replies, aggregation error %.3e", server_round,
-               len(updates), report.aggregation_error)  # fmt: skip
+    error = (
+        "- (personal factors)" if strategy.personal_factors else f"{report.aggregation_error:.3e}"
+    )
+    logger.log(INFO, "Round %d aggregated %d replies, aggregation error %s", server_round,
+               len(updates), error)  # fmt: skip
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -58,7 +59,7 @@ def test_a_is_the_weighted_average_b_stays_zero_and_the_head_is_fedavg():
         np.testing.assert_allclose(value, want, atol=1e-6)
 
 
-def test_a_spread_against_numpy_and_no_aggregation_error_recorded():
+def test_a_spread_against_numpy_and_no_aggregation_error_recorded(caplog):
     strategy, current, updates, w, out = _round(FedSaLora, [4], [10, 30, 60])
     num = den = 0.0
     for u, p in zip(updates, w, strict=True):
@@ -69,8 +70,11 @@ def test_a_spread_against_numpy_and_no_aggregation_error_recorded():
     assert spread == pytest.approx(num / den, rel=1e-5) and spread > 0
     # the server's round: no single global product, so no aggregation error in the record
     report = RoundReport(1)
-    result = aggregate_round(strategy, 1, updates, current, report, RoundOptions(min_replies=1), {})
+    with caplog.at_level(logging.INFO):
+        options = RoundOptions(min_replies=1)
+        result = aggregate_round(strategy, 1, updates, current, report, options, {})
     assert result is not None and np.isnan(report.aggregation_error)
+    assert "aggregation error - (personal factors)" in caplog.text and "nan" not in caplog.text
     metrics = round_metrics(report)
     assert "aggregation-error" not in metrics and metrics[A_SPREAD] > 0  # server's own p_k
 
