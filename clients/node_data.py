@@ -72,7 +72,7 @@ def node_data(cfg: RunConfig, node: NodeConfig, label_names: tuple[str, ...]) ->
         cfg.seed,
         cfg.validation_fraction,
         cfg.eval_split,
-        cfg.node_eval_examples,
+        cfg.node_eval_fraction,
         cfg.model,
         cfg.max_seq_len,
         node.partition_id,
@@ -88,7 +88,7 @@ def node_data(cfg: RunConfig, node: NodeConfig, label_names: tuple[str, ...]) ->
 
         def build() -> Splits:
             train_frame, test_frame = frames(cfg, node, label_names)
-            test_frame = eval_subset(test_frame, cfg.node_eval_examples, cfg.seed)
+            test_frame = evaluation_share(test_frame, cfg, node)
             tokenizer = load_tokenizer(cfg.model, cfg.task)
             return (
                 tokenize(train_frame, tokenizer, cfg.max_seq_len, cfg.task),
@@ -102,6 +102,18 @@ def node_data(cfg: RunConfig, node: NodeConfig, label_names: tuple[str, ...]) ->
             del _DATA_CACHE[next(iter(_DATA_CACHE))]
         _DATA_CACHE[key] = load_or_build(folder, cache_key(stamped), build)
     return _DATA_CACHE[key]
+
+
+def evaluation_share(frame: pd.DataFrame, cfg: RunConfig, node: NodeConfig) -> pd.DataFrame:
+    """The rows of ``frame`` the node evaluates on: a fixed ``node-eval-fraction`` of them.
+
+    Seeded by the run's seed and the node's partition, so nodes of equal share sizes do
+    not all pick the same positions, and every process of one node picks the same rows.
+    """
+    if cfg.node_eval_fraction >= 1.0 or frame.empty:
+        return frame
+    n = max(1, round(cfg.node_eval_fraction * len(frame)))
+    return eval_subset(frame, n, (cfg.seed, int(node.partition_id or 0)))
 
 
 def frames(

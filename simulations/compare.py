@@ -44,7 +44,11 @@ def run_cells(
     from fedlora.run.launch import LaunchError, local_federation
 
     cells = [(s, seed) for seed in seeds for s in scenarios]  # every scenario gets a seed first
-    todo = [(s, seed) for s, seed in cells if not _done(out / s / f"seed-{seed}", extra)]
+    todo = [
+        (s, seed)
+        for s, seed in cells
+        if not _done(out / s / f"seed-{seed}", {**load_scenario(s), **extra})
+    ]
     if not todo:
         return
     with local_federation(out / ".flwr") as fed, Progress() as progress:
@@ -84,19 +88,20 @@ def run_cells(
             progress.advance(task)
 
 
-def _done(cell: Path, extra: dict[str, Any]) -> bool:
-    """Whether ``cell`` finished with the settings ``extra`` asks for (a cell of another
-    setting, say another learning rate, is run again)."""
+def _done(cell: Path, wanted: dict[str, Any]) -> bool:
+    """Whether ``cell`` finished with the settings ``wanted`` asks for: its scenario's and
+    the overrides' (a cell of another setting, say another learning rate or an edited
+    scenario file, is run again)."""
     if not (cell / results.SUMMARY_FILE).is_file():
         return False
-    if not extra:
+    if not wanted:
         return True
     settings = cell / "run_config.json"
     if not settings.is_file():  # an older cell that did not record its settings
         return False
     ran = json.loads(settings.read_text())
-    wanted = json.loads(RunConfig.from_mapping(extra).to_json())
-    return all(ran.get(key) == wanted[key] for key in extra if key in wanted)
+    expected = json.loads(RunConfig.from_mapping(wanted).to_json())
+    return all(ran.get(key) == expected[key] for key in wanted if key in expected)
 
 
 def final_accuracy(cell: Path) -> float | None:
@@ -525,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         load_scenario(s)
     if args.baseline and args.baseline not in args.scenarios:  # before hours of runs, not after
         parser.error(f"--baseline {args.baseline} is not one of --scenarios")
+    if args.tune_seeds and not args.tune:
+        parser.error("--tune-seeds needs --tune")
     tuning = None
     if args.tune:
         key, _, listed = args.tune.partition("=")

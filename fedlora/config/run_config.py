@@ -333,10 +333,13 @@ class RunConfig:
         "round (0 = server-side evaluation only).",
         0.0,
     )
-    node_eval_examples: int = _help(
-        "Held-out examples each node evaluates on in federated evaluation: a fixed random "
-        "subset of its own share (0 = the whole share).",
-        0,
+    node_eval_fraction: float = _help(
+        "Share of its held-out rows (its partition's, or its data-path file's) each node "
+        "evaluates on in federated evaluation: a fixed random subset, drawn from seed and "
+        "partition-id, of at least one row; 1 = all. Proportional, so the example-weighted "
+        "mean over nodes still estimates accuracy on all their rows. Server-side: "
+        "eval-examples.",
+        1.0,
     )
     keep_checkpoints: int = _help(
         "Round checkpoints kept under output-dir/checkpoints (newest first; 0 keeps all).", 3
@@ -374,7 +377,7 @@ class RunConfig:
         positive(self, "max_seq_len", "batch_size", "local_steps", "lora_rank", "eval_batch_size")
         positive(self, "round_timeout", "lr", "lora_alpha", "dirichlet_alpha", "max_failed_rounds")
         positive(self, "classes_per_partition")
-        non_negative(self, "eval_examples", "node_eval_examples", "seed", "keep_checkpoints")
+        non_negative(self, "eval_examples", "seed", "keep_checkpoints")
         if not 0.0 < self.max_message_mib <= math.ceil(LIMIT_BYTES / MIB):
             fail("max-message-mib", self.max_message_mib, "must be in (0, 2048]")
         if self.min_replies > self.clients_per_round:
@@ -391,6 +394,14 @@ class RunConfig:
         if not 0.0 <= self.validation_fraction < 0.5:
             fail("validation-fraction", self.validation_fraction, "must be in [0, 0.5)")
         one_of("eval-split", self.eval_split, EVAL_SPLITS)
+        if not 0.0 < self.node_eval_fraction <= 1.0:
+            fail("node-eval-fraction", self.node_eval_fraction, "must be in (0, 1]")
+        if self.node_eval_fraction < 1.0 and self.fraction_evaluate == 0.0:
+            fail(
+                "node-eval-fraction",
+                self.node_eval_fraction,
+                "has no effect with fraction-evaluate = 0 (no node evaluates)",
+            )
         if self.eval_split == "validation" and self.validation_fraction == 0.0:
             fail("eval-split", self.eval_split, "needs validation-fraction > 0")
         one_of("partitioner", self.partitioner, PARTITIONERS)

@@ -364,7 +364,7 @@ def partition(
     return frame.iloc[np.sort(rows)].reset_index(drop=True)
 
 
-def eval_subset(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+def eval_subset(frame: pd.DataFrame, n: int, seed: int | tuple[int, ...]) -> pd.DataFrame:
     """A fixed random subset of ``n`` rows (all rows when n is 0 or exceeds the size)."""
     if n <= 0 or n >= len(frame):
         return frame

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import pytest
 import torch
@@ -109,23 +110,63 @@ def test_a_fresh_process_reads_its_partition_from_the_cache(tiny_model, tmp_path
     assert _equal(job.data(), first)
 
 
-def test_node_eval_examples_caps_the_held_out_share_only(tiny_model, tmp_path, monkeypatch):
-    """Federated evaluation on a fixed subset of each node's share; training rows unchanged."""
+def test_node_eval_fraction_takes_a_fixed_random_share_of_held_out_rows_only(
+    tiny_model, tmp_path, monkeypatch
+):
+    """Federated evaluation on a seeded share of each node's held-out rows; training
+    rows unchanged; the same rows in a fresh process; a data-path node's file likewise."""
     from fedlora.clients import node_data
     from fedlora.config import RunConfig
     from tests.helpers import make_job
 
-    monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(node_data, "_DATA_CACHE", {})
+    def fresh_data(cfg, node):
+        monkeypatch.setattr(node_data, "_DATA_CACHE", {})  # a new process
+        monkeypatch.setenv("FEDLORA_CACHE_DIR", "off")  # and no disk cache either
+        return make_job(cfg, node).data()
+
+    def rows(data):
+        return [tuple(r.tolist()) for r in data.tensors[0]]
+
     node = {"partition-id": 1, "num-partitions": 4}
-    whole_train, whole_test = make_job(RunConfig(model=str(tiny_model)), node).data()
-    cfg = RunConfig(model=str(tiny_model), node_eval_examples=25)
-    train, test = make_job(cfg, node).data()
-    assert len(whole_test) > 25 and len(test) == 25
+    settings = {"model": str(tiny_model), "fraction_evaluate": 1.0}
+    whole_train, whole_test = fresh_data(RunConfig(**settings), node)
+    cfg = RunConfig(**settings, node_eval_fraction=0.25)
+    train, test = fresh_data(cfg, node)
+    assert len(test) == round(0.25 * len(whole_test)) and len(whole_test) >= 8
     assert _equal((train,), (whole_train,))
-    # each capped row is one of the node's own held-out rows, not another node's
-    own = {tuple(row.tolist()) for row in whole_test.tensors[0]}
-    assert all(tuple(row.tolist()) in own for row in test.tensors[0])
-    assert len(list(tmp_path.glob("*.safetensors"))) == 2  # the cap is part of the key
-    with pytest.raises(Exception, match="node-eval-examples.*-1"):
-        RunConfig(node_eval_examples=-1)
+    own = rows(whole_test)
+    assert not Counter(rows(test)) - Counter(own)  # each one of this node's own rows ...
+    assert rows(test) != own[: len(test)]  # ... a random share, not the first n
+    assert _equal(fresh_data(cfg, node), (train, test))  # the same rows again
+    other = fresh_data(cfg, {"partition-id": 2, "num-partitions": 4})[1]
+    assert Counter(rows(other)) - Counter(own)  # another node evaluates on its own rows
+
+    # a node with its own file: the share is of that file's held-out 20%
+    path = tmp_path / "own.csv"
+    path.write_text("text,label\n" + "".join(f"doc number {i},{'ab'[i % 2]}\n" for i in range(200)))
+    own_node = {"data-path": str(path)}
+    labels = {"label_names": ("a", "b")}
+    full = make_job(RunConfig(**settings), own_node, **labels)
+    monkeypatch.setattr(node_data, "_DATA_CACHE", {})
+    assert len(full.data()[1]) == 40
+    capped = make_job(cfg, own_node, **labels)
+    monkeypatch.setattr(node_data, "_DATA_CACHE", {})
+    assert len(capped.data()[1]) == 10
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"node_eval_fraction": 0.0, "fraction_evaluate": 1.0},
+            r"node-eval-fraction.*0\.0.*\(0, 1\]",
+        ),
+        ({"node_eval_fraction": 1.5, "fraction_evaluate": 1.0}, r"node-eval-fraction.*1\.5"),
+        ({"node_eval_fraction": 0.5}, r"node-eval-fraction.*0\.5.*fraction-evaluate = 0"),
+    ],
+)
+def test_a_bad_node_eval_fraction_names_itself(settings, message):
+    from fedlora.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**settings)

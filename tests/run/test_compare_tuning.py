@@ -88,6 +88,21 @@ def test_tune_seeds_tunes_on_fewer_seeds_than_the_report(tmp_path, calls):
     assert "seeds [0]" in (out / "tuning.md").read_text()
 
 
+def test_a_cell_of_an_edited_scenario_file_is_not_taken_as_done(tmp_path):
+    cell = tmp_path / "fedsa_lora" / "seed-0"
+    _fake_run(cell, {"strategy": "fedsa_lora", "fraction-evaluate": 1.0, "seed": 0}, 0.5)
+    scenario = compare.load_scenario("fedsa_lora")  # has since gained node-eval-fraction
+    assert scenario["node-eval-fraction"] < 1.0
+    assert not compare._done(cell, scenario)
+    assert compare._done(cell, {"strategy": "fedsa_lora", "fraction-evaluate": 1.0})
+
+
+def test_tune_seeds_without_tune_is_refused(tmp_path, calls):
+    with pytest.raises(SystemExit):
+        compare.main(["--scenarios", "fedavg", "--out", str(tmp_path), "--tune-seeds", "0"])
+    assert calls == []
+
+
 def test_a_finished_cell_of_another_setting_is_run_again(tmp_path, calls):
     out = tmp_path / "cmp"
     _fake_run(out / "fedavg" / "seed-0", {"lr": 0.5, "seed": 0}, 0.3)  # an untuned earlier run
