@@ -110,7 +110,7 @@ def evaluation_share(frame: pd.DataFrame, cfg: RunConfig, node: NodeConfig) -> p
     Seeded by the run's seed and the node's partition, so nodes of equal share sizes do
     not all pick the same positions, and every process of one node picks the same rows.
     """
-    if cfg.node_eval_fraction >= 1.0 or frame.empty:
+    if cfg.node_eval_fraction >= 1.0:
         return frame
     n = max(1, round(cfg.node_eval_fraction * len(frame)))
     return eval_subset(frame, n, (cfg.seed, int(node.partition_id or 0)))

@@ -43,11 +43,12 @@ def run_cells(
 
     from fedlora.run.launch import LaunchError, local_federation
 
+    configs = {s: load_scenario(s) for s in scenarios}
     cells = [(s, seed) for seed in seeds for s in scenarios]  # every scenario gets a seed first
     todo = [
         (s, seed)
         for s, seed in cells
-        if not _done(out / s / f"seed-{seed}", {**load_scenario(s), **extra})
+        if not _done(out / s / f"seed-{seed}", {**configs[s], **extra})
     ]
     if not todo:
         return
@@ -56,7 +57,7 @@ def run_cells(
         task = progress.add_task("cells", total=len(cells), completed=len(cells) - len(todo))
         for scenario, seed in todo:
             cell = out / scenario / f"seed-{seed}"
-            scenario_config = load_scenario(scenario)
+            scenario_config = configs[scenario]
             nodes = int(scenario_config.get("num-partitions", supernodes))  # natural splits
             if cell.exists():  # an interrupted cell: start it again from scratch
                 import shutil

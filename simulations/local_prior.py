@@ -1,10 +1,10 @@
 """The accuracy a node gets from its label mix alone, without a model.
 
 Each node guesses its own most common training label for every document of its own
-test share; the result is the example-weighted accuracy over all nodes. It is the floor
-a personalised evaluation (FedSA-LoRA's: each node, its own model, its own test share)
-has to beat before it shows more than the label skew, as chance (1 / labels) is for the
-server's evaluation of one global model.
+test share; the result is the example-weighted accuracy over all nodes. It is the
+baseline a personalised evaluation (FedSA-LoRA's: each node, its own model, its own test
+share) has to beat before it shows more than the label skew, as chance (1 / labels) is
+for the server's evaluation of one global model.
 
     .venv/bin/python simulations/local_prior.py --seeds 0 1 2 [-c partitioner=iid ...]
 """
