@@ -33,6 +33,7 @@ from fedlora.lora.base_merge import LAST_MERGED, NodeBase, without_stacks
 from fedlora.lora.plan import ClientPlan
 from fedlora.lora.spec import LoraSpec
 from fedlora.lora.state import state_from_dict
+from fedlora.model.calibration import mean_base_gradients
 from fedlora.model.device import (
     Placement,
     memory_metrics,
@@ -60,6 +61,8 @@ PRIVACY_STATE = "privacy"
 """Store name of the node's DP budget (accountant history, sigma, q, delta)."""
 LOCAL_B_STATE = "local-b"
 """Store name of the node's own lora_B (``ClientPlan.local_b``, FedSA-LoRA)."""
+CORE_BASES_STATE = "core-bases"
+"""Store name of the fixed bases a server sent (``ClientPlan.core_bases``, Fed-SB)."""
 
 
 def _configure_threads() -> None:
@@ -193,12 +196,23 @@ class LocalJob:
             attach_core(model)
         fresh = state_from_peft(model, spec.scaling).to_state_dict()
         local = self.store.load(LOCAL_B_STATE)[0] if self.plan.local_b else None
+        if self.plan.core_bases:
+            local = self.core_bases()
         start = self.plan.start(fresh, without_stacks(self.tensors), local)
         load_into_peft(model, state_from_dict(start, spec.scaling))
         for name, param in model.named_parameters():
             if param.requires_grad and not self.plan.trains(name):
                 param.requires_grad_(False)
         return model
+
+    def core_bases(self) -> dict[str, np.ndarray]:
+        """The fixed bases of a ``core_bases`` plan: as sent (then stored), or as stored."""
+        stored, meta = self.store.load(CORE_BASES_STATE)
+        stored_id = str(meta.get("id", ""))
+        bases = self.plan.sent_bases(without_stacks(self.tensors), stored, stored_id)
+        if stored_id != self.plan.core_bases or bases is not stored:
+            self.store.save(CORE_BASES_STATE, bases, {"id": self.plan.core_bases})
+        return bases
 
     def train(self) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Run the local steps; return the reply's (encoded) tensors and the metrics."""
@@ -231,6 +245,8 @@ class LocalJob:
         train_data, _ = self.data()
         if len(train_data) == 0:
             raise ConfigError(f"Node partition {self.node.partition_id} has no training examples")
+        if self.plan.calibrate:
+            return self._calibrate(placement, train_data)
         base = self.merged_base()
         model = self.model(base)
         optimizer = make_optimizer(model, cfg.lr)
@@ -306,6 +322,30 @@ class LocalJob:
                 "dp-steps": private.budget.steps,
             }
         return tensors, metrics
+
+    def _calibrate(
+        self, placement: Placement, train_data: TensorDataset
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """A ``calibrate`` plan: the mean base-weight gradients, nothing trained."""
+        cfg = self.cfg
+        count = min(self.plan.calibrate, len(train_data))
+        steps = -(-count // cfg.batch_size)
+        seed = cfg.seed * 1_000_003 + self.server_round * 1009 + self.partition_key
+        batches = sampled_loader(train_data, cfg.batch_size, steps, seed)
+        started = time.perf_counter()
+        with torch.random.fork_rng(devices=[]), on_device(placement.device):
+            torch.manual_seed(seed)
+            grads, seen, loss = mean_base_gradients(self.model(), batches, placement)
+        wire = encode_reply(
+            self.store, grads, self.tensors, self.plan, cfg.uplink, self.server_round
+        )  # gradients have no shared reference, so they travel as they are
+        return wire, {
+            protocol.NUM_EXAMPLES: seen,
+            protocol.TRAIN_LOSS: loss,
+            protocol.TRAIN_LOSS_FIRST: loss,
+            protocol.TRAIN_SECONDS: time.perf_counter() - started,
+            "train-steps": 0,
+        }
 
     def scheduler(
         self, optimizer: torch.optim.Optimizer

@@ -64,15 +64,21 @@ def aggregate_round(
     report.outcomes = [
         replace(o, weight=by_node[o.node_id]) if o.status == "ok" else o for o in report.outcomes
     ]
-    # personal factors (FedSA-LoRA's own B per node): no single global product to compare
+    # no single global product to compare: personal factors (FedSA-LoRA's own B per node),
+    # or a calibration round (the nodes trained nothing)
+    unmeasured = (
+        "personal factors"
+        if strategy.personal_factors
+        else "calibration"
+        if all(u.plan.calibrate for u in updates)
+        else ""
+    )
     report.aggregation_error = (
-        float("nan") if strategy.personal_factors else aggregation_error(updates, weights, result)
+        float("nan") if unmeasured else aggregation_error(updates, weights, result)
     )
     report.metrics.update(client_metrics(updates, weights))
     report.metrics.update(strategy.extra_round_metrics(updates, weights, current, result))
-    error = (
-        "- (personal factors)" if strategy.personal_factors else f"{report.aggregation_error:.3e}"
-    )
+    error = f"- ({unmeasured})" if unmeasured else f"{report.aggregation_error:.3e}"
     logger.log(INFO, "Round %d aggregated %d replies, aggregation error %s", server_round,
                len(updates), error)  # fmt: skip
     return result
@@ -119,7 +125,7 @@ def aggregate_secure_sum(
     """
     try:
         state = strategy.decode_update(server_round, plan, mean, current)
-        check_against(state, current, plan.rank)
+        check_against(state, plan.update_layout(current), plan.rank)
         state.check_finite()
     except Exception as err:
         report.skip(f"the secure sum does not decode: {type(err).__name__}: {err}")

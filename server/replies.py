@@ -61,7 +61,7 @@ def read_reply(
         tensors = links.receive(node_id, wire, plan.reply_shapes(current), plan)
         metrics["decode-seconds"] = time.perf_counter() - started
         state = strategy.decode_update(server_round, plan, tensors, current)
-        check_against(state, current, plan.rank)
+        check_against(state, plan.update_layout(current), plan.rank)
         state.check_finite()
         update = ClientUpdate(node_id, n, state, metrics, plan)
         veto = strategy.accept_update(server_round, update)

@@ -123,23 +123,23 @@ class LoraStrategy(ABC):
     """Base class of every fedlora strategy (built-in or plugin).
 
     Subclasses set ``name`` and ``description`` and implement :meth:`aggregate`. Class
-    attributes declare what the conformance kit checks and the docs may claim: ``exact``
-    (the aggregation error is zero up to float error), ``heterogeneous_ranks`` (clients
-    may train at different ranks) and ``central_dp``, the modes of Flower's central-DP
-    wrappers it composes with: ``"client"`` holds when :meth:`aggregate` is the plain
-    mean of what the nodes sent, ``"server"`` also needs every reply to carry every tensor
-    of the global adapter. ``merges_into_base`` says that plans merge stacks into the
-    nodes' base weights (FLoRA): such a strategy is refused with a quantised base, whose
-    packed weights cannot take W0 + delta. ``server_optimizer`` says that the aggregate is a
-    point in the global adapter's own coordinates, so that ``server-optimizer`` (FedAvgM,
-    FedAdam, FedYogi) may step along aggregate - current; the kit checks that nodes which
-    send the global adapter back unchanged get it back. ``secure_sum``: aggregate reads the
-    replies only via their weighted mean (SecAgg+ passes just that). ``personal_factors``:
-    nodes keep a factor the server never sees (FedSA-LoRA's B), so the server neither
-    evaluates the global adapter nor records an aggregation error. ``Settings`` is a frozen
-    dataclass of the strategy's own options: the server fills it from
-    ``strategy-options`` (kebab-case keys; unknown keys are refused), and the strategy
-    reads ``self.settings``.
+    attributes declare what the conformance kit checks and the docs may claim: ``exact`` (the
+    aggregation error is zero up to float error), ``heterogeneous_ranks`` (clients may train at
+    different ranks) and ``central_dp``, the modes of Flower's central-DP wrappers it composes
+    with: ``"client"`` holds when :meth:`aggregate` is the plain mean of what the nodes sent,
+    ``"server"`` also needs every reply to carry every tensor of the global adapter.
+    ``merges_into_base`` says that plans merge stacks into the nodes' base weights (FLoRA): such
+    a strategy is refused with a quantised base, whose packed weights cannot take W0 + delta.
+    ``server_optimizer`` says that the aggregate is a point in the global adapter's own
+    coordinates, so that ``server-optimizer`` (FedAvgM, FedAdam, FedYogi) may step along
+    aggregate - current; the kit checks that nodes which send the global adapter back unchanged
+    get it back. ``secure_sum``: aggregate reads the replies only via their weighted mean
+    (SecAgg+ passes just that). ``personal_factors``: nodes keep a factor the server never sees
+    (FedSA-LoRA's B), so the server neither evaluates the global adapter nor records an
+    aggregation error. ``client_dp`` false: some reply carries raw data DP-SGD does not noise
+    (calibration gradients): ``dp`` is refused. ``Settings`` is a frozen dataclass of the
+    strategy's own options: the server fills it from ``strategy-options`` (kebab-case keys;
+    unknown keys are refused), and the strategy reads ``self.settings``.
 
     Parameters
     ----------
@@ -161,6 +161,7 @@ class LoraStrategy(ABC):
     server_optimizer: ClassVar[bool] = False
     secure_sum: ClassVar[bool] = False
     personal_factors: ClassVar[bool] = False
+    client_dp: ClassVar[bool] = True
     Settings: ClassVar[type] = NoSettings
 
     def __init__(self, lora: LoraSpec, *, seed: int = 0, settings: Any = None) -> None:
@@ -263,12 +264,10 @@ class LoraStrategy(ABC):
 # The math every strategy shares (pure functions on numpy arrays)              #
 # --------------------------------------------------------------------------- #
 def weighted_average(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """sum_k w_k x_k, summed in float64, returned as float32.
+    """sum_k w_k x_k in a float64 accumulator, returned as float32.
 
-    Each product w_k x_k is formed in float32 (within one float32 ulp of exact) and added
-    to a float64 accumulator, so no float64 copy of a client's tensor is made: about 1.5x
-    a plain float32 weighted sum (simulations/bench_aggregation.py). The error is at most
-    one float32 rounding of each product, 2^-24 sum_k |w_k x_k|, plus the final rounding.
+    Each w_k x_k is formed in float32, so no float64 copy of a client's tensor is made (1.5x
+    a float32 sum, bench_aggregation.py); the error is at most 2^-24 sum_k |w_k x_k| + 1 ulp.
     """
     out = np.zeros(np.shape(arrays[0]), dtype=np.float64)
     for x, w in zip(arrays, weights, strict=True):

@@ -10,6 +10,7 @@ numpy only: no Flower, no torch. ``fedlora check-strategy NAME`` runs the kit.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,8 +35,9 @@ from fedlora.strategies.api import (
 class SimulatedClient:
     """One fake node: an id, its rank, a number of examples and a step size for its training.
 
-    It keeps a merged base and what its plans keep (``ClientPlan.kept``: a local lora_B)
-    across rounds, like a real node's store.
+    It keeps a merged base, what its plans keep (``ClientPlan.kept``: a local lora_B) and
+    the fixed bases it was sent (``ClientPlan.core_bases``) across rounds, like a real
+    node's store. A ``calibrate`` plan is answered with seeded random gradients.
     """
 
     node_id: int
@@ -44,6 +46,8 @@ class SimulatedClient:
     step: float = 0.1
     base: NodeBase = field(default_factory=NodeBase)
     local: dict[str, np.ndarray] = field(default_factory=dict)
+    bases: dict[str, np.ndarray] = field(default_factory=dict)
+    bases_id: str = ""
 
     def fresh(self, current: AdapterState, rank: int, rng: np.random.Generator) -> dict:
         """A fresh peft-like initialisation at ``rank``: random A, zero B, the current dense."""
@@ -66,11 +70,18 @@ class SimulatedClient:
         rng: np.random.Generator,
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Follow ``plan`` on ``payload``: the reply's tensors and metrics."""
+        if plan.calibrate:
+            shapes = plan.reply_shapes(current)
+            return {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}, {}
         self.base = self.base.merged(
             payload, plan.merge_rounds, strategy.scaling, reset=plan.reset_base
         )
         fresh = self.fresh(current, plan.rank, rng)
-        start = plan.start(fresh, without_stacks(payload), self.local if plan.local_b else None)
+        local = self.local if plan.local_b else None
+        if plan.core_bases:
+            local = plan.sent_bases(without_stacks(payload), self.bases, self.bases_id)
+            self.bases, self.bases_id = local, plan.core_bases
+        start = plan.start(fresh, without_stacks(payload), local)
         trained = {}
         for key, value in start.items():
             noise = self.step * rng.standard_normal(value.shape) if plan.trains(key) else 0.0
@@ -150,12 +161,16 @@ def _play(
     rounds: int,
     seed: int = 0,
     replying: Sequence[int] | None = None,
+    clients: list[SimulatedClient] | None = None,
 ) -> tuple[LoraStrategy, list[AdapterState], list[tuple[list[ClientUpdate], np.ndarray]]]:
-    """Run ``rounds`` in memory; return the strategy, the global states and each round's inputs."""
+    """Run ``rounds`` in memory; return the strategy, the global states and each round's inputs.
+
+    ``clients``: the nodes to play (they keep their state); by default fresh ones.
+    """
     rank = max(ranks)
     strategy = _fresh(cls, rank, seed)
     current = _initial(strategy, rank, seed)
-    clients = _clients(ranks, examples)
+    clients = _clients(ranks, examples) if clients is None else clients
     rng = np.random.default_rng(seed + 1)
     states, inputs = [current], []
     for r in range(1, rounds + 1):
@@ -394,18 +409,29 @@ def _check_zero_weight(cls: type[LoraStrategy], seed: int) -> str:
 
 
 def _check_restore(cls: type[LoraStrategy], seed: int) -> str:
+    """A strategy restored from its checkpoint plays round 2 as the original does.
+
+    Round 2 goes to the nodes of round 1 (their stores kept) and, for a base-merging
+    strategy, also to fresh nodes, which it must catch up.
+    """
     from fedlora.run.checkpoint import restore_state, serialise_state
 
-    strategy, states, _ = _play(cls, [4, 4, 4], [10, 20, 30], rounds=1, seed=seed)
+    played = _clients([4, 4, 4], [10, 20, 30])
+    strategy, states, _ = _play(cls, [4, 4, 4], [10, 20, 30], rounds=1, seed=seed, clients=played)
     clone = _fresh(cls, 4, seed)
     clone.load_state_dict(restore_state(*serialise_state(strategy.state_dict())))
-    outs = []
-    for strat in (strategy, clone):  # fresh nodes: a base-merging strategy must catch them up
-        clients = _clients([4, 4, 4], [10, 20, 30])
-        ups, _ = simulate_round(strat, 2, states[1], clients, np.random.default_rng(seed + 7))
-        n = np.array([u.num_examples for u in ups], float)
-        outs.append(strat.aggregate(2, ups, n / n.sum(), states[1]))
-    _require(_same(outs[0], outs[1]), "the restored strategy's next round differs")
+    cases = {"the nodes of round 1": played}
+    if cls.merges_into_base:
+        cases["fresh nodes"] = _clients([4, 4, 4], [10, 20, 30])
+    for case, nodes in cases.items():
+        outs = []
+        for strat in (copy.deepcopy(strategy), copy.deepcopy(clone)):  # a round changes them
+            clients = copy.deepcopy(nodes)
+            rng = np.random.default_rng(seed + 7)
+            ups, _ = simulate_round(strat, 2, states[1], clients, rng)
+            n = np.array([u.num_examples for u in ups], float)
+            outs.append(strat.aggregate(2, ups, n / n.sum(), states[1]))
+        _require(_same(outs[0], outs[1]), f"the restored strategy's next round differs ({case})")
     return ""
 
 

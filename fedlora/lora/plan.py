@@ -16,9 +16,16 @@ import numpy as np
 
 from fedlora.lora.lowrank import procrustes_rotation
 from fedlora.lora.seeded import seeded_a, seeded_orthonormal
-from fedlora.lora.state import A_SUFFIX, B_SUFFIX, CORE_SUFFIX, AdapterError, AdapterState
+from fedlora.lora.state import (
+    A_SUFFIX,
+    B_SUFFIX,
+    CORE_SUFFIX,
+    GRAD_SUFFIX,
+    AdapterError,
+    AdapterState,
+)
 
-PLAN_VERSION = 3
+PLAN_VERSION = 4
 """Bump when a field changes meaning; a node refuses a plan of another version."""
 
 
@@ -58,7 +65,20 @@ class ClientPlan:
     (:mod:`fedlora.model.lora_core`). lora_A and lora_B are :func:`core_basis` of
     ``init_seed`` (orthonormal rows of A, orthonormal columns of B), rebuilt by each end and
     frozen; R (key ``<module>.lora_R.weight``) starts from the payload and is trained with
-    the dense tensors; the reply carries R and the dense tensors, never A or B."""
+    the dense tensors; the reply carries R and the dense tensors, never A or B. With
+    ``core_bases`` set, A and B are not seeded but sent (see that field)."""
+    core_bases: str = ""
+    """With ``train_core``: the id of fixed bases the server computed (Fed-SB with LoRA-SB's
+    data-aware initialisation) instead of the seeded ones. A payload that carries lora_A and
+    lora_B gives them, and the node stores them under this id; a payload without them means
+    "use the ones you stored", and a node that stored none (or another id) fails, so the
+    server sends them again."""
+    calibrate: int = 0
+    """LoRA-SB's calibration: train nothing; the reply carries, for each adapted module, the
+    mean loss gradient of its frozen base weight (``<module>.base_grad``, d_out x d_in) over
+    up to ``calibrate`` of the node's training examples, and nothing else. The received
+    dense tensors (the head) load first; the LoRA factors are the fresh ones (B = 0, so
+    the adapter adds nothing)."""
     local_b: bool = False
     """FedSA-LoRA: lora_B is the node's own. The node starts it from the lora_B it stored
     after its last training (``local`` of :meth:`start`; zero the first time, peft's init),
@@ -77,6 +97,17 @@ class ClientPlan:
             raise AdapterError(
                 "train_core fixes lora_A and lora_B at the seeded bases: it cannot be combined "
                 "with reinit, a_from_seed or align_rotation"
+            )
+        if self.core_bases and not self.train_core:
+            raise AdapterError("core_bases names the fixed bases of a train_core plan")
+        if self.calibrate < 0:
+            raise AdapterError(f"plan calibrate {self.calibrate} must be >= 0")
+        if self.calibrate and (
+            self.send_a or self.send_b or self.train_core or self.local_b or self.merge_rounds
+        ):
+            raise AdapterError(
+                "a calibrate plan trains nothing and replies only base-weight gradients: it "
+                "sends no lora_A or lora_B and cannot train a core, keep a local lora_B or merge"
             )
         if self.local_b and (self.send_b or self.freeze_b or self.reinit or self.train_core):
             raise AdapterError(
@@ -109,7 +140,7 @@ class ClientPlan:
             if self.a_from_seed and key.endswith(A_SUFFIX):
                 start[key] = self.seeded(key, value.shape[1])
         if self.train_core:
-            start = self._core_start(start)
+            start = self._core_start(start, local if self.core_bases else None)
         if self.local_b:
             start = self._local_start(start, local or {})
         return start
@@ -144,15 +175,42 @@ class ClientPlan:
         """
         return not (self.local_b and key.endswith(B_SUFFIX))
 
-    def _core_start(self, start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``train_core``: the seeded bases as lora_A / lora_B, R as received (or zero)."""
+    def _core_start(
+        self, start: dict[str, np.ndarray], bases: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """``train_core``: the fixed bases as lora_A / lora_B, R as received (or zero).
+
+        The bases are the seeded ones, or with ``core_bases`` those in ``bases``.
+        """
         for key in [k for k in start if k.endswith(A_SUFFIX)]:
             module = key[: -len(A_SUFFIX)]
             d_in, d_out = start[key].shape[1], start[module + B_SUFFIX].shape[0]
-            a, b = core_basis(module, self.rank, d_in, d_out, self.init_seed)
+            if self.core_bases:
+                a, b = bases_of(bases or {}, module, self.rank, d_in, d_out, self.core_bases)
+            else:
+                a, b = core_basis(module, self.rank, d_in, d_out, self.init_seed)
             start[key], start[module + B_SUFFIX] = a, b
             start.setdefault(module + CORE_SUFFIX, np.zeros((self.rank, self.rank), np.float32))
         return start
+
+    def sent_bases(
+        self, received: Mapping[str, np.ndarray], stored: Mapping[str, np.ndarray], stored_id: str
+    ) -> dict[str, np.ndarray]:
+        """``core_bases``: the payload's lora_A / lora_B, else the node's stored ones.
+
+        Raises when the payload carries none and the node stored none under this id: the
+        error reply tells the server to send them again.
+        """
+        sent = {k: np.asarray(v, np.float32) for k, v in received.items() if is_factor(k)}
+        if sent:
+            return sent
+        if stored and stored_id == self.core_bases:
+            return dict(stored)
+        raise AdapterError(
+            f"this node holds no fixed bases '{self.core_bases}' (it stored "
+            f"{repr(stored_id) if stored else 'none'}) and the payload carries none: its "
+            "state was lost; the server sends them again the next time it samples this node"
+        )
 
     def seeded(self, key: str, d_in: int) -> np.ndarray:
         """The shared seeded lora_A of the module of ``key`` at this plan's rank."""
@@ -184,6 +242,9 @@ class ClientPlan:
 
     def reply_shapes(self, current: AdapterState) -> dict[str, tuple[int, ...]]:
         """The tensors a reply carries, at this plan's rank (what the server expects)."""
+        if self.calibrate:
+            factors = current.factors.items()
+            return {m + GRAD_SUFFIX: (f.b.shape[0], f.a.shape[1]) for m, f in factors}
         shapes: dict[str, tuple[int, ...]] = {}
         for module, f in current.factors.items():
             if self.send_a:
@@ -194,6 +255,21 @@ class ClientPlan:
                 shapes[module + CORE_SUFFIX] = (self.rank, self.rank)
         shapes.update({k: tuple(v.shape) for k, v in current.dense.items()})
         return shapes
+
+    def update_layout(self, current: AdapterState) -> AdapterState:
+        """The shape a decoded reply of this plan takes (what the server checks it against).
+
+        ``current``'s modules and dense tensors; for ``calibrate``, ``current``'s modules
+        with each module's gradient, keyed by the module, as the dense tensors (zero-size
+        views: only the shapes are read).
+        """
+        if not self.calibrate:
+            return current
+        grads = {
+            m: np.broadcast_to(np.float32(0), (f.b.shape[0], f.a.shape[1]))
+            for m, f in current.factors.items()
+        }
+        return AdapterState(dict(current.factors), grads, current.scaling)
 
     def reference(
         self, shapes: Mapping[str, tuple[int, ...]], received: Mapping[str, np.ndarray]
@@ -264,6 +340,19 @@ def align_to(
         out[key] = (rotation @ np.asarray(a, np.float64)).astype(np.float32)
         out[b_key] = (np.asarray(trained[b_key], np.float64) @ rotation.T).astype(np.float32)
     return out
+
+
+def bases_of(
+    bases: Mapping[str, np.ndarray], module: str, rank: int, d_in: int, d_out: int, bases_id: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``module``'s (A, B) from ``bases``, checked against the shapes the model needs."""
+    a, b = bases.get(module + A_SUFFIX), bases.get(module + B_SUFFIX)
+    if a is None or b is None or np.shape(a) != (rank, d_in) or np.shape(b) != (d_out, rank):
+        raise AdapterError(
+            f"the fixed bases '{bases_id}' lack a {rank} x {d_in} lora_A and a {d_out} x {rank} "
+            f"lora_B for '{module}'"
+        )
+    return np.asarray(a, np.float32), np.asarray(b, np.float32)
 
 
 def is_factor(key: str) -> bool:

@@ -20,6 +20,9 @@ CORE_SUFFIX = ".lora_R.weight"
 
 Not a factor here: a flat state keeps it with the dense tensors; only a plan with
 ``train_core`` (:class:`fedlora.lora.plan.ClientPlan`) gives it its meaning."""
+GRAD_SUFFIX = ".base_grad"
+"""A module's mean loss gradient of its frozen base weight (d_out x d_in), the reply of a
+``calibrate`` plan (Fed-SB's data-aware bases); a dense tensor here, like the core."""
 
 
 class AdapterError(ValueError):

@@ -27,6 +27,7 @@ BUILTINS: dict[str, str] = {
     "fedrot_lora": "fedlora.strategies.fedrot_lora:FedRotLora",
     "fedex_lora": "fedlora.strategies.fedex_lora:FedExLora",
     "fed_sb": "fedlora.strategies.fed_sb:FedSb",
+    "fed_sb_data": "fedlora.strategies.fed_sb:FedSbData",
     "fedsa_lora": "fedlora.strategies.fedsa_lora:FedSaLora",
 }
 
@@ -102,7 +103,19 @@ def check_run_strategy(cfg: Any) -> type[Any]:
     )
     check_secure_aggregation(cfg.secure_aggregation, cls, cfg.strategy)
     check_personal_evaluation(cfg.fraction_evaluate, cls, cfg.strategy)
+    check_client_dp(cfg.dp, cls, cfg.strategy)
     return cls
+
+
+def check_client_dp(dp: bool, cls: type[Any], name: str) -> None:
+    """Refuse client DP-SGD for a strategy whose nodes send data that DP-SGD does not noise."""
+    if dp and not getattr(cls, "client_dp", True):
+        raise ConfigError(
+            f"Invalid value for 'dp': True, but strategy {name!r} does not declare client_dp: "
+            "some of its rounds reply with raw data-derived tensors (fed_sb_data's "
+            "calibration gradients) that DP-SGD neither clips nor noises; use fed_sb "
+            "(seeded bases) or dp=false"
+        )
 
 
 def check_personal_evaluation(fraction_evaluate: float, cls: type[Any], name: str) -> None:

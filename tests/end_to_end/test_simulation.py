@@ -216,6 +216,7 @@ SIGNS = COMPRESSED | {"uplink-density": 1.0, "uplink-values": "sign"}  # 1 bit p
         ("fedrot_lora", {"server-optimizer": "fedavgm"}),
         ("fedex_lora", {}),
         ("fed_sb", {"dp": True, "dp-noise": 0.8, "lora-alpha": 64.0}),  # R only, under DP-SGD
+        ("fed_sb_data", {"lora-alpha": 64.0, **COMPRESSED}),  # calibration, then R; codecs
         ("fedsa_lora", {"fraction-evaluate": 1.0}),  # A shared, each node keeps its own B
     ],
 )
@@ -229,7 +230,7 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
         extra = extra | {"node-state-dir": str(tmp_path / "nodes")}
     overrides = tiny_run(tiny_model, out, strategy=strategy, **{"num-server-rounds": 3}, **extra)
     simulate_in_process(overrides)
-    records = _check_results(out, rounds=3, product=strategy != "fedsa_lora")
+    records = _check_results(out, rounds=3, product=strategy not in ("fedsa_lora", "fed_sb_data"))
     errors = [r["aggregation_error"] for r in records[1:]]
     if strategy in ("ffa_lora", "flora", "rolora", "fedsvd"):
         assert max(errors) < 1e-5, errors  # exact strategies, also with mixed ranks
@@ -246,6 +247,8 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
         assert records[1]["bytes_up"] < records[1]["bytes_down"] * 2
     if strategy == "fed_sb":
         _check_fed_sb(out, records, overrides)
+    if strategy == "fed_sb_data":
+        _check_fed_sb_data(out, records)
     if strategy == "fedsa_lora":
         _check_fedsa_lora(out, records, tmp_path / "nodes")
     if strategy == "fedex_lora":  # the residual in the base makes the update exact
@@ -267,6 +270,8 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
         for r in records[1:]:
             if extra.get("dp"):
                 assert all(n["epsilon"] > 0 for n in r["nodes"])
+            if r["metrics"].get("sb-init-energy") is not None:
+                continue  # Fed-SB's calibration: the gradients travel as they are
             assert r["bytes_up"] < r["dense_up"] / 3, (r["bytes_up"], r["dense_up"])
             assert r["bytes_down"] < r["dense_down"] * 1.2, (r["bytes_down"], r["dense_down"])
     ranks = {n["node_id"] for r in records[1:] for n in r["nodes"]}
@@ -294,6 +299,38 @@ def _check_fedsa_lora(out, records, nodes):
         assert all(np.any(b[k]) for k in b_keys)  # trained away from peft's zero
     assert any(not np.allclose(own[0][k], own[1][k]) for k in b_keys)  # each node's own
     assert "federated evaluation" in (out / results.SUMMARY_FILE).read_text()
+
+
+def _check_fed_sb_data(out, records):
+    """Round 1 sends gradients up; then R up, and the fixed bases down once per node."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    modules = [k[: -len(".lora_A.weight")] for k in adapter if k.endswith(".lora_A.weight")]
+    a_of = {m: adapter[m + ".lora_A.weight"] for m in modules}
+    b_of = {m: adapter[m + ".lora_B.weight"] for m in modules}
+    rank = a_of[modules[0]].shape[0]
+    head = sum(v.size for k, v in adapter.items() if "lora_" not in k)
+    grads = 4 * sum(b_of[m].shape[0] * a_of[m].shape[1] for m in modules)
+    bases = 4 * sum(a_of[m].size + b_of[m].shape[0] * rank for m in modules)
+    r_and_head = 4 * (len(modules) * rank * rank + head)
+    first = records[1]
+    assert first["aggregation_error"] is None and 0 < first["metrics"]["sb-init-energy"] <= 1
+    for n in first["nodes"]:
+        assert n["dense_up"] == grads and n["dense_down"] == 4 * head, (n, grads)
+    sent = set()
+    for r in records[2:]:
+        assert r["aggregation_error"] < 1e-5  # exact: the mean of R
+        for n in r["nodes"]:
+            assert n["dense_up"] == r_and_head, (n, r_and_head)
+            # the bases go to a node once: to every node of round 2, then only to new ones
+            assert n["dense_down"] == r_and_head + (0 if n["node_id"] in sent else bases), n
+            sent.add(n["node_id"])
+    for m in modules:  # fixed data-aware bases: orthonormal rows of A, b = B R in B's span
+        a = a_of[m]
+        np.testing.assert_allclose(a @ a.T, np.eye(rank), atol=1e-5)
+        assert np.abs(b_of[m]).max() > 0
 
 
 def _check_fed_sb(out, records, overrides):

@@ -135,7 +135,7 @@ def test_fedrot_lora_clients_align_and_the_server_averages():
 def test_plans_carry_the_new_fields_and_refuse_freezing_both_factors():
     plan = ClientPlan(rank=4, freeze_b=True, send_b=False, align_rotation=True)
     assert ClientPlan.from_json(plan.to_json()) == plan
-    assert f'"version": {PLAN_VERSION}' in plan.to_json() and PLAN_VERSION == 3
+    assert f'"version": {PLAN_VERSION}' in plan.to_json() and PLAN_VERSION == 4
     assert not plan.trains("m.lora_B.weight") and plan.trains("m.lora_A.weight")
     reply = plan.reply({"m.lora_A.weight": np.ones((4, 3)), "m.lora_B.weight": np.ones((2, 4))})
     assert list(reply) == ["m.lora_A.weight"]
