@@ -33,7 +33,7 @@ from fedlora.lora.base_merge import LAST_MERGED, NodeBase, without_stacks
 from fedlora.lora.plan import ClientPlan
 from fedlora.lora.spec import LoraSpec
 from fedlora.lora.state import state_from_dict
-from fedlora.model.calibration import mean_base_gradients
+from fedlora.model.calibration import calibration_loader, mean_base_gradients
 from fedlora.model.device import (
     Placement,
     memory_metrics,
@@ -326,12 +326,16 @@ class LocalJob:
     def _calibrate(
         self, placement: Placement, train_data: TensorDataset
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """A ``calibrate`` plan: the mean base-weight gradients, nothing trained."""
+        """A ``calibrate`` plan: the mean base-weight gradients, nothing trained.
+
+        The gradients are means over ``calibrate`` examples drawn from the node's data; the
+        node counts, as in a training round, all its examples, so the server weights the
+        means by the nodes' sizes, which makes their weighted mean estimate the gradient
+        over all the sampled nodes' data.
+        """
         cfg = self.cfg
-        count = min(self.plan.calibrate, len(train_data))
-        steps = -(-count // cfg.batch_size)
         seed = cfg.seed * 1_000_003 + self.server_round * 1009 + self.partition_key
-        batches = sampled_loader(train_data, cfg.batch_size, steps, seed)
+        batches = calibration_loader(train_data, cfg.batch_size, self.plan.calibrate, seed)
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[]), on_device(placement.device):
             torch.manual_seed(seed)
@@ -340,11 +344,12 @@ class LocalJob:
             self.store, grads, self.tensors, self.plan, cfg.uplink, self.server_round
         )  # gradients have no shared reference, so they travel as they are
         return wire, {
-            protocol.NUM_EXAMPLES: seen,
+            protocol.NUM_EXAMPLES: len(train_data),
             protocol.TRAIN_LOSS: loss,
             protocol.TRAIN_LOSS_FIRST: loss,
             protocol.TRAIN_SECONDS: time.perf_counter() - started,
             "train-steps": 0,
+            "calibration-examples": seen,
         }
 
     def scheduler(

@@ -37,6 +37,10 @@ class NodeLinks:
             self._received[node_id] = dict(payload)
             return dict(payload), {}
         held_round, held = self._held.get(node_id, (-1, None))
+        if held is not None and not set(held) <= set(payload):
+            # the payload drops a tensor the node holds (Fed-SB's bases, sent once): the
+            # node would read it as an encoded delta, so this payload goes dense
+            held_round, held = -1, None
         wire = encode_downlink(payload, held, self.downlink)
         received = apply_downlink(wire, held)
         self._received[node_id] = received

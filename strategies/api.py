@@ -136,10 +136,10 @@ class LoraStrategy(ABC):
     get it back. ``secure_sum``: aggregate reads the replies only via their weighted mean
     (SecAgg+ passes just that). ``personal_factors``: nodes keep a factor the server never sees
     (FedSA-LoRA's B), so the server neither evaluates the global adapter nor records an
-    aggregation error. ``client_dp`` false: some reply carries raw data DP-SGD does not noise
-    (calibration gradients): ``dp`` is refused. ``Settings`` is a frozen dataclass of the
-    strategy's own options: the server fills it from ``strategy-options`` (kebab-case keys;
-    unknown keys are refused), and the strategy reads ``self.settings``.
+    aggregation error. ``calibrates``: a plan asks for base-weight gradients: ``dp`` and a
+    quantised base are refused. ``Settings`` is a frozen dataclass of the strategy's own
+    options: the server fills it from ``strategy-options`` (kebab-case keys; unknown keys are
+    refused), and the strategy reads ``self.settings``.
 
     Parameters
     ----------
@@ -161,7 +161,7 @@ class LoraStrategy(ABC):
     server_optimizer: ClassVar[bool] = False
     secure_sum: ClassVar[bool] = False
     personal_factors: ClassVar[bool] = False
-    client_dp: ClassVar[bool] = True
+    calibrates: ClassVar[bool] = False
     Settings: ClassVar[type] = NoSettings
 
     def __init__(self, lora: LoraSpec, *, seed: int = 0, settings: Any = None) -> None:
@@ -264,10 +264,12 @@ class LoraStrategy(ABC):
 # The math every strategy shares (pure functions on numpy arrays)              #
 # --------------------------------------------------------------------------- #
 def weighted_average(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """sum_k w_k x_k in a float64 accumulator, returned as float32.
+    """sum_k w_k x_k, summed in float64, returned as float32.
 
-    Each w_k x_k is formed in float32, so no float64 copy of a client's tensor is made (1.5x
-    a float32 sum, bench_aggregation.py); the error is at most 2^-24 sum_k |w_k x_k| + 1 ulp.
+    Each product w_k x_k is formed in float32 (within one float32 ulp of exact) and added
+    to a float64 accumulator, so no float64 copy of a client's tensor is made: about 1.5x
+    a plain float32 weighted sum (simulations/bench_aggregation.py). The error is at most
+    one float32 rounding of each product, 2^-24 sum_k |w_k x_k|, plus the final rounding.
     """
     out = np.zeros(np.shape(arrays[0]), dtype=np.float64)
     for x, w in zip(arrays, weights, strict=True):

@@ -234,8 +234,9 @@ class FedSbData(FedSb):
     the full d_out x d_in gradient per module.
 
     The calibration gradients are the nodes' unclipped, unnoised data: client DP-SGD would
-    not cover them (``client_dp = False``, so dp=true is refused), and neither central DP
-    nor SecAgg+ is offered. Use ``fed_sb`` (seeded bases) with either.
+    not cover them (``calibrates``: dp=true is refused, as is a quantised base, which has no
+    weight gradient), and neither central DP nor SecAgg+ is offered. Use ``fed_sb`` (seeded
+    bases) with any of those.
     """
 
     name = "fed_sb_data"
@@ -245,7 +246,7 @@ class FedSbData(FedSb):
     )
     central_dp: frozenset[str] = frozenset()
     secure_sum = False
-    client_dp = False
+    calibrates = True
 
     @dataclass(frozen=True)
     class Settings:
@@ -318,7 +319,10 @@ class FedSbData(FedSb):
         if plan.calibrate:
             return dict(current.dense)
         out = super().payload(server_round, node_id, plan, current)
-        if node_id not in self.has_bases:
+        # a node of an earlier round not yet settled (skipped, so aggregate never ran) may
+        # have failed for want of the bases: send them again, which costs only bytes
+        unsettled = any(node_id in nodes for r, nodes in self.asked.items() if r < server_round)
+        if node_id not in self.has_bases or unsettled:
             for m, (a, b) in self.fixed.items():
                 out[m + A_SUFFIX], out[m + B_SUFFIX] = a, b
         return out
@@ -338,11 +342,13 @@ class FedSbData(FedSb):
         grads = {}
         for module, (key, shape) in keys.items():
             grad = tensors.get(key)
-            if grad is None or np.shape(grad) != shape or not np.isfinite(grad).all():
+            if grad is None or np.shape(grad) != shape:
                 raise AdapterError(
-                    f"Fed-SB calibration reply needs a finite {shape} gradient '{key}' "
+                    f"Fed-SB calibration reply needs a {shape} gradient '{key}' "
                     f"(got {None if grad is None else np.shape(grad)})"
                 )
+            if not np.isfinite(grad).all():
+                raise AdapterError(f"Fed-SB calibration gradient '{key}' has non-finite values")
             grads[module] = np.asarray(grad, np.float32)
         if len(tensors) != len(grads):
             extra = sorted(set(tensors) - {k for k, _ in keys.values()})
@@ -390,7 +396,10 @@ class FedSbData(FedSb):
         current: AdapterState,
         result: AdapterState,
     ) -> dict[str, float]:
-        """In the calibration round: the share of sign(G_bar)'s energy the bases keep."""
+        """In the calibration round: the share of sign(G_bar)'s energy the bases keep.
+
+        ``sb-init-energy`` is the mean of that share over the modules.
+        """
         if updates and all(u.plan.calibrate for u in updates):
             return {"sb-init-energy": self.energy}
         return {}

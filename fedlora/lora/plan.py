@@ -76,7 +76,8 @@ class ClientPlan:
     calibrate: int = 0
     """LoRA-SB's calibration: train nothing; the reply carries, for each adapted module, the
     mean loss gradient of its frozen base weight (``<module>.base_grad``, d_out x d_in) over
-    up to ``calibrate`` of the node's training examples, and nothing else. The received
+    ``calibrate`` examples drawn from the node's training data (some twice when it has
+    fewer), and nothing else. The received
     dense tensors (the head) load first; the LoRA factors are the fresh ones (B = 0, so
     the adapter adds nothing)."""
     local_b: bool = False
@@ -99,7 +100,10 @@ class ClientPlan:
                 "with reinit, a_from_seed or align_rotation"
             )
         if self.core_bases and not self.train_core:
-            raise AdapterError("core_bases names the fixed bases of a train_core plan")
+            raise AdapterError(
+                f"core_bases {self.core_bases!r} names the fixed bases of a train_core plan, "
+                "and this plan trains no core"
+            )
         if self.calibrate < 0:
             raise AdapterError(f"plan calibrate {self.calibrate} must be >= 0")
         if self.calibrate and (
@@ -194,7 +198,7 @@ class ClientPlan:
         return start
 
     def sent_bases(
-        self, received: Mapping[str, np.ndarray], stored: Mapping[str, np.ndarray], stored_id: str
+        self, received: Mapping[str, np.ndarray], stored: dict[str, np.ndarray], stored_id: str
     ) -> dict[str, np.ndarray]:
         """``core_bases``: the payload's lora_A / lora_B, else the node's stored ones.
 
@@ -205,7 +209,7 @@ class ClientPlan:
         if sent:
             return sent
         if stored and stored_id == self.core_bases:
-            return dict(stored)
+            return stored  # the same object: the node need not store it again
         raise AdapterError(
             f"this node holds no fixed bases '{self.core_bases}' (it stored "
             f"{repr(stored_id) if stored else 'none'}) and the payload carries none: its "
@@ -260,8 +264,8 @@ class ClientPlan:
         """The shape a decoded reply of this plan takes (what the server checks it against).
 
         ``current``'s modules and dense tensors; for ``calibrate``, ``current``'s modules
-        with each module's gradient, keyed by the module, as the dense tensors (zero-size
-        views: only the shapes are read).
+        with each module's gradient, keyed by the module, as the dense tensors (zero-stride
+        views of full shape: only the shapes are read).
         """
         if not self.calibrate:
             return current

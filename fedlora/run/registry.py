@@ -103,18 +103,25 @@ def check_run_strategy(cfg: Any) -> type[Any]:
     )
     check_secure_aggregation(cfg.secure_aggregation, cls, cfg.strategy)
     check_personal_evaluation(cfg.fraction_evaluate, cls, cfg.strategy)
-    check_client_dp(cfg.dp, cls, cfg.strategy)
+    check_calibration(cfg.dp, cfg.base_quantization, cls, cfg.strategy)
     return cls
 
 
-def check_client_dp(dp: bool, cls: type[Any], name: str) -> None:
-    """Refuse client DP-SGD for a strategy whose nodes send data that DP-SGD does not noise."""
-    if dp and not getattr(cls, "client_dp", True):
+def check_calibration(dp: bool, base_quantization: str, cls: type[Any], name: str) -> None:
+    """Refuse what a strategy that ``calibrates`` (asks for base-weight gradients) cannot do."""
+    if not getattr(cls, "calibrates", False):
+        return
+    if dp:
         raise ConfigError(
-            f"Invalid value for 'dp': True, but strategy {name!r} does not declare client_dp: "
-            "some of its rounds reply with raw data-derived tensors (fed_sb_data's "
-            "calibration gradients) that DP-SGD neither clips nor noises; use fed_sb "
-            "(seeded bases) or dp=false"
+            f"Invalid value for 'dp': True, but strategy {name!r} calibrates: its first round "
+            "replies with each node's mean gradient of the base weights, which DP-SGD "
+            "neither clips nor noises; use fed_sb (seeded bases) or dp=false"
+        )
+    if base_quantization != "none":
+        raise ConfigError(
+            f"Invalid value for 'base-quantization': {base_quantization!r}, but strategy "
+            f"{name!r} calibrates: its first round needs the gradient of each adapted base "
+            "weight, and a quantised weight has none; use base-quantization=none or fed_sb"
         )
 
 

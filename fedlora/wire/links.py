@@ -24,11 +24,11 @@ def encode_downlink(
     it; the rest (new keys, FLoRA stacks) goes dense. The delta is taken from what the
     node holds, not from the last global, so whatever an earlier round did not deliver
     is in this round's delta: error feedback on the downlink without a server residual.
-    A payload that drops a key the node holds (Fed-SB's bases, sent once) goes all dense:
-    the node reads every held key not sent dense as encoded, so it could not tell.
+    ``held`` must not have keys ``payload`` lacks (the node reads every held key not sent
+    dense as encoded): :class:`fedlora.server.link_state.NodeLinks` sends such a payload
+    against nothing.
     """
-    if codec.identity or held is None or not set(held) <= set(payload):
-        held = {}
+    held = {} if codec.identity or held is None else held
     deltas = {
         k: np.asarray(v, dtype=np.float32) - held[k]
         for k, v in payload.items()

@@ -248,7 +248,7 @@ def test_strategy_runs_in_simulation(tiny_model, tmp_path, strategy, extra):
     if strategy == "fed_sb":
         _check_fed_sb(out, records, overrides)
     if strategy == "fed_sb_data":
-        _check_fed_sb_data(out, records)
+        _check_fed_sb_data(out, records, overrides)
     if strategy == "fedsa_lora":
         _check_fedsa_lora(out, records, tmp_path / "nodes")
     if strategy == "fedex_lora":  # the residual in the base makes the update exact
@@ -301,11 +301,14 @@ def _check_fedsa_lora(out, records, nodes):
     assert "federated evaluation" in (out / results.SUMMARY_FILE).read_text()
 
 
-def _check_fed_sb_data(out, records):
+def _check_fed_sb_data(out, records, overrides):
     """Round 1 sends gradients up; then R up, and the fixed bases down once per node."""
     import numpy as np
     from safetensors.numpy import load_file
 
+    from fedlora.lora.plan import core_basis
+
+    seed = RunConfig.from_mapping(overrides).seed
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     modules = [k[: -len(".lora_A.weight")] for k in adapter if k.endswith(".lora_A.weight")]
     a_of = {m: adapter[m + ".lora_A.weight"] for m in modules}
@@ -327,9 +330,11 @@ def _check_fed_sb_data(out, records):
             # the bases go to a node once: to every node of round 2, then only to new ones
             assert n["dense_down"] == r_and_head + (0 if n["node_id"] in sent else bases), n
             sent.add(n["node_id"])
-    for m in modules:  # fixed data-aware bases: orthonormal rows of A, b = B R in B's span
+    for m in modules:  # fixed data-aware bases: orthonormal rows of A, not the seeded ones
         a = a_of[m]
         np.testing.assert_allclose(a @ a.T, np.eye(rank), atol=1e-5)
+        seeded, _ = core_basis(m, rank, a.shape[1], b_of[m].shape[0], seed)
+        assert np.abs(np.abs(a @ seeded.T) - np.eye(rank)).max() > 0.1  # another subspace
         assert np.abs(b_of[m]).max() > 0
 
 

@@ -126,7 +126,7 @@ def test_the_public_api_stays_small():
     import importlib.util
 
     path = Path(importlib.util.find_spec("fedlora.strategies.api").origin)
-    assert len(path.read_text().splitlines()) <= 330
+    assert len(path.read_text().splitlines()) <= 332  # 331 with `calibrates` (fed_sb_data)
 
 
 def test_kit_catches_wrong_shapes_and_nan():

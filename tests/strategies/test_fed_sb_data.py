@@ -13,12 +13,13 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from fedlora.config import ConfigError, RunConfig
 from fedlora.lora.plan import ClientPlan
 from fedlora.lora.spec import LoraSpec
 from fedlora.lora.state import A_SUFFIX, B_SUFFIX, GRAD_SUFFIX, AdapterError
-from fedlora.model.calibration import mean_base_gradients
+from fedlora.model.calibration import calibration_loader, mean_base_gradients
 from fedlora.model.models import build_lora_model
 from fedlora.run.registry import check_run_strategy
 from fedlora.strategies.api import ClientUpdate
@@ -196,9 +197,11 @@ def test_node_gradients_match_autograd_on_the_plain_model(tiny_model):
     mask = torch.ones_like(ids)
     labels = torch.randint(0, 20, (5,), generator=gen)
     batches = [(ids[:3], mask[:3], labels[:3]), (ids[3:], mask[3:], labels[3:])]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     grads, seen, loss = mean_base_gradients(model, batches)
     assert seen == 5 and len(grads) == 4  # 2 layers x (query, value)
-    assert all(not p.requires_grad for n, p in model.named_parameters() if "base_layer" in n)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # as before
+    assert any("lora_A" in n for n in trainable)
     plain.eval()
     plain.requires_grad_(True)  # peft froze the base; here every weight takes a gradient
     out = plain(input_ids=ids, attention_mask=mask)
@@ -212,9 +215,24 @@ def test_node_gradients_match_autograd_on_the_plain_model(tiny_model):
         assert np.abs(ref).max() > 0
 
 
+@pytest.mark.parametrize(("size", "count"), [(50, 20), (5, 12)])
+def test_the_calibration_loader_draws_exactly_count_examples(size, count):
+    data = TensorDataset(torch.arange(size), torch.ones(size), torch.zeros(size))
+    batches = list(calibration_loader(data, 8, count, seed=1))
+    drawn = torch.cat([b[0] for b in batches])
+    assert len(drawn) == count and [len(b[0]) for b in batches][:-1] == [8] * (len(batches) - 1)
+    assert len(set(drawn.tolist())) == min(size, count)  # repeats only when the node is small
+    again = torch.cat([b[0] for b in calibration_loader(data, 8, count, seed=1)])
+    assert torch.equal(drawn, again)
+    with pytest.raises(ValueError, match="not 0"):
+        calibration_loader(data, 8, 0, seed=1)
+
+
 def test_dp_and_secure_aggregation_are_refused_before_any_process():
-    with pytest.raises(ConfigError, match="'dp'.*fed_sb_data.*calibration gradients"):
+    with pytest.raises(ConfigError, match="'dp'.*fed_sb_data.*calibrates"):
         check_run_strategy(RunConfig(strategy="fed_sb_data", dp=True))
+    with pytest.raises(ConfigError, match="'base-quantization': 'nf4'.*no"):
+        check_run_strategy(RunConfig(strategy="fed_sb_data", base_quantization="nf4"))
     with pytest.raises(ConfigError, match="secure-aggregation"):
         check_run_strategy(RunConfig(strategy="fed_sb_data", secure_aggregation="secagg+"))
     assert check_run_strategy(RunConfig(strategy="fed_sb", dp=True))

@@ -457,3 +457,23 @@ def test_raw_arrays_round_trip_and_corrupt_ones_are_rejected():
     odd = ArrayRecord({"a": Array(dtype="|O", shape=(1,), stype="raw", data=b"\0" * 8)})
     with pytest.raises(AdapterError, match="not a plain number type"):
         from_arrayrecord(odd)
+
+
+def test_a_payload_that_drops_a_held_tensor_goes_dense_against_nothing():
+    """Fed-SB's bases go once: the next payload lacks them, and a node would read every
+    held tensor not sent dense as an encoded delta, so that payload is sent dense."""
+    from fedlora.server.link_state import NodeLinks
+
+    rng = np.random.default_rng(8)
+    links = NodeLinks(Codec(), DOWN)
+    first = {"r": rng.standard_normal((4, 4)).astype(np.float32), "bases": np.ones((3, 2))}
+    _, config = links.send(1, 7, first)
+    assert config[protocol.DOWNLINK_BASE] == -1
+    links.settle(7, replied=True)
+    second = {"r": first["r"] + 0.1}
+    wire, config = links.send(2, 7, second)
+    assert config[protocol.DOWNLINK_BASE] == -1  # nothing held is needed to read it
+    np.testing.assert_array_equal(apply_downlink(wire, None)["r"], second["r"])
+    links.settle(7, replied=True)
+    wire, config = links.send(3, 7, {"r": second["r"] + 0.1})
+    assert config[protocol.DOWNLINK_BASE] == 2  # same keys again: a delta from round 2
