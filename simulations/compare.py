@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -386,7 +387,10 @@ def plots(data: dict[str, list[list[dict]]], out: Path) -> list[Path]:
         loss = np.array([[_value(x, "eval_loss") for x in r[:n]] for r in runs])
         axes[3].plot(x, np.nanmean(loss, 0), marker="o", ms=3, label=name, color=line.get_color())
         err = np.array([[_value(x, "aggregation_error") for x in r[1:n]] for r in runs])
-        axes[1].plot(x[1:], np.maximum(np.nanmean(err, 0), 1e-12), marker="o", ms=3, label=name)
+        with warnings.catch_warnings():  # a round with no error (calibration) stays a gap
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean_err = np.nanmean(err, 0)
+        axes[1].plot(x[1:], np.maximum(mean_err, 1e-12), marker="o", ms=3, label=name)
         up = np.array([[(x.get("bytes_up") or 0) / 1024 for x in r[1:n]] for r in runs])
         down = np.array([[(x.get("bytes_down") or 0) / 1024 for x in r[1:n]] for r in runs])
         axes[2].plot(x[1:], up.mean(0), label=f"{name} up", color=line.get_color())
