@@ -33,7 +33,7 @@ from fedlora.lora.base_merge import LAST_MERGED, NodeBase, without_stacks
 from fedlora.lora.plan import ClientPlan
 from fedlora.lora.spec import LoraSpec
 from fedlora.lora.state import state_from_dict
-from fedlora.model.calibration import calibration_loader, mean_base_gradients
+from fedlora.model.calibration import mean_base_gradients
 from fedlora.model.device import (
     Placement,
     memory_metrics,
@@ -46,6 +46,7 @@ from fedlora.model.models import BaseLoading, apply_base_delta, build_lora_model
 from fedlora.model.peft_state import load_into_peft, state_from_peft
 from fedlora.model.train import (
     evaluate,
+    example_loader,
     make_optimizer,
     make_scheduler,
     sampled_loader,
@@ -335,7 +336,7 @@ class LocalJob:
         """
         cfg = self.cfg
         seed = cfg.seed * 1_000_003 + self.server_round * 1009 + self.partition_key
-        batches = calibration_loader(train_data, cfg.batch_size, self.plan.calibrate, seed)
+        batches = example_loader(train_data, cfg.batch_size, self.plan.calibrate, seed)
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[]), on_device(placement.device):
             torch.manual_seed(seed)

@@ -13,25 +13,10 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from peft.tuners.lora import LoraLayer
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from fedlora.lora.state import GRAD_SUFFIX
 from fedlora.model.device import Placement
 from fedlora.model.train import batch_loss
-
-
-def calibration_loader(data: TensorDataset, batch_size: int, count: int, seed: int) -> DataLoader:
-    """Batches of exactly ``count`` examples drawn from ``data`` (the last batch smaller).
-
-    Without replacement up to the node's size; a node with fewer examples repeats some.
-    """
-    if count <= 0:
-        raise ValueError(f"Calibration needs a positive number of examples, not {count}")
-    generator = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(
-        data, replacement=count > len(data), num_samples=count, generator=generator
-    )
-    return DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=False)
 
 
 def adapted_base_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

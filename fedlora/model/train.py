@@ -51,10 +51,19 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
 
 def sampled_loader(data: TensorDataset, batch_size: int, steps: int, seed: int) -> DataLoader:
     """A loader that yields exactly ``steps`` batches, sampling with replacement if needed."""
+    return example_loader(data, batch_size, steps * batch_size, seed)
+
+
+def example_loader(data: TensorDataset, batch_size: int, count: int, seed: int) -> DataLoader:
+    """Batches of exactly ``count`` examples drawn from ``data`` (the last batch smaller).
+
+    Without replacement up to the data's size; beyond it, some examples repeat.
+    """
+    if count <= 0:
+        raise ValueError(f"A loader needs a positive number of examples, not {count}")
     generator = torch.Generator().manual_seed(seed)
-    num_samples = steps * batch_size
     sampler = RandomSampler(
-        data, replacement=num_samples > len(data), num_samples=num_samples, generator=generator
+        data, replacement=count > len(data), num_samples=count, generator=generator
     )
     return DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=False)
 

@@ -19,8 +19,9 @@ from fedlora.config import ConfigError, RunConfig
 from fedlora.lora.plan import ClientPlan
 from fedlora.lora.spec import LoraSpec
 from fedlora.lora.state import A_SUFFIX, B_SUFFIX, GRAD_SUFFIX, AdapterError
-from fedlora.model.calibration import calibration_loader, mean_base_gradients
+from fedlora.model.calibration import mean_base_gradients
 from fedlora.model.models import build_lora_model
+from fedlora.model.train import example_loader
 from fedlora.run.registry import check_run_strategy
 from fedlora.strategies.api import ClientUpdate
 from fedlora.strategies.conformance import SimulatedClient, assert_conforms
@@ -216,16 +217,16 @@ def test_node_gradients_match_autograd_on_the_plain_model(tiny_model):
 
 
 @pytest.mark.parametrize(("size", "count"), [(50, 20), (5, 12)])
-def test_the_calibration_loader_draws_exactly_count_examples(size, count):
+def test_the_example_loader_draws_exactly_count_examples(size, count):
     data = TensorDataset(torch.arange(size), torch.ones(size), torch.zeros(size))
-    batches = list(calibration_loader(data, 8, count, seed=1))
+    batches = list(example_loader(data, 8, count, seed=1))
     drawn = torch.cat([b[0] for b in batches])
     assert len(drawn) == count and [len(b[0]) for b in batches][:-1] == [8] * (len(batches) - 1)
     assert len(set(drawn.tolist())) == min(size, count)  # repeats only when the node is small
-    again = torch.cat([b[0] for b in calibration_loader(data, 8, count, seed=1)])
+    again = torch.cat([b[0] for b in example_loader(data, 8, count, seed=1)])
     assert torch.equal(drawn, again)
     with pytest.raises(ValueError, match="not 0"):
-        calibration_loader(data, 8, 0, seed=1)
+        example_loader(data, 8, 0, seed=1)
 
 
 def test_dp_and_secure_aggregation_are_refused_before_any_process():
