@@ -93,6 +93,20 @@ def test_kit_catches_a_false_central_dp_claim(base, modes):
     assert "central DP claim" in _failed(cls)
 
 
+def test_kit_catches_a_restore_that_forgets_restarted_nodes():
+    """Fed-SB with data-aware bases must send its bases again after a resume: a version
+    that trusts the nodes to still hold them leaves restarted SuperNodes without them."""
+    base = load_strategy_class("fed_sb_data")
+
+    class TrustsStores(base):
+        def load_state_dict(self, state):
+            super().load_state_dict(state)
+            self.has_bases = {0, 1, 2}  # the kit's node ids: "they all still hold them"
+
+    assert "checkpoint and restore" in _failed(TrustsStores)
+    assert "checkpoint and restore" not in _failed(base)
+
+
 def test_kit_catches_settings_that_are_not_a_frozen_dataclass():
     from dataclasses import dataclass
 
