@@ -234,9 +234,9 @@ class FedSbData(FedSb):
     the full d_out x d_in gradient per module.
 
     The calibration gradients are the nodes' unclipped, unnoised data: client DP-SGD would
-    not cover them (``calibrates``: dp=true is refused, as is a quantised base, which has no
-    weight gradient), and neither central DP nor SecAgg+ is offered. Use ``fed_sb`` (seeded
-    bases) with any of those.
+    not cover them (``calibrates``: dp=true is refused), and neither central DP nor SecAgg+
+    is offered. Use ``fed_sb`` (seeded bases) with any of those. A quantised base
+    calibrates: the nodes take dy^T x at each adapted layer, not a weight's gradient.
     """
 
     name = "fed_sb_data"

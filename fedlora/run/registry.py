@@ -103,25 +103,21 @@ def check_run_strategy(cfg: Any) -> type[Any]:
     )
     check_secure_aggregation(cfg.secure_aggregation, cls, cfg.strategy)
     check_personal_evaluation(cfg.fraction_evaluate, cls, cfg.strategy)
-    check_calibration(cfg.dp, cfg.base_quantization, cls, cfg.strategy)
+    check_calibration(cfg.dp, cls, cfg.strategy)
     return cls
 
 
-def check_calibration(dp: bool, base_quantization: str, cls: type[Any], name: str) -> None:
-    """Refuse what a strategy that ``calibrates`` (asks for base-weight gradients) cannot do."""
-    if not getattr(cls, "calibrates", False):
-        return
-    if dp:
+def check_calibration(dp: bool, cls: type[Any], name: str) -> None:
+    """Refuse DP for a strategy that ``calibrates`` (asks for base-weight gradients).
+
+    A quantised base calibrates as a float one does (the gradients are taken from the
+    layers' inputs and output gradients, not from the packed weights).
+    """
+    if getattr(cls, "calibrates", False) and dp:
         raise ConfigError(
             f"Invalid value for 'dp': True, but strategy {name!r} calibrates: its first round "
             "replies with each node's mean gradient of the base weights, which DP-SGD "
             "neither clips nor noises; use fed_sb (seeded bases) or dp=false"
-        )
-    if base_quantization != "none":
-        raise ConfigError(
-            f"Invalid value for 'base-quantization': {base_quantization!r}, but strategy "
-            f"{name!r} calibrates: its first round needs the gradient of each adapted base "
-            "weight, and a quantised weight has none; use base-quantization=none or fed_sb"
         )
 
 

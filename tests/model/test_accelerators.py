@@ -415,6 +415,72 @@ def test_flora_is_refused_with_a_quantised_base_and_a_packed_weight_never_merges
         apply_base_delta(model, {layer: np.zeros((128, 128), np.float32)})
 
 
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_calibration_gradients_match_autograd_on_the_weights_the_model_computes_with(
+    quantization, llama128
+):
+    """fed_sb_data's round 1 on a decoder, also over a 4-bit base: the hooked dy^T x of
+    each adapted layer equals autograd's d loss / d W on a plain float Llama whose every
+    quantised weight is replaced by its dequantised value (what the 4-bit matmul uses)."""
+    from fedlora.lora.state import GRAD_SUFFIX
+    from fedlora.model.calibration import mean_base_gradients
+
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    placement = Placement(torch.device("cpu"), torch.float32)
+    loading = BaseLoading(placement, quantization)
+    model = build_lora_model(str(llama128), 0, SPEC, seed=0, loading=loading)
+    ids, mask, labels = _batch(5, n=5)
+    grads, seen, loss = mean_base_gradients(
+        model, [(ids[:2], mask[:2], labels[:2]), (ids[2:], mask[2:], labels[2:])]
+    )
+    reference = build_lora_model(str(llama128), 0, SPEC, seed=0).merge_and_unload()
+    dequantised = 0
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            plain = name.removeprefix("base_model.model.").removesuffix(".base_layer")
+            reference.get_submodule(plain).weight.data.copy_(w.float())
+            dequantised += 1
+    assert dequantised > 0 if quantization == "4bit" else dequantised == 0
+    reference.requires_grad_(True)
+    # the loss of all 5 examples as calibration weights them: each batch's mean, by size
+    want = (
+        sum(
+            batch_loss(reference, ids[i:j], mask[i:j], labels[i:j]) * (j - i)
+            for i, j in ((0, 2), (2, 5))
+        )
+        / 5
+    )
+    want.backward()
+    assert seen == 5 and loss == pytest.approx(want.item(), rel=1e-4)
+    assert len(grads) == 2 * 2  # 2 layers x (q_proj, v_proj)
+    for key, g in grads.items():
+        name = key.removesuffix(GRAD_SUFFIX).removeprefix("base_model.model.")
+        ref = reference.get_submodule(name).weight.grad.numpy()
+        assert g.shape == ref.shape and np.abs(ref).max() > 0
+        np.testing.assert_allclose(g, ref, rtol=1e-3, atol=1e-6 * np.abs(ref).max())
+
+
+def test_a_calibration_round_runs_over_a_4bit_base(llama128):
+    """A node of fed_sb_data's round 1 with a 4-bit bf16 base: float32 d_out x d_in means."""
+    pytest.importorskip("bitsandbytes")
+    from fedlora.lora.plan import ClientPlan
+    from fedlora.lora.state import GRAD_SUFFIX
+
+    job = _lm_job(llama128, strategy="fed_sb_data", base_quantization="4bit", precision="bf16")
+    job.plan = ClientPlan(rank=job.cfg.lora_rank, calibrate=6, send_a=False, send_b=False)
+    tensors, metrics = job.train()
+    assert metrics["calibration-examples"] == 6 and metrics["train-steps"] == 0
+    layers = {n: m for n, m in job.model().named_modules() if n.endswith(("q_proj", "v_proj"))}
+    assert sorted(tensors) == sorted(n + GRAD_SUFFIX for n in layers)
+    for name, layer in layers.items():  # the packed 4-bit weight's logical d_out x d_in
+        v = tensors[name + GRAD_SUFFIX]
+        assert v.dtype == np.float32 and v.shape == (layer.out_features, layer.in_features)
+    assert all(np.isfinite(v).all() and np.abs(v).max() > 0 for v in tensors.values())
+
+
 @pytest.mark.gpu
 def test_a_4bit_round_runs_on_cuda(llama128):
     tensors, metrics = _lm_job(llama128, base_quantization="4bit", device="cuda").train()
