@@ -21,6 +21,7 @@ from fedlora.lora.base_merge import NodeBase, without_stacks
 from fedlora.strategies.api import (
     A_SUFFIX,
     B_SUFFIX,
+    AdapterError,
     AdapterState,
     ClientPlan,
     ClientUpdate,
@@ -428,35 +429,72 @@ def _check_zero_weight(cls: type[LoraStrategy], seed: int) -> str:
     return f"error {with_zero:.2e}"
 
 
-def _check_restore(cls: type[LoraStrategy], seed: int) -> str:
-    """A strategy restored from its checkpoint plays round 2 as the original does.
+def _round_with_failures(
+    strategy: LoraStrategy,
+    server_round: int,
+    current: AdapterState,
+    nodes: Sequence[SimulatedClient],
+    rng: np.random.Generator,
+) -> tuple[AdapterState, dict[int, str]]:
+    """One round in which a node may fail or be rejected; the new state and who was left out.
 
-    Round 2 goes to the nodes of round 1, their stores kept: the restored strategy must
-    match the original. It then goes to fresh nodes (SuperNodes restarted with the
-    server): the restored strategy must accept each of them and, unless its plan keeps a
-    node's own trained factors (``local_b``, which a lost store cannot have), give them
-    the round the kept nodes get, catching them up on whatever their stores held.
+    A node's ``AdapterError`` stands for a real node's failed reply. The state is
+    ``current`` when no update is accepted; each node left out comes with why.
+    """
+    updates, left_out = [], {}
+    for node in nodes:
+        try:
+            accepted, rejected = simulate_round(strategy, server_round, current, [node], rng)
+        except AdapterError as err:
+            left_out[node.node_id] = f"failed: {err}"
+            continue
+        updates += accepted
+        left_out |= rejected
+    if not updates:
+        return current, left_out
+    n = np.array([u.num_examples for u in updates], float)
+    return strategy.aggregate(server_round, updates, n / n.sum(), current), left_out
+
+
+def _check_restore(cls: type[LoraStrategy], seed: int) -> str:
+    """A strategy restored from its checkpoint after round 2 plays on as the original does.
+
+    Round 3 goes to the nodes of rounds 1-2, their stores kept: the restored strategy
+    must accept them all and match the original. It then goes to fresh nodes (SuperNodes
+    restarted with the server, their stores empty). The restored strategy must either
+    give them the round the kept nodes get (unless its plan keeps a node's own trained
+    factors, ``local_b``, which a lost store cannot hold) or leave them out with a reason
+    and catch them up: in round 4 none may be left out again.
     """
     from fedlora.run.checkpoint import restore_state, serialise_state
 
     played = _clients([4, 4, 4], [10, 20, 30])
-    strategy, states, _ = _play(cls, [4, 4, 4], [10, 20, 30], rounds=1, seed=seed, clients=played)
+    strategy, states, _ = _play(cls, [4, 4, 4], [10, 20, 30], rounds=2, seed=seed, clients=played)
     clone = _fresh(cls, 4, seed)
     clone.load_state_dict(restore_state(*serialise_state(strategy.state_dict())))
 
-    def round_two(strat: LoraStrategy, nodes: list[SimulatedClient]) -> AdapterState:
+    def round_three(
+        strat: LoraStrategy, nodes: list[SimulatedClient]
+    ) -> tuple[AdapterState, dict[int, str], LoraStrategy, list[SimulatedClient]]:
         strat, nodes = copy.deepcopy(strat), copy.deepcopy(nodes)  # a round changes them
-        ups, rejected = simulate_round(strat, 2, states[1], nodes, np.random.default_rng(seed + 7))
-        _require(not rejected, f"the restored strategy rejects nodes: {rejected}")
-        n = np.array([u.num_examples for u in ups], float)
-        return strat.aggregate(2, ups, n / n.sum(), states[1])
+        rng = np.random.default_rng(seed + 7)
+        out, left_out = _round_with_failures(strat, 3, states[2], nodes, rng)
+        return out, left_out, strat, nodes
 
-    kept = round_two(clone, played)
-    _require(_same(round_two(strategy, played), kept), "the restored strategy's next round differs")
-    fresh = round_two(clone, _clients([4, 4, 4], [10, 20, 30]))
-    if not clone.client_plan(2, 0, 4).local_b:
-        _require(_same(fresh, kept), "restarted nodes are not caught up by the restored strategy")
-    return ""
+    original, _, _, _ = round_three(strategy, played)
+    kept, left_out, _, _ = round_three(clone, played)
+    _require(not left_out, f"the restored strategy leaves out the nodes it knew: {left_out}")
+    _require(_same(original, kept), "the restored strategy's next round differs")
+    fresh, left_out, strat, nodes = round_three(clone, _clients([4, 4, 4], [10, 20, 30]))
+    if not left_out:
+        if copy.deepcopy(clone).client_plan(3, 0, 4).local_b:
+            return "restarted nodes: accepted (their own factors start again)"
+        _require(_same(fresh, kept), "restarted nodes get another round than kept nodes")
+        return "restarted nodes: the same round"
+    _require(all(left_out.values()), f"restarted nodes left out without a reason: {left_out}")
+    _, again = _round_with_failures(strat, 4, fresh, nodes, np.random.default_rng(seed + 8))
+    _require(not again, f"restarted nodes are never caught up: {again}")
+    return "restarted nodes: left out once, then caught up"
 
 
 def _check_no_mutation(cls: type[LoraStrategy], seed: int) -> str:

@@ -6,10 +6,11 @@ d loss / d W0 of every adapted weight, averaged over a few of its training examp
 With B = 0 the adapter adds nothing, so this is the base model's own gradient.
 
 The gradient of a linear map y = x W0^T is dy^T x, summed over the tokens. It is collected
-from hooks on the base layers' inputs x and output gradients dy, not from W0.grad. Two
-things follow: a quantised base (bitsandbytes' 4-bit or 8-bit weights, which have no float
-gradient) calibrates as a float one does, and no weight-sized gradient buffer is held
-beside the weights, only the d_out x d_in sums that the reply carries.
+from hooks on the base layers' inputs x and output gradients dy, not from W0.grad, so a
+quantised base (bitsandbytes' 4-bit or 8-bit weights, which have no float gradient)
+calibrates as a float one does. The cost is one float32 d_out x d_in sum per
+adapted layer, on the model's device until the end: 8x a 4-bit weight, which is what the
+reply carries anyway. Calibration runs in eval mode, so without gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -70,11 +71,19 @@ def mean_base_gradients(
 
     def collect(name: str) -> ForwardHook:
         def on_forward(_module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not output.requires_grad:
+                raise ValueError(
+                    f"Cannot calibrate '{name}': its output does not depend on the input "
+                    "embeddings' output (a model fed inputs_embeds, or a decoder with "
+                    "embeddings of its own?), so no gradient reaches it"
+                )
             x = inputs[0].detach()
 
             def on_grad(dy: torch.Tensor) -> None:
-                g = dy.reshape(-1, dy.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
-                sums[name] = g if name not in sums else sums[name] + g
+                dy2, x2 = dy.reshape(-1, dy.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()
+                if name not in sums:
+                    sums[name] = torch.zeros(dy2.shape[1], x2.shape[1], device=dy.device)
+                sums[name].addmm_(dy2.T, x2)  # in place: one d_out x d_in buffer per layer
 
             output.register_hook(on_grad)
 

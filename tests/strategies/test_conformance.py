@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedlora.run.registry import BUILTINS, load_strategy_class
-from fedlora.strategies.api import AdapterState, LoraFactors
+from fedlora.strategies.api import A_SUFFIX, B_SUFFIX, AdapterState, LoraFactors
 from fedlora.strategies.conformance import assert_conforms, check_strategy
 from fedlora.strategies.fedavg import FedAvg
 
@@ -93,18 +93,37 @@ def test_kit_catches_a_false_central_dp_claim(base, modes):
     assert "central DP claim" in _failed(cls)
 
 
-def test_kit_catches_a_restore_that_forgets_restarted_nodes():
-    """Fed-SB with data-aware bases must send its bases again after a resume: a version
-    that trusts the nodes to still hold them leaves restarted SuperNodes without them."""
+def test_kit_catches_a_restore_that_never_catches_up_restarted_nodes():
+    """Fed-SB with data-aware bases sends its bases again after a resume; a version that
+    trusts the nodes' stores for good never sends them to restarted SuperNodes."""
     base = load_strategy_class("fed_sb_data")
 
     class TrustsStores(base):
+        restored = False
+
         def load_state_dict(self, state):
             super().load_state_dict(state)
-            self.has_bases = {0, 1, 2}  # the kit's node ids: "they all still hold them"
+            self.restored = True
 
-    assert "checkpoint and restore" in _failed(TrustsStores)
-    assert "checkpoint and restore" not in _failed(base)
+        def payload(self, server_round, node_id, plan, current):
+            out = super().payload(server_round, node_id, plan, current)
+            if self.restored:  # "every node still holds the bases"
+                out = {k: v for k, v in out.items() if not k.endswith((A_SUFFIX, B_SUFFIX))}
+            return out
+
+    failed = {r.name: r.detail for r in check_strategy(TrustsStores) if not r.passed}
+    assert "never caught up" in failed["checkpoint and restore"]
+    passed = {r.name: r.detail for r in check_strategy(base) if r.passed}
+    assert passed["checkpoint and restore"] == "restarted nodes: the same round"
+
+
+@pytest.mark.parametrize(("name", "restarted"), [("flora", "left out once"), ("fedavg", "same")])
+def test_the_restore_check_sees_restarted_nodes_caught_up_or_served_alike(name, restarted):
+    """FLoRA refuses a node whose merged base differs and sends it every stack next time;
+    FedAvg keeps nothing on a node."""
+    results = {r.name: r for r in check_strategy(load_strategy_class(name))}
+    assert results["checkpoint and restore"].passed
+    assert restarted in results["checkpoint and restore"].detail
 
 
 def test_kit_catches_settings_that_are_not_a_frozen_dataclass():

@@ -217,6 +217,41 @@ def test_node_gradients_match_autograd_on_the_plain_model(tiny_model):
         assert np.abs(ref).max() > 0
 
 
+def test_node_gradients_of_gpt2_conv1d_layers_come_in_the_bases_layout():
+    """GPT-2's Conv1D stores W as d_in x d_out (peft's fan_in_fan_out); the reply is
+    d_out x d_in, as lora_B (d_out x r) and lora_A (r x d_in) need: autograd's W.grad^T."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fedlora.model.train import batch_loss
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    lora = LoraConfig(r=RANK, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    model = get_peft_model(GPT2LMHeadModel(config), lora)
+    ids = torch.randint(0, 100, (4, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[2:, 7:] = 0  # padded tails, in the loss as their labels say
+    labels = ids.masked_fill(mask == 0, -100)
+    batches = [(ids[:1], mask[:1], labels[:1]), (ids[1:], mask[1:], labels[1:])]
+    grads, seen, _ = mean_base_gradients(model, batches)
+    reference = copy.deepcopy(model)
+    reference.eval()
+    bases = {n: m.get_base_layer() for n, m in reference.named_modules() if hasattr(m, "lora_A")}
+    for layer in bases.values():
+        layer.weight.requires_grad_(True)
+    sum(
+        batch_loss(reference, *(t[i:j] for t in (ids, mask, labels))) * (j - i)
+        for i, j in ((0, 1), (1, 4))
+    ).backward()
+    assert seen == 4 and len(grads) == len(bases) == 2 * 3  # c_attn, attn and mlp c_proj
+    for name, layer in bases.items():
+        want = layer.weight.grad.numpy().T  # Conv1D: W is d_in x d_out
+        got = grads[name + GRAD_SUFFIX]
+        assert got.shape == (layer.nf, layer.weight.shape[0]) == want.shape
+        np.testing.assert_allclose(got * seen, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
 @pytest.mark.parametrize(("size", "count"), [(50, 20), (5, 12)])
 def test_the_example_loader_draws_exactly_count_examples(size, count):
     data = TensorDataset(torch.arange(size), torch.ones(size), torch.zeros(size))
