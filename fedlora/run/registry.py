@@ -7,6 +7,7 @@ import path, so the library keeps no compile-time dependency on the strategies.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -45,8 +46,15 @@ def available() -> dict[str, StrategyEntry]:
     """Every known strategy by name: built-ins first, then entry points."""
     found = {name: StrategyEntry(name, target, "built-in") for name, target in BUILTINS.items()}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in found:
-            continue  # a plugin cannot shadow a built-in
+        if ep.name in found:  # a plugin cannot shadow a built-in
+            if found[ep.name].source == "built-in":
+                warnings.warn(
+                    f"Strategy plugin {ep.value!r} registers the name {ep.name!r}, which is "
+                    "a built-in's: the built-in is used; register the plugin under another "
+                    "name",
+                    stacklevel=2,
+                )
+            continue
         dist = ep.dist.name if ep.dist is not None else "unknown distribution"
         found[ep.name] = StrategyEntry(ep.name, ep.value, dist)
     return found

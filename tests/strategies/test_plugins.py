@@ -15,6 +15,7 @@ from fedlora.config import ConfigError
 from fedlora.run import registry
 from fedlora.run.cli import build_parser
 from fedlora.run.cli import main as cli_main
+from fedlora.strategies.conformance import assert_conforms
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,6 +101,17 @@ def test_broken_entry_point_names_package_and_error(tmp_path, on_path):
         registry.load_strategy_class("broken")
 
 
+def test_a_plugin_under_a_builtins_name_is_ignored_with_a_warning(tmp_path, on_path):
+    dist = tmp_path / "site" / "fedlora_copycat-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fedlora-copycat\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[fedlora.strategies]\nfedavg = copycat:FedAvg\n")
+    on_path(tmp_path / "site")
+    with pytest.warns(UserWarning, match="'copycat:FedAvg' registers the name 'fedavg'"):
+        entry = registry.available()["fedavg"]
+    assert entry.source == "built-in"
+
+
 def test_example_plugin_installs_and_runs_two_rounds(tiny_model, tmp_path, on_path):
     from flwr.simulation import run_simulation
 
@@ -110,12 +122,16 @@ def test_example_plugin_installs_and_runs_two_rounds(tiny_model, tmp_path, on_pa
     target = tmp_path / "site"
     _pip_target(ROOT / "examples" / "fedlora-flexlora", target)
     on_path(target)
-    assert "flexlora" in registry.available()
+    entry = registry.available()["flexlora_example"]
+    assert entry.source == "fedlora-flexlora"  # the plugin, not the built-in flexlora
+    cls = registry.load_strategy_class("flexlora_example")
+    assert cls.__module__ == "fedlora_flexlora.strategy"
+    assert_conforms(cls)
     out = tmp_path / "run"
     run_simulation(
         make_server_app(
             {
-                "strategy": "flexlora",
+                "strategy": "flexlora_example",
                 "model": str(tiny_model),
                 "num-server-rounds": 2,
                 "clients-per-round": 2,

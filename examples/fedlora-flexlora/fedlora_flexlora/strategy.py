@@ -44,7 +44,7 @@ def flex_aggregate(
 class FlexLora(LoraStrategy):
     """SVD of the weighted product sum, truncated to each client's rank."""
 
-    name = "flexlora"
+    name = "flexlora_example"  # the entry point's name (`flexlora` is the built-in)
     description = "SVD of sum p_k s_k B_k A_k, redistributed at each client's rank (FlexLoRA)"
     exact = False  # exact only when the SVD truncation loses nothing
     heterogeneous_ranks = True
