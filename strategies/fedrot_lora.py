@@ -1,11 +1,13 @@
 """FedRot-LoRA: each client rotates its factors onto the global A before upload; FedAvg.
 
-After FedRot-LoRA (ICML 2026). A LoRA update B A is unchanged by B A = (B R^T)(R A) for
-any orthogonal R, so two clients can learn the same update in rotated coordinates and
-FedAvg of their factors then cancels part of it. Before replying, every client replaces
-(A_k, B_k) by (R_k A_k, B_k R_k^T) with R_k the orthogonal Procrustes solution that best
-maps A_k onto the global A it received (:func:`~fedlora.strategies.api.procrustes_rotation`),
-so its update B_k A_k is exactly what it trained; the server then averages A and B as
+After Zhang, Kim, Cha, Vikalo, *FedRot-LoRA: Mitigating Rotational Misalignment in
+Federated LoRA* (ICML 2026, arXiv:2602.23638). A LoRA update B A is unchanged by
+B A = (B R^T)(R A) for any orthogonal R, so two clients can learn the same update in
+rotated coordinates and FedAvg of their factors then cancels part of it. Before
+replying, every client replaces (A_k, B_k) by (R_k A_k, B_k R_k^T) with R_k the
+orthogonal Procrustes solution that best maps A_k onto the global A it received
+(:func:`~fedlora.strategies.api.procrustes_rotation`), so its update B_k A_k is exactly
+what it trained; the server then averages A and B as
 FedAvg does. The rotation runs on the client, asked for by the plan
 (``ClientPlan(align_rotation=True)``): the same hook is open to any plugin.
 

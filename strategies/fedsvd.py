@@ -1,7 +1,8 @@
 """FedSVD: clients train B only; the server re-factorises B A by SVD every round.
 
-After FedSVD ("Adaptive Orthogonalization for Private Federated Learning with LoRA",
-NeurIPS 2025). A has orthonormal rows and is frozen on every client, so averaging B is
+After Lee, Park, Lee, Wagner, Seong, Bocklet, Lee, Hwang, *FedSVD: Adaptive
+Orthogonalization for Private Federated Learning with LoRA* (NeurIPS 2025,
+arXiv:2505.12805). A has orthonormal rows and is frozen on every client, so averaging B is
 exact: s (sum p_k B_k) A = sum p_k s B_k A. The server then re-factorises the product:
 with the thin SVD B_bar = U S W^T,
 
