@@ -11,6 +11,10 @@ what it trained; the server then averages A and B as
 FedAvg does. The rotation runs on the client, asked for by the plan
 (``ClientPlan(align_rotation=True)``): the same hook is open to any plugin.
 
+``alignment``: ``"a"`` (the default) aligns A every round, as described above and in
+the paper's A-only ablation. ``"alternate"`` is the authors' code's default: no alignment
+in round 1, then A in even rounds and B (B_k R^T onto the received B) in odd ones.
+
 Not exact (the factors' average is still not the average of the products), but with
 the factors aligned the error is smaller; the round records it as for every strategy.
 """
@@ -18,6 +22,7 @@ the factors aligned the error is smaller; the round records it as for every stra
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,9 +41,32 @@ class FedRotLora(LoraStrategy):
     secure_sum = True  # aggregate reads the replies only through their weighted mean
     server_optimizer = True  # an unchanged adapter aligns to itself (R = I) and averages back
 
+    @dataclass(frozen=True)
+    class Settings:
+        """``alignment``: ``a`` (align A every round) or ``alternate``.
+
+        ``alternate`` is the authors' code's default: none in round 1, then A in even
+        rounds and B in odd ones.
+        """
+
+        alignment: str = "a"
+
+        def __post_init__(self) -> None:
+            if self.alignment not in ("a", "alternate"):
+                raise ValueError(
+                    f"Invalid value for 'alignment': {self.alignment!r} (use a or alternate)"
+                )
+
     def client_plan(self, server_round: int, node_id: int, rank: int) -> ClientPlan:
-        """Train A and B; align them to the received A before replying."""
-        return ClientPlan(rank=rank, init_seed=self.seed, align_rotation=True)
+        """Train A and B; align them to the received A (or B) before replying."""
+        if self.settings.alignment == "a":
+            return ClientPlan(rank=rank, init_seed=self.seed, align_rotation=True)
+        return ClientPlan(
+            rank=rank,
+            init_seed=self.seed,
+            align_rotation=server_round > 1,
+            align_factor="a" if server_round % 2 == 0 else "b",
+        )
 
     def aggregate(
         self,

@@ -25,7 +25,7 @@ from fedlora.lora.state import (
     AdapterState,
 )
 
-PLAN_VERSION = 4
+PLAN_VERSION = 5
 """Bump when a field changes meaning; a node refuses a plan of another version."""
 
 
@@ -36,7 +36,8 @@ class ClientPlan:
     ``rank``: the LoRA rank it trains. ``freeze_a`` / ``freeze_b``: keep lora_A / lora_B
     fixed. ``send_b``: whether the reply carries lora_B. ``align_rotation``: before
     replying, rotate the trained factors (A_k <- R A_k, B_k <- B_k R^T, so B_k A_k is
-    unchanged) with the orthogonal R that best maps A_k onto the received lora_A
+    unchanged) with the orthogonal R that best maps A_k onto the received lora_A, or,
+    with ``align_factor = "b"``, B_k onto the received lora_B
     (:func:`fedlora.lora.lowrank.procrustes_rotation`). ``reinit``: start
     a fresh adapter (A drawn from ``init_seed``, B = 0) instead of the received factors
     (received dense tensors still load). ``a_from_seed``: lora_A is :func:`seeded_a` of
@@ -60,6 +61,7 @@ class ClientPlan:
     freeze_b: bool = False
     send_b: bool = True
     align_rotation: bool = False
+    align_factor: str = "a"
     train_core: bool = False
     """Fed-SB (LoRA-SB): the model has an r x r core R per module, dW = s B R A
     (:mod:`fedlora.model.lora_core`). lora_A and lora_B are :func:`core_basis` of
@@ -94,6 +96,8 @@ class ClientPlan:
             raise AdapterError("a plan that freezes both lora_A and lora_B trains no factor")
         if self.train_core and (self.send_a or self.send_b):
             raise AdapterError("a train_core plan rebuilds lora_A and lora_B: it sends neither")
+        if self.align_factor not in ("a", "b"):
+            raise AdapterError(f"plan align_factor {self.align_factor!r} must be 'a' or 'b'")
         if self.train_core and (self.reinit or self.a_from_seed or self.align_rotation):
             raise AdapterError(
                 "train_core fixes lora_A and lora_B at the seeded bases: it cannot be combined "
@@ -232,11 +236,11 @@ class ClientPlan:
     ) -> dict[str, np.ndarray]:
         """What of the trained tensors the reply carries (rotated first if ``align_rotation``).
 
-        ``received``: the payload the node started from (its lora_A are the reference of
-        the alignment).
+        ``received``: the payload the node started from (its lora_A, or its lora_B, are
+        the reference of the alignment).
         """
         if self.align_rotation:
-            trained = align_to(trained, received or {})
+            trained = align_to(trained, received or {}, self.align_factor)
         return {
             k: v
             for k, v in trained.items()
@@ -324,25 +328,35 @@ class ClientPlan:
 
 
 def align_to(
-    trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]
+    trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], factor: str = "a"
 ) -> dict[str, np.ndarray]:
-    """Each module's (A, B) rotated by the orthogonal R that best maps A onto the received A.
+    """Each module's (A, B) rotated by the orthogonal R that best aligns it to ``received``.
 
-    A <- R A, B <- B R^T: the product B A, and so the node's update, is unchanged.
+    A <- R A, B <- B R^T: the product B A, and so the node's update, is unchanged. With
+    ``factor = "a"`` R minimises ||R A - A_received||, with ``"b"`` ||B R^T - B_received||
+    (FedRot-LoRA's two alignments, which its authors' code alternates between rounds).
 
-    A module whose received A is missing or of another shape is left as it is.
+    A module whose received factor is missing or of another shape is left as it is.
     """
+    if factor not in ("a", "b"):
+        raise ValueError(f"align factor {factor!r} must be 'a' or 'b'")
     out = dict(trained)
     for key, a in trained.items():
         if not key.endswith(A_SUFFIX):
             continue
         b_key = key[: -len(A_SUFFIX)] + B_SUFFIX
-        reference = received.get(key)
-        if b_key not in trained or reference is None or np.shape(reference) != np.shape(a):
+        if b_key not in trained:
             continue
-        rotation = procrustes_rotation(a, reference)
+        b = np.asarray(trained[b_key], np.float64)
+        mine, ref_key = (a, key) if factor == "a" else (b.T, b_key)
+        reference = received.get(ref_key)
+        if reference is None or np.shape(reference) != np.shape(trained[ref_key]):
+            continue
+        if factor == "b":
+            reference = np.asarray(reference).T  # ||B R^T - B_ref|| = ||R B^T - B_ref^T||
+        rotation = procrustes_rotation(mine, reference)
         out[key] = (rotation @ np.asarray(a, np.float64)).astype(np.float32)
-        out[b_key] = (np.asarray(trained[b_key], np.float64) @ rotation.T).astype(np.float32)
+        out[b_key] = (b @ rotation.T).astype(np.float32)
     return out
 
 

@@ -21,6 +21,12 @@ def test_every_builtin_passes_the_kit(name):
     assert_conforms(load_strategy_class(name))
 
 
+def _spec():
+    from fedlora.strategies.api import LoraSpec
+
+    return LoraSpec(4, 8.0, ("q", "v"))
+
+
 def _failed(cls):
     return {r.name for r in check_strategy(cls) if not r.passed}
 
@@ -62,6 +68,20 @@ class ProducesNan(FedAvg):
     def aggregate(self, server_round, updates, weights, current):
         out = super().aggregate(server_round, updates, weights, current)
         return AdapterState(out.factors, {k: v * np.nan for k, v in out.dense.items()}, out.scaling)
+
+
+def test_fedrot_lora_alternating_its_alignment_passes_the_kit():
+    from dataclasses import dataclass
+
+    base = load_strategy_class("fedrot_lora")
+
+    class Alternating(base):
+        @dataclass(frozen=True)
+        class Settings(base.Settings):
+            alignment: str = "alternate"
+
+    assert Alternating(_spec()).client_plan(3, 0, 4).align_factor == "b"
+    assert_conforms(Alternating)
 
 
 def test_kit_catches_a_false_exactness_claim():

@@ -124,6 +124,42 @@ def test_procrustes_rotation_matches_scipy_and_keeps_each_clients_update():
         assert np.linalg.norm(q @ a_k - a_ref) >= after - 1e-5
 
 
+def test_aligning_b_matches_scipy_and_keeps_each_clients_update():
+    """The authors' other alignment: R minimises ||B_k R^T - B_received|| (scipy's
+    orthogonal_procrustes(B_k, B_ref) gives that R^T), and B_k A_k stays as trained."""
+    rng = np.random.default_rng(7)
+    a_k = rng.standard_normal((4, 11)).astype(np.float32)
+    b_k, b_ref = rng.standard_normal((6, 4)), rng.standard_normal((6, 4))
+    trained = {"m.lora_A.weight": a_k, "m.lora_B.weight": b_k.astype(np.float32)}
+    received = {"m.lora_B.weight": b_ref.astype(np.float32)}
+    aligned = align_to(trained, received, "b")
+    want_rt, _ = orthogonal_procrustes(b_k, b_ref)  # min ||b_k R' - b_ref||, R' = R^T
+    np.testing.assert_allclose(aligned["m.lora_B.weight"], b_k @ want_rt, atol=1e-5)
+    np.testing.assert_allclose(aligned["m.lora_A.weight"], want_rt.T @ a_k, atol=1e-5)
+    np.testing.assert_allclose(
+        aligned["m.lora_B.weight"] @ aligned["m.lora_A.weight"], b_k @ a_k, atol=1e-4
+    )
+    assert align_to(trained, {}, "b") == trained  # nothing received: nothing to align to
+    with pytest.raises(ValueError, match="'c'"):
+        align_to(trained, received, "c")
+    with pytest.raises(ValueError, match="align_factor"):
+        ClientPlan(rank=4, align_rotation=True, align_factor="c")
+
+
+def test_fedrot_lora_alternates_as_its_authors_code_when_asked():
+    from fedlora.lora.spec import LoraSpec
+
+    spec = LoraSpec(4, 8.0, ("q", "v"))
+    plans = [FedRotLora(spec).client_plan(r, 0, 4) for r in (1, 2, 3)]
+    assert all(p.align_rotation and p.align_factor == "a" for p in plans)  # the default
+    alt = FedRotLora(spec, settings=FedRotLora.Settings(alignment="alternate"))
+    plans = [alt.client_plan(r, 0, 4) for r in (1, 2, 3, 4, 5)]
+    assert [p.align_rotation for p in plans] == [False, True, True, True, True]
+    assert [p.align_factor for p in plans[1:]] == ["a", "b", "a", "b"]
+    with pytest.raises(ValueError, match="'alignment': 'b'"):
+        FedRotLora.Settings(alignment="b")
+
+
 def test_fedrot_lora_clients_align_and_the_server_averages():
     strategy, _, updates, w, out = _round(FedRotLora, [4], [10, 30, 60])
     assert strategy.client_plan(1, 0, 4).align_rotation
@@ -135,7 +171,7 @@ def test_fedrot_lora_clients_align_and_the_server_averages():
 def test_plans_carry_the_new_fields_and_refuse_freezing_both_factors():
     plan = ClientPlan(rank=4, freeze_b=True, send_b=False, align_rotation=True)
     assert ClientPlan.from_json(plan.to_json()) == plan
-    assert f'"version": {PLAN_VERSION}' in plan.to_json() and PLAN_VERSION == 4
+    assert f'"version": {PLAN_VERSION}' in plan.to_json() and PLAN_VERSION == 5
     assert not plan.trains("m.lora_B.weight") and plan.trains("m.lora_A.weight")
     reply = plan.reply({"m.lora_A.weight": np.ones((4, 3)), "m.lora_B.weight": np.ones((2, 4))})
     assert list(reply) == ["m.lora_A.weight"]
