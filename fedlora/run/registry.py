@@ -46,12 +46,13 @@ def available() -> dict[str, StrategyEntry]:
     """Every known strategy by name: built-ins first, then entry points."""
     found = {name: StrategyEntry(name, target, "built-in") for name, target in BUILTINS.items()}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in found:  # a plugin cannot shadow a built-in
-            if found[ep.name].source == "built-in":
+        if ep.name in found:  # a plugin cannot shadow a built-in, or an earlier plugin
+            first = found[ep.name]
+            if first.target != ep.value:
                 warnings.warn(
-                    f"Strategy plugin {ep.value!r} registers the name {ep.name!r}, which is "
-                    "a built-in's: the built-in is used; register the plugin under another "
-                    "name",
+                    f"Strategy plugin {ep.value!r} registers the name {ep.name!r}, which "
+                    f"{first.target!r} ({first.source}) already has: that one is used; "
+                    "register the plugin under another name",
                     stacklevel=2,
                 )
             continue

@@ -10,7 +10,7 @@ import pytest
 
 from fedlora.run.registry import BUILTINS, load_strategy_class
 from fedlora.strategies.api import A_SUFFIX, B_SUFFIX, AdapterState, LoraFactors
-from fedlora.strategies.conformance import assert_conforms, check_strategy
+from fedlora.strategies.conformance import _play, assert_conforms, check_strategy
 from fedlora.strategies.fedavg import FedAvg
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,7 +81,31 @@ def test_fedrot_lora_alternating_its_alignment_passes_the_kit():
             alignment: str = "alternate"
 
     assert Alternating(_spec()).client_plan(3, 0, 4).align_factor == "b"
-    assert_conforms(Alternating)
+    assert_conforms(Alternating)  # the kit plays rounds 1-2 (none, then A)
+    # round 3 aligns B, at mixed ranks: each node's reply keeps its B_k A_k and brings its
+    # B_k at least as close to the B it received (at its own rank) as it trained it
+    strategy, states, _ = _play(Alternating, [2, 4, 8], [10, 20, 30], rounds=2)
+    rng = np.random.default_rng(3)
+    moved = 0.0
+    for node, rank in enumerate([2, 4, 8]):
+        plan = strategy.client_plan(3, node, rank)
+        received = strategy.payload(3, node, plan, states[2])
+        trained = {
+            k: (v + 0.3 * rng.standard_normal(v.shape)).astype(np.float32)
+            for k, v in received.items()
+        }
+        reply = plan.reply(trained, received)
+        for key in (k for k in trained if k.endswith(A_SUFFIX)):
+            b_key = key.removesuffix(A_SUFFIX) + B_SUFFIX
+            assert reply[b_key].shape == (received[b_key].shape[0], rank)
+            np.testing.assert_allclose(
+                reply[b_key] @ reply[key], trained[b_key] @ trained[key], atol=1e-4
+            )
+            before = np.linalg.norm(trained[b_key] - received[b_key])
+            after = np.linalg.norm(reply[b_key] - received[b_key])
+            assert after <= before + 1e-5
+            moved += before - after
+    assert moved > 1e-3  # the rotation did bring B closer somewhere (it ran)
 
 
 def test_kit_catches_a_false_exactness_claim():

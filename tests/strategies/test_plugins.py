@@ -107,7 +107,7 @@ def test_a_plugin_under_a_builtins_name_is_ignored_with_a_warning(tmp_path, on_p
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fedlora-copycat\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[fedlora.strategies]\nfedavg = copycat:FedAvg\n")
     on_path(tmp_path / "site")
-    with pytest.warns(UserWarning, match="'copycat:FedAvg' registers the name 'fedavg'"):
+    with pytest.warns(UserWarning, match=r"'copycat:FedAvg' registers the name 'fedavg'.*built-in"):
         entry = registry.available()["fedavg"]
     assert entry.source == "built-in"
 
