@@ -89,12 +89,19 @@ def test_the_doc_walkthrough(tmp_path, on_path, capsys):
     assert cli_main(["new-strategy", "my_avg", "--dir", str(tmp_path / "plugins")]) == 2
 
 
-def test_broken_entry_point_names_package_and_error(tmp_path, on_path):
-    dist = tmp_path / "site" / "fedlora_broken-0.1.dist-info"
+def _installed(site: Path, package: str, entry_point: str) -> Path:
+    """A dist-info for ``fedlora-<package>`` registering one strategy entry point."""
+    dist = site / f"fedlora_{package}-0.1.dist-info"
     dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fedlora-broken\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[fedlora.strategies]\nbroken = no_such_module:Thing\n")
-    on_path(tmp_path / "site")
+    (dist / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: fedlora-{package}\nVersion: 0.1\n"
+    )
+    (dist / "entry_points.txt").write_text(f"[fedlora.strategies]\n{entry_point}\n")
+    return site
+
+
+def test_broken_entry_point_names_package_and_error(tmp_path, on_path):
+    on_path(_installed(tmp_path / "site", "broken", "broken = no_such_module:Thing"))
     with pytest.raises(
         ConfigError, match=r"'broken' \(fedlora-broken\) cannot be imported.*No module named"
     ):
@@ -102,11 +109,7 @@ def test_broken_entry_point_names_package_and_error(tmp_path, on_path):
 
 
 def test_a_plugin_under_a_builtins_name_is_ignored_with_a_warning(tmp_path, on_path):
-    dist = tmp_path / "site" / "fedlora_copycat-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fedlora-copycat\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[fedlora.strategies]\nfedavg = copycat:FedAvg\n")
-    on_path(tmp_path / "site")
+    on_path(_installed(tmp_path / "site", "copycat", "fedavg = copycat:FedAvg"))
     with pytest.warns(UserWarning, match=r"'copycat:FedAvg' registers the name 'fedavg'.*built-in"):
         entry = registry.available()["fedavg"]
     assert entry.source == "built-in"
